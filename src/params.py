@@ -1,0 +1,209 @@
+"""The schema of params.yaml: one section per stage, checked before any stage does work.
+
+    python src/params.py                 # validate params.yaml (also: make check)
+    python src/params.py --file other.yaml
+
+Every stage calls `load_params()` first, so an unknown key, a wrong type or an
+out-of-range value stops the pipeline in well under two seconds, with one message
+that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import UserError, run_main  # noqa: E402
+
+ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# A float in (0, 1) is a fraction of the examples; an integer >= 1 is a count (LLaMA-Factory's val_size convention).
+SplitSize = Union[int, float]
+
+
+def _check_split(name: str, value: SplitSize, allow_zero: bool) -> SplitSize:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, not a boolean")
+    if isinstance(value, float) and not (0 < value < 1) and not (allow_zero and value == 0):
+        raise ValueError(f"a split ratio must be between 0 and 1 (exclusive), or an integer count >= 1; got {value}")
+    if isinstance(value, int) and value < (0 if allow_zero else 1):
+        raise ValueError(f"a split count must be >= {0 if allow_zero else 1}; got {value}")
+    return value
+
+
+class Template(Section):
+    """Builds one Alpaca example from one source row; `{column}` placeholders name table columns."""
+
+    instruction: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    input: str = ""
+    system: str = ""
+
+
+class DataParams(Section):
+    input: str = Field(min_length=1)
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "xlsx"] = "auto"
+    encoding: str = "auto"
+    sheet: Union[int, str] = 0
+    columns: dict[Literal["instruction", "input", "output", "system", "history", "messages"], str] = {}
+    templates: list[Template] = []
+    dedup: bool = True
+    max_prompt_chars: Optional[int] = Field(default=None, ge=1)
+    max_output_chars: Optional[int] = Field(default=None, ge=1)
+    val_size: SplitSize = 0.1
+    test_size: SplitSize = 0
+    seed: int = 42
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown encoding {value!r}; use auto, utf-8, utf-8-sig, gbk or gb18030") from None
+        return value
+
+    @field_validator("val_size")
+    @classmethod
+    def _val(cls, value: SplitSize) -> SplitSize:
+        return _check_split("val_size", value, allow_zero=False)
+
+    @field_validator("test_size")
+    @classmethod
+    def _test(cls, value: SplitSize) -> SplitSize:
+        return _check_split("test_size", value, allow_zero=True)
+
+
+class ModelParams(Section):
+    name_or_path: str = "embedded"
+    template: str = "auto"
+    trust_remote_code: bool = False
+
+
+class TrainParams(Section):
+    finetuning_type: Literal["lora", "full", "freeze"] = "lora"
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_target: str = "all"
+    use_dora: bool = False
+    use_rslora: bool = False
+    quantization_bit: Optional[Literal[4, 8]] = None
+    per_device_train_batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=4, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    num_train_epochs: float = Field(default=3.0, gt=0)
+    max_steps: Optional[int] = Field(default=None, ge=1)
+    max_samples: Optional[int] = Field(default=None, ge=1)
+    lr_scheduler_type: Literal[
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+    ] = "cosine"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    cutoff_len: int = Field(default=512, ge=8)
+    logging_steps: int = Field(default=10, ge=1)
+    save_steps: int = Field(default=1000, ge=1)
+    eval_steps: int = Field(default=50, ge=1)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 42
+    extra: dict[str, Any] = {}
+
+
+class EvalParams(Section):
+    max_new_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    max_examples: Optional[int] = Field(default=None, ge=1)
+
+
+class ExportParams(Section):
+    max_shard_size: str = "2GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?(KB|MB|GB)", value):
+            raise ValueError(f"use a size like 500MB or 2GB; got {value!r}")
+        return value
+
+
+class ReportParams(Section):
+    num_samples: int = Field(default=10, ge=0)
+
+
+class Params(Section):
+    data: DataParams
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    export: ExportParams = ExportParams()
+    report: ReportParams = ReportParams()
+
+
+_UNION_TAGS = ("int", "float", "str", "literal[4,8]", "none")
+
+
+def _describe(err: dict, source: str) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = Params
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            parent = field.annotation if field else None
+        allowed = ", ".join(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else "?"
+        return f"{source}: unknown key {key!r}; allowed keys here: {allowed}"
+    if err["type"] == "missing":
+        return f"{source}: {key} is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{source}: {key} = {err['input']!r} is not allowed: {msg}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-loaded params mapping; raise UserError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        # Union types report one error per member; keep the first per key.
+        seen: dict[tuple, str] = {}
+        for err in exc.errors():
+            err["loc"] = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
+            seen.setdefault(err["loc"], _describe(err, source))
+        raise UserError("; ".join(seen.values())) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (run from the repo root, or pass --params)") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    return parse_params(raw, str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--file", default="params.yaml")
+    args = parser.parse_args(argv)
+    load_params(args.file)
+    print(f"{args.file}: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
