@@ -72,7 +72,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def dump_json(obj: Any) -> str:
-    """The one JSON style of the repo: UTF-8 text (Chinese stays readable), 2-space indent, final newline."""
+    """The one JSON style of the repo: UTF-8 text (Chinese stays readable, not \\u-escaped), final newline.
+
+    A list is written one item per line: diffs show changed examples, and the C encoder
+    is used (an indented dump goes through the pure-Python one, ~5x slower on a big split).
+    """
+    if isinstance(obj, list):
+        if not obj:
+            return "[]\n"
+        return "[\n" + ",\n".join(json.dumps(item, ensure_ascii=False) for item in obj) + "\n]\n"
     return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
 
 

@@ -1,0 +1,93 @@
+"""The prepare stage through real DVC commands, in a temporary git+DVC copy of this repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+                        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def edit_params(repo: Path, section: str, **values) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    params[section].update(values)
+    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+@pytest.fixture()
+def repo(tmp_path: Path) -> Path:
+    """A fresh clone-like copy: the files git would check out (committed or not), no outputs, no cache."""
+    files = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
+    dest = tmp_path / "repo"
+    for name in files:
+        src = ROOT / name
+        if src.is_file() and not name.startswith(("data/processed", "models/", "reports/metrics/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def test_repro_prepare_writes_versioned_splits_and_status_is_clean(repo: Path):
+    out = run(["dvc", "repro", "prepare"], repo).stdout
+    assert "Running stage 'prepare'" in out
+    train = json.loads((repo / "data/processed/train.json").read_text(encoding="utf-8"))
+    val = json.loads((repo / "data/processed/val.json").read_text(encoding="utf-8"))
+    assert len(val) == 50 and len(train) > 800
+    assert "成语" in (repo / "data/processed/train.json").read_text(encoding="utf-8")
+    stats = json.loads((repo / "reports/metrics/prepare.json").read_text())
+    assert stats["examples_in"] == stats["kept"] + stats["dropped_total"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["outs"][0]["path"] == "data/processed"
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert "prepare" in run(["dvc", "metrics", "show"], repo).stdout
+
+    # Forced rerun: byte-identical output, so the lock's hash does not move.
+    run(["dvc", "repro", "-f", "prepare"], repo)
+    assert yaml.safe_load((repo / "dvc.lock").read_text()) == lock
+
+
+def test_train_param_edit_leaves_prepare_unchanged_but_data_edit_does_not(repo: Path):
+    run(["dvc", "repro", "prepare"], repo)
+    edit_params(repo, "train", learning_rate=1.0e-4)
+    assert "prepare" not in run(["dvc", "status", "prepare"], repo).stdout
+    edit_params(repo, "data", val_size=40)
+    status = run(["dvc", "status", "prepare"], repo).stdout
+    assert "prepare" in status and "modified:" in status and "data" in status.split("modified:")[1]
+
+
+def test_own_table_tracked_with_dvc_add_feeds_prepare(repo: Path):
+    table = repo / "data/raw/mine.csv"
+    rows = ["question,answer"] + [f"What is {i} + {i}?,{2 * i}" for i in range(30)]
+    table.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    run(["dvc", "add", "data/raw/mine.csv"], repo)
+    assert (repo / "data/raw/mine.csv.dvc").exists()
+    assert "/mine.csv" in (repo / "data/raw/.gitignore").read_text()
+    assert run(["git", "check-ignore", "-q", "data/raw/mine.csv"], repo, check=False).returncode == 0  # DVC owns it
+    edit_params(repo, "data", input="data/raw/mine.csv", templates=[], val_size=5)
+    run(["dvc", "repro", "prepare"], repo)
+    train = json.loads((repo / "data/processed/train.json").read_text())
+    assert len(train) == 25 and {"instruction", "input", "output"} == set(train[0])
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert any(d["path"] == "data/raw/mine.csv" for d in lock["stages"]["prepare"]["deps"])
