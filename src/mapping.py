@@ -24,12 +24,12 @@ ALIASES = {
 }
 DROP_REASONS = ("empty_instruction", "empty_output", "bad_history", "bad_conversation", "prompt_too_long",
                 "output_too_long", "duplicate")
+_TOOL_TAGS = {"observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 SHAREGPT_TAGS = {
     ("from", "value"): {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                        "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"},
+                        **_TOOL_TAGS},
     ("role", "content"): {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                          "assistant_tag": "assistant", "observation_tag": "observation",
-                          "function_tag": "function_call", "system_tag": "system"},
+                          "assistant_tag": "assistant", **_TOOL_TAGS},
 }
 
 
@@ -53,19 +53,21 @@ def text(value) -> str:
 
 
 def resolve_columns(names: list[str], explicit: dict[str, str]) -> dict[str, str]:
-    """Return {alpaca field: column}, from data.columns first, then from ALIASES (case-insensitive)."""
+    """Return {field: column}, from data.columns first, then from ALIASES (case-insensitive).
+
+    A table with a messages column and no instruction+output (or data.columns.messages) is ShareGPT.
+    """
     for fld, col in explicit.items():
         if col not in names:
             raise UserError(f"data.columns.{fld} names column {col!r}, which is not in the table; columns found: {', '.join(names)}")
     lower = {n.strip().lower(): n for n in names}
     found = dict(explicit)
-    for fld, aliases in ALIASES.items():
-        if fld not in found:
-            col = next((lower[a] for a in aliases if a in lower), None)
-            if col is not None:
-                found[fld] = col
-    if "messages" in found and not {"instruction", "output"} <= found.keys():
-        return found
+    for fld, aliases in ALIASES.items():  # a column named in data.columns is not taken again by an alias
+        col = next((lower[a] for a in aliases if a in lower and lower[a] not in explicit.values()), None)
+        if col is not None:
+            found.setdefault(fld, col)
+    if "messages" in found and ("messages" in explicit or not {"instruction", "output"} <= found.keys()):
+        return {f: c for f, c in found.items() if f in ("messages", "system")}
     missing = [f for f in ("instruction", "output") if f not in found]
     if missing:
         tried = "; ".join(f"{f} <- {'/'.join(ALIASES[f])}" for f in missing)
@@ -74,20 +76,21 @@ def resolve_columns(names: list[str], explicit: dict[str, str]) -> dict[str, str
     return found
 
 
-def _check_templates(p: DataParams, names: list[str]) -> list[dict[str, str]]:
-    templates = []
+def _check_templates(p: DataParams, names: list[str]) -> list[dict[str, tuple[str, list[str]]]]:
+    """Return, per template, {field: (format string, columns it uses)}; refuse unknown columns."""
+    templates: list[dict] = []
     for n, tpl in enumerate(p.templates, start=1):
-        fields = {k: v for k, v in tpl.model_dump().items() if v}
-        for fld, fmt in fields.items():
+        templates.append({})
+        for fld, fmt in ((k, v) for k, v in tpl.model_dump().items() if v):
             try:
                 used = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
             except ValueError as exc:
                 raise UserError(f"data.templates[{n}].{fld}: bad template {fmt!r}: {exc}") from None
-            for name in used:
-                if name not in names:
-                    raise UserError(f"data.templates[{n}].{fld} uses column {{{name}}}, which is not in the table; "
-                                    f"columns found: {', '.join(names)}")
-        templates.append(fields)
+            unknown = [name for name in used if name not in names]
+            if unknown:
+                raise UserError(f"data.templates[{n}].{fld} uses column {{{unknown[0]}}}, which is not in the table; "
+                                f"columns found: {', '.join(names)}")
+            templates[-1][fld] = (fmt, used)
     return templates
 
 
@@ -95,48 +98,46 @@ def _history(value):
     """History as [[user, assistant], ...]; JSON text from CSV cells is parsed. None when malformed."""
     if value is None or value == "":
         return []
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return None
+    try:
+        value = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        return None
     ok = isinstance(value, list) and all(isinstance(t, (list, tuple)) and len(t) == 2 for t in value)
     return [[text(a), text(b)] for a, b in value] if ok else None
 
 
-def _keep(built: Built, p: DataParams, seen: set, example: dict, key: str, prompt_len: int, output_len: int) -> None:
-    if p.max_prompt_chars and prompt_len > p.max_prompt_chars:
-        built.dropped["prompt_too_long"] += 1
-        return
-    if p.max_output_chars and output_len > p.max_output_chars:
-        built.dropped["output_too_long"] += 1
+def _keep(built: Built, p: DataParams, seen: set, ex: dict, key: str, prompt_len: int, output_len: int, reason=None):
+    """Keep the example, or count it under the first reason to drop it."""
+    # Keys come in a fixed order per dataset; plain strings hash as they are (json.dumps each is 3x slower).
+    ident = tuple(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in ex.values())
+    reason = reason or ("prompt_too_long" if p.max_prompt_chars and prompt_len > p.max_prompt_chars
+                        else "output_too_long" if p.max_output_chars and output_len > p.max_output_chars
+                        else "duplicate" if p.dedup and ident in seen else None)
+    if reason:
+        built.dropped[reason] += 1
         return
     if p.dedup:
-        ident = json.dumps(example, ensure_ascii=False, sort_keys=True)
-        if ident in seen:
-            built.dropped["duplicate"] += 1
-            return
         seen.add(ident)
-    built.examples.append(example)
+    built.examples.append(ex)
     built.keys.append(key)
     built.prompt_chars.append(prompt_len)
     built.output_chars.append(output_len)
 
 
-def _alpaca(columns: dict[str, list], p: DataParams, built: Built) -> None:
+def _alpaca(columns: dict[str, list], p: DataParams, built: Built, mapping: dict[str, str] | None) -> None:
     names = list(columns)
     templates = _check_templates(p, names) if p.templates else None
-    mapping = None if templates else resolve_columns(names, p.columns)
-    rows = zip(*columns.values())
     built.fields = {f for f in ("system", "history") if any(f in t for t in templates or [mapping])}
     seen: set[str] = set()
-    for values in rows:
+    for values in zip(*columns.values()):
         row = dict(zip(names, values))
         if templates:
             cells = {k: text(v) for k, v in row.items()}
-            candidates = [{f: fmt.format_map(cells).strip() for f, fmt in t.items()} for t in templates]
+            # "解释成语「」的意思。" (empty {word}) is no instruction: a field whose columns are all empty is empty
+            candidates = [{f: fmt.format_map(cells).strip() if not used or any(cells[c] for c in used) else ""
+                           for f, (fmt, used) in t.items()} for t in templates]
         else:
-            candidates = [{f: row[c] for f, c in mapping.items() if f in ALIASES and f != "messages"}]
+            candidates = [{f: row[c] for f, c in mapping.items() if f != "messages"}]
         for cand in candidates:
             built.examples_in += 1
             ex = {"instruction": text(cand.get("instruction")), "input": text(cand.get("input")),
@@ -147,53 +148,54 @@ def _alpaca(columns: dict[str, list], p: DataParams, built: Built) -> None:
                 ex["history"] = _history(cand.get("history"))
             reason = ("empty_instruction" if not ex["instruction"] else "empty_output" if not ex["output"]
                       else "bad_history" if ex.get("history", []) is None else None)
-            if reason:
-                built.dropped[reason] += 1
-                continue
             key = ex["instruction"] + "\x1f" + ex["input"]
-            _keep(built, p, seen, ex, key, len(ex["instruction"]) + len(ex["input"]), len(ex["output"]))
+            _keep(built, p, seen, ex, key, len(ex["instruction"]) + len(ex["input"]), len(ex["output"]), reason)
+
+
+def _conversation(conv, tags: dict[str, str]) -> tuple | str:
+    """(turns, split key, prompt chars, answer chars, tags), or a drop reason; checked as LLaMA-Factory will."""
+    try:
+        conv = json.loads(conv) if isinstance(conv, str) else conv
+    except json.JSONDecodeError:
+        return "bad_conversation"
+    ok = isinstance(conv, list) and conv and all(isinstance(m, dict) for m in conv)
+    style = next((s for s in SHAREGPT_TAGS if set(s) <= conv[0].keys()), None) if ok else None
+    if style is None or any(not set(style) <= m.keys() for m in conv) or (
+            tags and style != (tags["role_tag"], tags["content_tag"])):
+        return "bad_conversation"
+    tags = tags or SHAREGPT_TAGS[style]  # the first good conversation fixes the tags of the dataset
+    role, content = style
+    turns = [{role: text(m[role]), content: text(m[content])} for m in conv]
+    body = turns[1:] if turns[0][role] == tags["system_tag"] else turns
+    allowed = ((tags["user_tag"], tags["observation_tag"]), (tags["assistant_tag"], tags["function_tag"]))
+    if not body or len(body) % 2 or any(t[role] not in allowed[n % 2] for n, t in enumerate(body)):
+        return "bad_conversation"  # LLaMA-Factory wants (user, assistant) pairs after an optional system turn
+    empty = next((n for n, t in enumerate(body) if not t[content]), None)
+    if empty is not None:
+        return "empty_output" if empty % 2 else "empty_instruction"
+    answered = sum(len(t[content]) for t in body[1::2])
+    # the split key is the first user turn, not a system turn that every conversation may share
+    return turns, body[0][content], sum(len(t[content]) for t in turns) - answered, answered, tags
 
 
 def _sharegpt(columns: dict[str, list], p: DataParams, built: Built, found: dict[str, str]) -> None:
     system = columns[found["system"]] if "system" in found else None
+    built.fields = {"system"} if system is not None else set()
     seen: set[str] = set()
     for i, conv in enumerate(columns[found["messages"]]):
         built.examples_in += 1
-        if isinstance(conv, str):
-            try:
-                conv = json.loads(conv)
-            except json.JSONDecodeError:
-                conv = None
-        style = next((s for s in SHAREGPT_TAGS if conv and isinstance(conv[0], dict) and set(s) <= conv[0].keys()), None)
-        if not isinstance(conv, list) or style is None or any(not isinstance(m, dict) or not set(style) <= m.keys() for m in conv):
-            built.dropped["bad_conversation"] += 1
+        checked = _conversation(conv, built.tags)
+        if isinstance(checked, str):
+            built.dropped[checked] += 1
             continue
-        tags = built.tags = built.tags or SHAREGPT_TAGS[style]
-        role, content = style
-        turns = [{role: text(m[role]), content: text(m[content])} for m in conv]
-        if tuple(style) != (tags["role_tag"], tags["content_tag"]) or not any(t[role] == tags["assistant_tag"] for t in turns):
-            built.dropped["bad_conversation"] += 1
-            continue
-        if any(not t[content] for t in turns):
-            built.dropped["empty_output"] += 1
-            continue
-        ex = {"conversations": turns}
-        if system is not None:
-            ex["system"] = text(system[i])
-            built.fields.add("system")
-        users = [t[content] for t in turns if t[role] != tags["assistant_tag"]]
-        answers = [t[content] for t in turns if t[role] == tags["assistant_tag"]]
-        _keep(built, p, seen, ex, "\x1f".join(users[:1]), sum(map(len, users)), sum(map(len, answers)))
+        turns, key, prompt_len, output_len, built.tags = checked
+        ex = {"conversations": turns} | ({"system": text(system[i])} if system is not None else {})
+        _keep(built, p, seen, ex, key, prompt_len, output_len)
 
 
 def build_examples(columns: dict[str, list], p: DataParams) -> Built:
     """Turn table columns into examples, per data.templates, data.columns or the aliases."""
-    if not p.templates:
-        found = resolve_columns(list(columns), p.columns)
-        if "messages" in found and not {"instruction", "output"} <= found.keys():
-            built = Built("sharegpt")
-            _sharegpt(columns, p, built, found)
-            return built
-    built = Built("alpaca")
-    _alpaca(columns, p, built)
+    found = None if p.templates else resolve_columns(list(columns), p.columns)
+    built = Built("sharegpt" if found and "messages" in found else "alpaca")
+    (_sharegpt if built.kind == "sharegpt" else _alpaca)(columns, p, built, found)
     return built

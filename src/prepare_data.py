@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import UserError, atomic_path, atomic_write_json, get_logger, run_main, write_json  # noqa: E402
 from mapping import DROP_REASONS, build_examples  # noqa: E402
-from params import DataParams, load_params  # noqa: E402
+from params import DataParams, load_params, parse_params  # noqa: E402
 from tables import read_table  # noqa: E402
 
 log = get_logger("prepare")
@@ -33,7 +31,8 @@ def split_examples(examples: list[dict], keys: list[str], p: DataParams) -> dict
 
     Groups are ordered by a seeded SHA-256 of their prompt, so the result depends only on
     the data and the seed (not on row order, machine or Python's hash seed), and adding rows
-    later moves no existing prompt to another split.
+    later moves only the prompts at the val/test/train boundaries. A group is never cut, so
+    val and test may hold a few more examples than asked when prompts repeat.
     """
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
@@ -48,6 +47,9 @@ def split_examples(examples: list[dict], keys: list[str], p: DataParams) -> dict
     for key in order:
         name = next((n for n in ("val", "test") if len(chosen[n]) < want[n]), "train")
         chosen[name].extend(groups[key])
+    if not chosen["train"]:  # repeated prompts filled val/test before train got any
+        raise UserError(f"data.val_size={p.val_size} and data.test_size={p.test_size} leave no training examples: "
+                        f"the {total} kept examples have only {len(groups)} distinct prompts; lower them or add data")
     splits = {name: [examples[i] for i in sorted(idx)] for name, idx in chosen.items()}
     return {name: rows for name, rows in splits.items() if rows or name != "test"}
 
@@ -75,7 +77,8 @@ def prepare(p: DataParams, do_split: bool = True) -> tuple[dict[str, list[dict]]
     table = read_table(p.input, p.format, p.encoding, p.sheet)
     built = build_examples(table.columns, p)
     if not built.examples:
-        raise UserError(f"{p.input}: all {built.examples_in} examples were dropped ({_fmt(built.dropped)}); "
+        dropped = {reason: built.dropped[reason] for reason in DROP_REASONS}
+        raise UserError(f"{p.input}: all {built.examples_in} examples were dropped ({_fmt(dropped)}); "
                         "check data.columns/data.templates and the length limits")
     splits = split_examples(built.examples, built.keys, p) if do_split else {"all": built.examples}
     info = dataset_info(built.kind, list(splits), built.fields, built.tags)
@@ -134,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.input or args.output:
         if not (args.input and args.output):
             parser.error("--input and --output go together")
-        val = int(args.val_size) if args.val_size >= 1 else args.val_size
-        p = DataParams(input=args.input, val_size=val, seed=args.seed)
+        val = int(args.val_size) if args.val_size >= 1 and args.val_size.is_integer() else args.val_size
+        p = parse_params({"data": {"input": args.input, "val_size": val, "seed": args.seed}}, "command line").data
         splits, _, _ = prepare(p, do_split=args.split)
         write_legacy_outputs(splits, args.output, args.split)
         return 0

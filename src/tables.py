@@ -1,12 +1,14 @@
 """Read a raw table (CSV, TSV, JSON, JSONL, Parquet, Excel) into columns of Python values.
 
 Text files may be UTF-8, UTF-8 with BOM, or GBK/GB18030 (what Excel on a Chinese
-Windows saves); `encoding: auto` tries them in that order. Every cell of a text
+Windows saves); `encoding: auto` tries them in that order (and reads UTF-16 when the file
+starts with its BOM, as Excel's "Unicode Text" export does). Every cell of a text
 table stays a string: "NA", "无" or "0012" are data, not missing values.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 from dataclasses import dataclass
@@ -49,7 +51,10 @@ def sniff_format(path: Path, head: bytes) -> str:
 
 def decode(path: Path, raw: bytes, encoding: str) -> tuple[str, str]:
     """Return (text, encoding used). Binary content is refused instead of decoded into garbage."""
-    if b"\x00" in raw[:8192]:
+    if encoding == "auto" and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding = "utf-16"  # Excel's "Unicode Text" export; its NUL bytes would look binary below
+    wide = encoding != "auto" and codecs.lookup(encoding).name.startswith("utf-16")
+    if b"\x00" in raw[:8192] and not wide:
         raise UserError(f"{path}: looks like a binary file, not text; expected CSV/TSV/JSON/JSONL, or a .parquet/.xlsx extension")
     for enc in AUTO_ENCODINGS if encoding == "auto" else (encoding,):
         try:
@@ -78,6 +83,8 @@ def _read_json(path: Path, text: str) -> dict[str, list]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _read_jsonl(path, text)  # JSON Lines saved with a .json extension
         raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} wrappers
@@ -99,9 +106,18 @@ def _read_jsonl(path: Path, text: str) -> dict[str, list]:
     return _records_to_columns(records, path, lambda i: f"line {lines[i]}")
 
 
+def _plain(value):
+    """Parquet list/struct cells arrive as NumPy arrays and scalars; make them what JSON would give."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
 def _frame_to_columns(frame) -> dict[str, list]:
     frame = frame.astype(object).where(frame.notna(), None)
-    return {str(name): frame[name].tolist() for name in frame.columns}
+    return {str(name): [_plain(v) for v in frame[name].tolist()] for name in frame.columns}
 
 
 def read_table(path: str | Path, fmt: str = "auto", encoding: str = "auto", sheet: int | str = 0) -> Table:
@@ -116,8 +132,8 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "auto", shee
     if not path.is_file():
         raise UserError(f"{path}: file not found; set data.input in params.yaml to your table")
     raw = path.read_bytes()
-    if not raw.strip():
-        raise UserError(f"{path}: file is empty")
+    if not raw.removeprefix(b"\xef\xbb\xbf").strip():
+        raise UserError(f"{path}: file is empty; put a header row and at least one data row in it")
     fmt = sniff_format(path, raw[:64]) if fmt == "auto" else fmt
     used = None
     try:
