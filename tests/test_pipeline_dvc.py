@@ -3,50 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-                        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def edit_params(repo: Path, section: str, **values) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    params[section].update(values)
-    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+from dvc_repo import copy_repo, edit_params, run
 
 
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:
-    """A fresh clone-like copy: the files git would check out (committed or not), no outputs, no cache."""
-    files = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
-    dest = tmp_path / "repo"
-    for name in files:
-        src = ROOT / name
-        if src.is_file() and not name.startswith(("data/processed", "models/", "reports/metrics/")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "copy"], dest)
-    return dest
+    return copy_repo(tmp_path / "repo")
 
 
 def test_repro_prepare_writes_versioned_splits_and_status_is_clean(repo: Path):
