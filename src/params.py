@@ -15,10 +15,10 @@ import codecs
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import UserError, run_main  # noqa: E402
@@ -35,10 +35,11 @@ SplitSize = Union[int, float]
 
 
 def _check_split(name: str, value: SplitSize, allow_zero: bool) -> SplitSize:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, not a boolean")
+    least = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number: a ratio in (0, 1) or an integer count >= {least}")
     if isinstance(value, float) and not (0 < value < 1) and not (allow_zero and value == 0):
-        raise ValueError(f"a split ratio must be between 0 and 1 (exclusive), or an integer count >= 1; got {value}")
+        raise ValueError(f"a split ratio must be between 0 and 1 (exclusive), or an integer count >= {least}; got {value}")
     if isinstance(value, int) and value < (0 if allow_zero else 1):
         raise ValueError(f"a split count must be >= {0 if allow_zero else 1}; got {value}")
     return value
@@ -77,21 +78,29 @@ class DataParams(Section):
                 raise ValueError(f"unknown encoding {value!r}; use auto, utf-8, utf-8-sig, gbk or gb18030") from None
         return value
 
-    @field_validator("val_size")
+    # mode="before": see the raw YAML value, so `true` is not silently read as the count 1.
+    @field_validator("val_size", mode="before")
     @classmethod
     def _val(cls, value: SplitSize) -> SplitSize:
         return _check_split("val_size", value, allow_zero=False)
 
-    @field_validator("test_size")
+    @field_validator("test_size", mode="before")
     @classmethod
     def _test(cls, value: SplitSize) -> SplitSize:
         return _check_split("test_size", value, allow_zero=True)
 
+    @model_validator(mode="after")
+    def _one_mapping(self) -> "DataParams":
+        if self.columns and self.templates:
+            raise ValueError("set data.columns or data.templates, not both (templates can name any column)")
+        return self
+
 
 class ModelParams(Section):
-    name_or_path: str = "embedded"
-    template: str = "auto"
+    name_or_path: str = Field(default="embedded", min_length=1)
+    template: str = Field(default="auto", min_length=1)
     trust_remote_code: bool = False
+    copy_weights: bool = False
 
 
 class TrainParams(Section):
@@ -116,8 +125,11 @@ class TrainParams(Section):
     cutoff_len: int = Field(default=512, ge=8)
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int = Field(default=1000, ge=1)
+    save_total_limit: Optional[int] = Field(default=2, ge=1)
     eval_steps: int = Field(default=50, ge=1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    deepspeed: Literal[None, "z2", "z3"] = None
+    oom_backoff: bool = True
     seed: int = 42
     extra: dict[str, Any] = {}
 
@@ -126,10 +138,18 @@ class EvalParams(Section):
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=16, ge=1)
     max_examples: Optional[int] = Field(default=None, ge=1)
+    cutoff_len: int = Field(default=2048, ge=8)
+    backend: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_threads: int = Field(default=0, ge=0)
 
 
 class ExportParams(Section):
     max_shard_size: str = "2GB"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    check_prompts: list[str] = Field(default=["Hello! Who are you?", "解释成语「画蛇添足」的意思。"], min_length=1)
+    check_atol: float = Field(default=1e-4, gt=0, le=1)
+    check_new_tokens: int = Field(default=16, ge=1, le=512)
 
     @field_validator("max_shard_size")
     @classmethod
@@ -155,13 +175,23 @@ class Params(Section):
 _UNION_TAGS = ("int", "float", "str", "literal[4,8]", "none")
 
 
+def _model_at(loc: tuple) -> Any:
+    """The pydantic model class that holds the last key of `loc` (list items and dict values unwrapped)."""
+    parent: Any = Params
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = parent.model_fields.get(str(part)) if isinstance(parent, type) and issubclass(parent, BaseModel) else None
+        parent = field.annotation if field else None
+        while get_args(parent) and not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+            parent = next((a for a in get_args(parent) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return parent
+
+
 def _describe(err: dict, source: str) -> str:
-    key = ".".join(str(part) for part in err["loc"])
+    key = ".".join(f"[{p + 1}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
     if err["type"] == "extra_forbidden":
-        parent = Params
-        for part in err["loc"][:-1]:
-            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
-            parent = field.annotation if field else None
+        parent = _model_at(err["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else "?"
         return f"{source}: unknown key {key!r}; allowed keys here: {allowed}"
     if err["type"] == "missing":
@@ -180,7 +210,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         # Union types report one error per member; keep the first per key.
         seen: dict[tuple, str] = {}
         for err in exc.errors():
-            err["loc"] = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
+            err["loc"] = tuple(p for p in err["loc"] if p not in _UNION_TAGS and p != "[key]")
             seen.setdefault(err["loc"], _describe(err, source))
         raise UserError("; ".join(seen.values())) from None
 
