@@ -1,0 +1,153 @@
+"""Running `llamafactory-cli train` for src/train.py: the child process, OOM back-off, checkpoints to resume.
+
+    sync_checkpoints(Path("checkpoints"), fingerprint(data_dir, model_dir, sections))  # inputs changed: clear
+    ckpt = newest_complete(Path("checkpoints"))     # torn checkpoints (killed mid-save) are removed
+    sections, retries, rc = train_with_backoff(sections, launch, enabled=True)
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from common import UserError, atomic_write_json, get_logger
+from lf_config import flat
+
+log = get_logger("train")
+OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED")
+OOM_KNOBS = ("lower train.per_device_train_batch_size and raise train.gradient_accumulation_steps, lower "
+             "train.cutoff_len, set train.precision bf16/fp16, train.quantization_bit 4 (QLoRA), keep gradient "
+             "checkpointing on (no extra.disable_gradient_checkpointing), or train.deepspeed z3 on several GPUs")
+WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "adapter_model.bin",
+           "pytorch_model.bin")
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` can't be resumed, or None. transformers' _save_checkpoint writes the weights, optimizer.pt,
+    scheduler.pt and rng_state.pth, then trainer_state.json last; each must also parse (a kill mid-write truncates)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+        weights = next((ckpt / w for w in WEIGHTS if (ckpt / w).exists()), None)
+        if weights is None:
+            return "no weights"
+        if weights.suffix == ".safetensors":
+            with safe_open(weights, "pt") as f:  # reads the header and checks it against the file size
+                f.keys()
+        if not (ckpt / "latest").exists():  # DeepSpeed keeps optimizer state in global_step*/ instead
+            for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes zips; a truncated zip has no directory
+                zipfile.ZipFile(ckpt / name).close()
+    except Exception as err:  # noqa: BLE001 - any failure to read means "not resumable"
+        return f"{type(err).__name__}: {err}"[:120]
+    return None
+
+
+def newest_complete(ckpt_dir: Path) -> Path | None:
+    """The newest resumable checkpoint-N; torn ones (killed mid-save) are removed, so no tool ever loads them."""
+    for ckpt in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
+        if (problem := checkpoint_problem(ckpt)) is None:
+            return ckpt
+        log.warning("skipping incomplete %s (%s); removing it", ckpt, problem)
+        shutil.rmtree(ckpt)
+    return None
+
+
+def fingerprint(data_dir: Path, model_dir: Path, sections: dict) -> str:
+    """Hash of the data files, model_info.json and the config minus its output path; only the effective batch
+    counts, so the OOM back-off can resume checkpoints made with a bigger per-device batch."""
+    cfg = {k: v for k, v in flat(sections).items() if k != "output_dir"}
+    cfg["gradient_accumulation_steps"] *= cfg.pop("per_device_train_batch_size")
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for f in sorted(data_dir.glob("*.json")) + [model_dir / "model_info.json"]:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def sync_checkpoints(ckpt_dir: Path, fp: str) -> None:
+    """Keep checkpoints made from the same inputs; otherwise clear them, in one log line."""
+    stamp = ckpt_dir / "fingerprint.json"
+    old = json.loads(stamp.read_text())["fingerprint"] if stamp.exists() else None
+    if old != fp and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        log.info("data, model or train params changed since %s was written: starting fresh (removing %d checkpoints)",
+                 ckpt_dir, len(list(ckpt_dir.glob("checkpoint-*"))))
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, {"fingerprint": fp})
+
+
+def run_child(cmd: list[str], env: dict, cwd: Path) -> tuple[int, str]:
+    """Run with stderr passed through live (progress bars stay) and its last 64 KB kept to spot an OOM."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stderr=subprocess.PIPE)
+    tail: collections.deque[bytes] = collections.deque(maxlen=64)
+
+    def pump() -> None:
+        while chunk := os.read(proc.stderr.fileno(), 1024):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail.append(chunk)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C): leave no trainer running
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    return rc, b"".join(tail).decode(errors="replace")
+
+
+def backoff(batch: int, accumulation: int) -> tuple[int, int] | None:
+    """The next smaller per-device batch with the same effective batch (halve when even); None at batch 1."""
+    if batch <= 1:
+        return None
+    smaller = max(d for d in range(1, batch) if batch % d == 0)
+    return smaller, accumulation * (batch // smaller)
+
+
+def train_with_backoff(sections: dict, launch: Callable[[dict], tuple[int, str]], enabled: bool):
+    """Launch; on a CUDA OOM halve the per-device batch and double accumulation, down to batch 1.
+
+    Returns (sections that ran last, OOM retries, exit code). Out of options: a UserError naming the knobs.
+    """
+    retries = 0
+    while True:
+        rc, stderr = launch(sections)
+        if rc == 0 or not OOM.search(stderr):
+            return sections, retries, rc
+        train = sections["train"]
+        batch, accum = train["per_device_train_batch_size"], train["gradient_accumulation_steps"]
+        smaller = backoff(batch, accum) if enabled else None
+        if smaller is None:
+            raise UserError(f"CUDA out of memory at per_device_train_batch_size={batch}, gradient_accumulation_steps="
+                            f"{accum}{'' if enabled else ' (train.oom_backoff is off)'}: {OOM_KNOBS}")
+        log.warning("CUDA out of memory at batch %d x accumulation %d: retrying with %d x %d (same effective batch)",
+                    batch, accum, *smaller)
+        train["per_device_train_batch_size"], train["gradient_accumulation_steps"] = smaller
+        retries += 1
+
+
+def live_rows(history: list[Mapping[str, Any]]) -> dict[str, str]:
+    """trainer_state.json log_history -> DVCLive's plots/metrics/*.tsv files, named as its HF callback names them
+    (loss, learning_rate, eval/loss, ...), with step = the optimizer step."""
+    rows: dict[str, list[str]] = {}
+    for entry in history:
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, (int, float)):
+                name = key.replace("train_", "train/").replace("eval_", "eval/")  # as dvclive's HF callback
+                rows.setdefault(name, [f"step\t{name.rsplit('/', 1)[-1]}"]).append(f"{entry['step']}\t{value}")
+    return {f"{name}.tsv": "\n".join(lines) + "\n" for name, lines in rows.items()}
