@@ -39,27 +39,42 @@ all: setup ## run the whole pipeline (every stage whose inputs changed)
 data: setup ## stage prepare: raw table -> data/processed/{train,val}.json
 	dvc repro prepare
 
-model train eval export report chat serve notebook bench bench-eval bench-noop sweep compare:
+report notebook bench bench-noop sweep compare:
 	@echo "make $@: not built yet (see the open issues)"; exit 1
-model: ## stage model: base model -> models/base (not built yet)
-train: ## stage train: LoRA/QLoRA/full fine-tuning -> models/lora (not built yet)
-eval: ## stage evaluate: base vs fine-tuned metrics (not built yet)
-export: ## stage export: merged model -> models/merged (not built yet)
 report: ## stage report: reports/report.html (not built yet)
-chat: ## chat with the fine-tuned model in the terminal (not built yet)
-serve: ## OpenAI-compatible API on 127.0.0.1 (not built yet)
 notebook: ## notebooks/colab.py -> notebooks/colab.ipynb (not built yet)
 bench: ## training throughput benchmark (not built yet)
-bench-eval: ## evaluation tokens/s: ours vs LLaMA-Factory do_predict (not built yet)
 bench-noop: ## time of a no-op make all (not built yet)
 sweep: ## queue and run a small hyperparameter grid (not built yet)
 compare: ## compare two experiments: make compare A=exp1 B=exp2 (not built yet)
+
+model: setup ## stage model: base model -> models/base (embedded SmolLM2 by default)
+	dvc repro model
+
+train: setup ## stage train: LoRA/QLoRA/full fine-tuning with LLaMA-Factory -> models/lora (resumes)
+	dvc repro train
+
+eval: setup ## stage evaluate: base vs fine-tuned on val -> reports/metrics/eval.json
+	dvc repro evaluate
+
+export: setup ## stage export: LoRA merged into models/merged, checked against base+adapter
+	dvc repro export
+
+chat: setup ## chat in the terminal (models/merged, else base + adapter); /clear, /exit
+	python src/chat.py
+
+PORT ?= 8000
+serve: setup ## OpenAI-compatible API on 127.0.0.1:$(PORT) (make serve PORT=8001)
+	python src/serve.py --host 127.0.0.1 --port $(PORT)
 
 push: setup ## dvc push every versioned artifact to the default remote (REMOTE=name for another)
 	python src/remote.py push $(if $(REMOTE),-r $(REMOTE))
 
 pull: setup ## dvc pull every versioned artifact from the default remote (REMOTE=name for another)
 	python src/remote.py pull $(if $(REMOTE),-r $(REMOTE))
+
+bench-eval: setup ## evaluation tokens/s: our evaluate stage vs LLaMA-Factory do_predict, same val set
+	python benchmarks/bench_eval.py
 
 bench-data: setup ## prepare a generated 1,000,000-row CSV; print rows/s and peak memory
 	python benchmarks/bench_data.py --rows 1000000

@@ -149,6 +149,7 @@ class ExportParams(Section):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     check_prompts: list[str] = Field(default=["Hello! Who are you?", "解释成语「画蛇添足」的意思。"], min_length=1)
     check_atol: float = Field(default=1e-4, gt=0, le=1)
+    check_dtype: Literal["float64", "float32"] = "float64"
     check_new_tokens: int = Field(default=16, ge=1, le=512)
 
     @field_validator("max_shard_size")

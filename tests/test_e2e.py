@@ -1,0 +1,47 @@
+"""The whole pipeline, `make all`, on the real embedded SmolLM2-135M, shrunk through params overrides.
+
+This is the smoke run CI does so that the main job can never break unnoticed: every stage runs
+for real (GGUF conversion, LLaMA-Factory training, evaluation, merge), only on a few examples
+and a few optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from dvc_repo import copy_repo, edit_params, run
+
+
+@pytest.mark.slow
+def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: Path):
+    repo = copy_repo(tmp_path / "repo")
+    edit_params(repo, "data", val_size=6)
+    edit_params(repo, "train", max_steps=3, max_samples=24, cutoff_len=128, per_device_train_batch_size=2,
+                gradient_accumulation_steps=2, logging_steps=1, save_steps=2, eval_steps=2)
+    edit_params(repo, "eval", max_examples=6, max_new_tokens=16)
+    run(["git", "commit", "-qam", "smoke-sized params"], repo)
+
+    out = run(["make", "--no-print-directory", "all"], repo, timeout=3000).stdout
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for stage in stages:
+        assert f"Running stage '{stage}'" in out, f"stage {stage} did not run"
+
+    info = json.loads((repo / "models/base/model_info.json").read_text())
+    assert info["template"] == "smollm2" and info["eos_token"] == "<|im_end|>"
+    assert (repo / "models/lora/adapter_model.safetensors").exists()
+    train = json.loads((repo / "reports/metrics/train.json").read_text())
+    assert train["global_step"] == 3
+    evaluation = json.loads((repo / "reports/metrics/eval.json").read_text())
+    assert set(evaluation) >= {"base", "tuned", "delta"}
+    predictions = [json.loads(line) for line in (repo / "reports/predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and all(p["tuned"] is not None for p in predictions)
+    export = json.loads((repo / "reports/metrics/export.json").read_text())
+    assert export["reload_check"]["max_abs_diff"] <= 1e-4 and export["reload_check"]["greedy_match"]
+
+    # Nothing changed: DVC reruns nothing, and the status is clean.
+    again = run(["make", "--no-print-directory", "all"], repo, timeout=600).stdout
+    assert "Running stage" not in again
+    assert "up to date" in run(["dvc", "status"], repo).stdout
