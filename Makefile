@@ -39,10 +39,8 @@ all: setup ## run the whole pipeline (every stage whose inputs changed)
 data: setup ## stage prepare: raw table -> data/processed/{train,val}.json
 	dvc repro prepare
 
-report notebook bench bench-noop sweep compare:
+bench bench-noop sweep compare:
 	@echo "make $@: not built yet (see the open issues)"; exit 1
-report: ## stage report: reports/report.html (not built yet)
-notebook: ## notebooks/colab.py -> notebooks/colab.ipynb (not built yet)
 bench: ## training throughput benchmark (not built yet)
 bench-noop: ## time of a no-op make all (not built yet)
 sweep: ## queue and run a small hyperparameter grid (not built yet)
@@ -59,6 +57,12 @@ eval: setup ## stage evaluate: base vs fine-tuned on val -> reports/metrics/eval
 
 export: setup ## stage export: LoRA merged into models/merged, checked against base+adapter
 	dvc repro export
+
+report: setup ## stage report: reports/report.html + report.md from metrics, predictions and logs
+	dvc repro report
+
+notebook: setup ## notebooks/colab.py -> notebooks/colab.ipynb (commit both)
+	jupytext --update --to ipynb notebooks/colab.py
 
 chat: setup ## chat in the terminal (models/merged, else base + adapter); /clear, /exit
 	python src/chat.py

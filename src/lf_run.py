@@ -83,7 +83,8 @@ def sync_checkpoints(ckpt_dir: Path, fp: str) -> None:
     if old != fp and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         log.info("data, model or train params changed since %s was written: starting fresh (removing %d checkpoints)",
                  ckpt_dir, len(list(ckpt_dir.glob("checkpoint-*"))))
-        shutil.rmtree(ckpt_dir)
+        for entry in ckpt_dir.iterdir():  # empty it, don't remove it: on Colab it is a symlink to Google Drive
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp, {"fingerprint": fp})
 

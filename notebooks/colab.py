@@ -1,0 +1,185 @@
+# ---
+# jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Fine-tune an LLM on Colab with this repo's DVC pipeline
+#
+# `make notebook` builds this notebook (`notebooks/colab.ipynb`) from `notebooks/colab.py`; edit the `.py`.
+#
+# It clones the repo, builds its pinned environment (`make setup`), picks a model and a data set by editing
+# `params.yaml`, and runs the whole pipeline with `dvc repro`: prepare → model → train → evaluate → export →
+# report. **Runtime → Change runtime type → T4 GPU** first.
+#
+# **Precision**: `train.precision: auto` picks bf16 where the GPU supports it and **fp16 on a T4** (Turing has no
+# bf16); nothing to set.
+#
+# **Surviving a disconnect**: everything that takes long is kept on Google Drive (`DRIVE_DIR`):
+# - `dvc-cache/`: the repo's DVC cache and run-cache. A stage that finished once is restored from it
+#   ("Stage '…' is cached - skipping run") instead of running again.
+# - `checkpoints/`: `checkpoints/` in the repo is a link to it, and the train stage resumes from the newest
+#   complete checkpoint (`train.save_steps` sets how often one is written).
+#
+# After a disconnect, run all cells again with the same settings: finished stages come back from Drive and
+# training goes on from its last checkpoint.
+
+# %% tags=["parameters"]
+REPO_URL = "https://github.com/YOUR-NAME/llm-finetune.git"  # @param {type:"string"}
+# A small modern instruct model fits a T4 with plain LoRA in fp16. A Chinese 7B such as
+# ziqingyang/chinese-alpaca-2-7b needs QLoRA there (4-bit weights: ~5 GB of GPU memory instead of ~14 GB);
+# QLORA turns itself on for a model with "7b" in its name.
+MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # @param {type:"string"}
+QLORA = False  # @param {type:"boolean"}
+# A table in the repo, or on Drive (/content/drive/MyDrive/...); columns as in the README's "Use your own data".
+DATA = "data/raw/idioms.csv"  # @param {type:"string"}
+DRIVE_DIR = "/content/drive/MyDrive/llm-finetune"  # @param {type:"string"}
+WORKDIR = "/content/llm-finetune"
+TARGET = ""  # stages to run (dvc repro TARGET), e.g. "prepare model"; empty = the whole pipeline
+SMOKE = False  # True = a few steps on a few examples: checks the plumbing in minutes, learns nothing
+
+# %%
+# CI runs this notebook on a CPU with a tiny model: it sets these through LLMFT_* environment variables.
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO_URL = os.environ.get("LLMFT_REPO_URL", REPO_URL)
+MODEL = os.environ.get("LLMFT_MODEL", MODEL)
+QLORA = QLORA or "7b" in MODEL.lower()  # a 7B in fp16 does not fit a T4's 15 GB
+DATA = os.environ.get("LLMFT_DATA", DATA)
+DRIVE_DIR = os.environ.get("LLMFT_DRIVE_DIR", DRIVE_DIR)
+WORKDIR = os.environ.get("LLMFT_WORKDIR", WORKDIR)
+TARGET = os.environ.get("LLMFT_TARGET", TARGET)
+SMOKE = os.environ.get("LLMFT_SMOKE", "1" if SMOKE else "0") == "1"
+
+
+def sh(cmd: str) -> None:
+    """Run `cmd` with the repo's .venv first on PATH, show its output as it comes, stop the notebook on failure."""
+    env = os.environ | {"PATH": f"{WORKDIR}/.venv/bin:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+                        "PYTHONUTF8": "1", "TQDM_MININTERVAL": "20"}  # a progress line every 20 s, not a flood
+    proc = subprocess.Popen(cmd, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        print(line, end="")
+    if proc.wait():
+        raise RuntimeError(f"`{cmd}` failed with exit code {proc.returncode}: see its output above")
+
+
+def set_params(path: str, overrides: dict) -> None:
+    """Set `section.key` values in params.yaml in place, keeping its comments (Colab's Python has no ruamel)."""
+    todo, section, out, in_old_block = dict(overrides), None, [], False
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if in_old_block and line.startswith("    "):
+            continue  # a list under the key just replaced (data.templates): the new value replaces it
+        in_old_block = False
+        if re.match(r"\w", line):
+            section = line.split(":")[0]
+        key = re.match(r"  (\w+):(.*?)(\s+#.*)?$", line)
+        if key and f"{section}.{key[1]}" in todo:
+            value = json.dumps(todo.pop(f"{section}.{key[1]}"), ensure_ascii=False)  # JSON is valid YAML
+            note, new = (key[3] or "").strip(), f"  {key[1]}: {value}"
+            line = f"{new.ljust(len(line) - len(note) - 1)} {note}" if note else new  # the comment keeps its column
+            in_old_block = True
+        out.append(line)
+    if todo:
+        raise KeyError(f"{path} has no {', '.join(todo)}")
+    Path(path).write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+# %% tags=["gpu-only"]
+# Is this a GPU runtime?
+try:
+    sh("nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv")
+except RuntimeError:
+    raise RuntimeError("no GPU: Runtime → Change runtime type → T4 GPU, then run all cells again") from None
+
+# %% tags=["colab-only"]
+# Google Drive keeps the DVC cache and the checkpoints across sessions (Colab asks for permission once).
+from google.colab import drive  # noqa: E402
+
+drive.mount("/content/drive")
+
+# %%
+if "YOUR-NAME" in REPO_URL:
+    raise ValueError("set REPO_URL (first code cell) to your copy of the repo")
+if Path(WORKDIR, ".git").exists():
+    print(f"{WORKDIR} exists: using it as it is (a rerun in the same session)")
+else:
+    sh(f"git clone --depth 1 {REPO_URL} {WORKDIR}")
+os.chdir(WORKDIR)
+
+# %% tags=["colab-only"]
+# The repo pins Python 3.11; Colab ships another version, so install 3.11 next to it.
+if shutil.which("python3.11") is None:
+    sh("add-apt-repository -y ppa:deadsnakes/ppa > /dev/null && apt-get -qq install -y python3.11 python3.11-venv")
+
+# %%
+sh("make setup")  # the pinned .venv, about 5 minutes the first time; a no-op when it is there
+
+# %%
+# Results on Drive: the DVC cache (with the run-cache) and the training checkpoints.
+Path(DRIVE_DIR, "checkpoints").mkdir(parents=True, exist_ok=True)
+sh(f"dvc cache dir --local '{DRIVE_DIR}/dvc-cache'")  # .dvc/config.local: this machine only, not committed
+if not Path("checkpoints").is_symlink():
+    if Path("checkpoints").exists():
+        shutil.rmtree("checkpoints")  # a fresh clone has none; an old local one would shadow Drive's
+    Path("checkpoints").symlink_to(Path(DRIVE_DIR, "checkpoints"), target_is_directory=True)
+print(f"checkpoints -> {os.readlink('checkpoints')}")
+
+# %%
+overrides = {"model.name_or_path": MODEL, "data.input": DATA,
+             "train.max_samples": None,  # the repo's default, 160, is sized for a CPU; a GPU takes them all
+             "train.save_steps": 50}  # a checkpoint every 50 steps: at most that much lost on a disconnect
+if QLORA:
+    overrides["train.quantization_bit"] = 4
+    sh("python -m pip install -q bitsandbytes==0.50.2")  # QLoRA's kernels; not in the pins (CUDA only)
+if DATA != "data/raw/idioms.csv":
+    overrides["data.templates"] = []  # the default templates fit only the idiom table; map columns by name
+if SMOKE:
+    overrides |= {"data.val_size": 4, "train.max_steps": 2, "train.max_samples": 8, "train.cutoff_len": 64,
+                  "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1,
+                  "train.logging_steps": 1, "train.save_steps": 1, "train.eval_steps": 1,
+                  "eval.max_examples": 2, "eval.max_new_tokens": 8, "eval.num_threads": 1}
+set_params("params.yaml", overrides)
+sh("python src/params.py")  # the schema check every stage does first
+sh("git diff --stat params.yaml; git diff -U0 params.yaml | grep '^[-+] ' || true")
+
+# %%
+import yaml  # noqa: E402
+
+params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+for dotted, value in overrides.items():
+    section, key = dotted.split(".")
+    assert params[section][key] == value, f"params.yaml: {dotted} is {params[section][key]!r}, expected {value!r}"
+print(f"params.yaml: {len(overrides)} overrides in place; model {MODEL}, data {DATA}")
+
+# %%
+sh(f"dvc repro {TARGET}")  # after a disconnect: finished stages come back from Drive, training resumes
+
+# %%
+sh("dvc metrics show")
+if Path("reports/report.html").exists():
+    shutil.copytree("reports", Path(DRIVE_DIR, "reports"), dirs_exist_ok=True)
+    for name in ("params.yaml", "dvc.lock"):
+        shutil.copy(name, Path(DRIVE_DIR, "reports", name))
+    print(f"report, params.yaml and dvc.lock copied to {DRIVE_DIR}/reports")
+
+# %% tags=["colab-only"]
+# The report, right here (a copy is in reports/ on Drive).
+from IPython.display import HTML, display  # noqa: E402
+
+display(HTML(Path("reports/report.html").read_text(encoding="utf-8")))

@@ -1,0 +1,155 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Fine-tuning report
+#
+# Built by `make report` (stage `report` in dvc.yaml, script `src/report.py`) from what the pipeline wrote:
+# it only reads metrics, predictions and logs, and draws them.
+
+# %% tags=["parameters"]
+# Inputs, as in dvc.yaml. src/report.py puts its own arguments in a cell right after this one.
+PARAMS = "params.yaml"
+PREPARE = "reports/metrics/prepare.json"
+TRAIN = "reports/metrics/train.json"
+EVAL = "reports/metrics/eval.json"
+EXPORT = "reports/metrics/export.json"  # optional: the report says when the model was not exported yet
+PREDICTIONS = "reports/predictions.jsonl"
+PLOTS = "dvclive/train/plots/metrics"  # DVCLive series of the train stage
+DATA_DIR = "data/processed"
+MODEL_DIR = "models/base"
+LOCK = "dvc.lock"
+SRC = "src"  # the repo's modules (report_data, params)
+
+# %%
+import os
+import sys
+from pathlib import Path
+
+if not Path("dvc.yaml").exists() and Path("../dvc.yaml").exists():
+    os.chdir("..")  # opened from notebooks/ in Jupyter: run from the repo root, like the stage
+sys.path.insert(0, SRC)
+import matplotlib.pyplot as plt  # noqa: E402
+from IPython.display import Markdown, display  # noqa: E402
+
+import report_data as rd  # noqa: E402
+from params import load_params  # noqa: E402
+
+plt.rcParams.update({"axes.grid": True, "grid.alpha": 0.3})
+params = load_params(PARAMS)
+prep, train, evals = rd.load_json(PREPARE), rd.load_json(TRAIN), rd.load_json(EVAL)
+info_file = Path(MODEL_DIR) / "model_info.json"
+info = rd.load_json(info_file) if info_file.exists() else {}
+t = params.train
+display(Markdown(
+    f"**Model** `{info.get('source', params.model.name_or_path)}` (template `{info.get('template', '?')}`), "
+    f"**data** `{params.data.input}`, **method** {t.finetuning_type}"
+    + (f" (rank {t.lora_rank}, alpha {t.lora_alpha})" if t.finetuning_type == "lora" else "")
+    + f", {train.get('global_step', '?')} optimizer steps in {rd.fmt(train.get('train_runtime_s'))} s "
+    f"at {rd.fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}."))
+
+# %% [markdown]
+# ## Data
+
+# %%
+display(rd.kv_table({"source rows": prep["rows_in"], "examples built": prep["examples_in"], "kept": prep["kept"],
+                     **{f"dropped: {reason}": n for reason, n in prep.get("dropped", {}).items()},
+                     "dropped in total": prep["dropped_total"],
+                     **{f"split: {name}": n for name, n in prep["splits"].items()}}, [PREPARE, "count"]))
+
+# %%
+lengths, unit = rd.example_lengths(Path(DATA_DIR) / "train.json", MODEL_DIR)
+cutoff, longest = t.cutoff_len, max(lengths)
+over = sum(n > cutoff for n in lengths)
+fig, ax = plt.subplots(figsize=(9, 3.6))
+ax.hist(lengths, bins=min(50, max(10, len(set(lengths)))), color="#4C72B0")
+ax.set_xlabel(f"length of instruction + input + output ({unit})")
+ax.set_ylabel("training examples (count)")
+if unit == "tokens" and cutoff <= 2 * longest:
+    ax.axvline(cutoff, color="#C44E52", linestyle="--", label=f"train.cutoff_len = {cutoff} tokens")
+    ax.legend()
+else:
+    ax.set_title(f"train.cutoff_len = {cutoff} tokens" + (" (off the right edge)" if unit == "tokens" else ""),
+                 loc="right", fontsize=10)
+ax.set_title(f"Train split: {len(lengths)} examples, longest {longest} {unit}", loc="left", fontsize=10)
+rd.show(fig, f"Histogram of the lengths of {len(lengths)} training examples in {unit}; cutoff_len {cutoff}")
+display(Markdown(
+    f"{over} of {len(lengths)} training examples ({100 * over / len(lengths):.1f}%) are longer than "
+    f"`train.cutoff_len` = {cutoff} tokens and get truncated; the chat template adds a few tokens per example."
+    if unit == "tokens" else
+    f"No tokenizer on disk in `{MODEL_DIR}`, so lengths are in characters; `train.cutoff_len` = {cutoff} counts "
+    "tokens (for Chinese, roughly one token per 1-1.5 characters)."))
+
+# %% [markdown]
+# ## Training curves
+
+# %%
+series = rd.curves(PLOTS)
+train_loss = series.get("loss", series.get("train/loss"))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+if train_loss is not None:
+    ax1.plot(train_loss.step, train_loss.value, marker=".", label="train loss")
+if "eval/loss" in series:
+    ax1.plot(series["eval/loss"].step, series["eval/loss"].value, marker="o", label="eval loss (val split)")
+ax1.set_xlabel("optimizer step")
+ax1.set_ylabel("loss (cross-entropy, nats/token)")
+ax1.legend()
+if "learning_rate" in series:
+    ax2.plot(series["learning_rate"].step, series["learning_rate"].value, color="#55A868")
+ax2.set_xlabel("optimizer step")
+ax2.set_ylabel("learning rate")
+ax2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+fig.tight_layout()
+rd.show(fig, "Train and eval loss, and learning rate, against the optimizer step")
+display(rd.kv_table(train, [TRAIN, ""]))
+
+# %% [markdown]
+# ## Base vs fine-tuned
+#
+# Same prompts, same greedy decoding; scores in percent, loss in nats per answer token.
+
+# %%
+display(rd.metrics_table(evals))
+if evals.get("method"):
+    display(Markdown(f"<small>Method: {evals['method']}</small>"))
+
+# %% [markdown]
+# ## Sample predictions
+
+# %%
+display(rd.samples(PREDICTIONS, params.report.num_samples))
+
+# %% [markdown]
+# ## Export (merge check)
+
+# %%
+if Path(EXPORT).exists():
+    display(rd.kv_table(rd.flatten(rd.load_json(EXPORT)), [EXPORT, ""]))
+else:
+    display(Markdown(f"`{EXPORT}` is missing: the model was not merged yet (`make export`)."))
+
+# %% [markdown]
+# ## Parameters
+#
+# Changed since the previous commit (`dvc params diff HEAD~1`; the workspace counts as the new side):
+
+# %%
+display(Markdown(rd.params_diff(".")))
+display(Markdown(f"All of them (`{PARAMS}` with the defaults filled in):"))
+display(rd.Code(rd.params_yaml(params), "yaml", columns=3))
+
+# %% [markdown]
+# ## Environment
+
+# %%
+display(rd.environment(".", LOCK, train))

@@ -1,0 +1,260 @@
+"""Loaders for the report notebook (notebooks/report.py): read the pipeline's outputs into tables.
+
+    from report_data import curves, metrics_table, Table
+    curves("dvclive/train/plots/metrics")    # {"loss": DataFrame(step, value), "eval/loss": ..., ...}
+
+Nothing here computes a result of the pipeline; it only reads, flattens and formats what the stages wrote,
+so the notebook stays a page of drawing code.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.metadata
+import io
+import json
+import platform
+import subprocess
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+class Table:
+    """Rows shown as an HTML table in report.html and as a Markdown table in report.md (same cell text)."""
+
+    def __init__(self, rows: Iterable[Iterable[Any]], header: Iterable[str], text_columns: int = 1,
+                 wrap: bool = False):
+        self.header = list(header)
+        self.rows = [["" if v is None else str(v) for v in row] for row in rows]
+        self.text_columns = len(self.header) if wrap else text_columns  # left-aligned; the rest are numbers
+        self.wrap = wrap  # long texts (predictions): wrap inside the cell, keep the answer's own line breaks
+
+    def _repr_html_(self) -> str:
+        def cells(tag: str, values: list[str]) -> str:
+            return "".join(f'<{tag} class="{"text" if i < self.text_columns else "num"}">{html.escape(v)}</{tag}>'
+                           for i, v in enumerate(values))
+
+        body = "".join(f"<tr>{cells('td', row)}</tr>" for row in self.rows)
+        css = "report wrap" if self.wrap else "report"
+        return f'<table class="{css}"><thead><tr>{cells("th", self.header)}</tr></thead><tbody>{body}</tbody></table>'
+
+    def _repr_markdown_(self) -> str:
+        def cell(v: str) -> str:
+            return html.escape(v, quote=False).replace("|", "\\|").replace("\n", "<br>") or " "
+
+        lines = ["| " + " | ".join(map(cell, self.header)) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(map(cell, row)) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        return self._repr_markdown_()
+
+
+class Code:
+    """A code block: <pre> in columns in report.html, a fenced block in report.md."""
+
+    def __init__(self, text: str, lang: str = "", columns: int = 1):
+        self.text, self.lang, self.columns = text, lang, columns
+
+    def _repr_html_(self) -> str:
+        return f'<pre class="code" style="column-count: {self.columns}">{html.escape(self.text)}</pre>'
+
+    def _repr_markdown_(self) -> str:
+        return f"```{self.lang}\n{self.text}\n```\n"
+
+
+def load_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number short enough for a table cell: 4 significant digits, thousands separators for integers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}g}" if abs(value) < 1e5 else f"{value:,.0f}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def kv_table(values: dict, header: list[str]) -> Table:
+    """One row per key: name, then the value formatted by `fmt`."""
+    return Table([[key, fmt(value)] for key, value in values.items()], header)
+
+
+def metrics_table(evals: dict) -> Table:
+    """eval.json's base / tuned / delta (nested by split, then metric) as one row per split and metric."""
+    base, tuned, delta = (flatten(evals.get(k) or {}) for k in ("base", "tuned", "delta"))
+    rows = []
+    for key, value in base.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        split, _, metric = key.partition(".") if "." in key else ("", "", key)
+        arrow = "↓" if metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER else "↑"
+        rows.append([split, f"{metric} {arrow}", fmt(value), fmt(tuned.get(key)),
+                     f"{delta[key]:+.4g}" if isinstance(delta.get(key), (int, float)) else ""])
+    return Table(rows, ["split", "metric (↑/↓ = better)", "base", "fine-tuned", "Δ (tuned − base)"], text_columns=2)
+
+
+def curves(plots_dir: str | Path) -> dict[str, Any]:
+    """Every DVCLive series under `plots_dir` (dvclive/train/plots/metrics), by name (loss, eval/loss, ...).
+
+    Each is a DataFrame with columns step and value: DVCLive writes `timestamp step <name>` while training,
+    train.py rewrites `step <name>` at the end; the value is the last column in both.
+    """
+    import pandas as pd
+
+    root = Path(plots_dir)
+    series = {}
+    for tsv in sorted(root.rglob("*.tsv")):
+        df = pd.read_csv(tsv, sep="\t")
+        if "step" not in df.columns or len(df.columns) < 2:
+            continue  # not a DVCLive series
+        step, value = pd.to_numeric(df["step"], errors="coerce"), pd.to_numeric(df[df.columns[-1]], errors="coerce")
+        if step.isna().any() or value.isna().any():
+            raise ValueError(f"{tsv}: a step or {df.columns[-1]} value is not a number; rerun `make train`")
+        series[tsv.relative_to(root).with_suffix("").as_posix()] = pd.DataFrame({"step": step, "value": value})
+    return series
+
+
+def example_lengths(train_file: str | Path, model_dir: str | Path) -> tuple[list[int], str]:
+    """(length of each training example, unit): tokens of instruction+input+output with the base model's
+    tokenizer when one is on disk (models/base, or the local directory its model_info.json points to),
+    else characters. The chat template adds a few tokens more; cutoff_len counts those too."""
+    rows = load_json(train_file)
+    texts = [("\n".join(str(r.get(k) or "") for k in ("system", "instruction", "input")), str(r.get("output") or ""))
+             if isinstance(r, dict) else ("", "") for r in rows]  # ShareGPT rows count as empty: rare, labelled below
+    encode = _local_tokenizer(Path(model_dir))
+    if encode is None:
+        return [len(p) + len(o) for p, o in texts], "characters"
+    return [len(p) + len(o) for p, o in zip(encode([p for p, _ in texts]), encode([o for _, o in texts]))], "tokens"
+
+
+def _local_tokenizer(model_dir: Path) -> Callable[[list[str]], list[list[int]]] | None:
+    """A batch encoder (no special tokens) from tokenizer.json via `tokenizers` (fast to import), else via
+    transformers (slow tokenizers such as a bare SentencePiece model); None when no tokenizer is on disk."""
+    info = model_dir / "model_info.json"
+    candidates = [model_dir]
+    if info.exists():
+        candidates.append(Path(str(load_json(info).get("path") or model_dir)))
+    for path in candidates:
+        try:
+            if (path / "tokenizer.json").exists():
+                from tokenizers import Tokenizer
+
+                tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+                return lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+            if (path / "tokenizer_config.json").exists():
+                from transformers import AutoTokenizer
+
+                auto = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                return lambda texts: auto(texts, add_special_tokens=False)["input_ids"]
+        except Exception:  # noqa: BLE001 - any failure means "count characters instead", and the plot says so
+            return None
+    return None
+
+
+def samples(predictions: str | Path, n: int) -> Table:
+    """`n` predictions spread evenly over reports/predictions.jsonl (the same rows on every build)."""
+    rows = [json.loads(line) for line in Path(predictions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    k = min(n, len(rows))
+    picked = [rows[i * len(rows) // k] for i in range(k)]
+
+    def prompt(r: dict) -> str:
+        where = f"[{r['split']} #{r['index'] + 1}] " if "split" in r and "index" in r else ""
+        return where + str(r.get("prompt", ""))
+
+    def answer(text: Any) -> str:
+        return "(empty)" if text is None or not str(text).strip() else str(text)  # a blank cell reads as missing
+
+    return Table([[prompt(r), r.get("label"), answer(r.get("base")), answer(r.get("tuned"))] for r in picked],
+                 ["prompt", "reference", "base", "fine-tuned"], wrap=True)
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def params_diff(root: str | Path = ".") -> str:
+    """Markdown: `dvc params diff HEAD~1 --md` (the previous commit vs the workspace), or why there is none."""
+    root = Path(root)
+    head = _run(["git", "rev-parse", "--verify", "--quiet", "HEAD~1"], root)
+    if head is None or head.returncode != 0:
+        return "_No previous commit to compare with (not a git repository, or only one commit)._"
+    diff = _run(["dvc", "params", "diff", "HEAD~1", "--md"], root)
+    if diff is None or diff.returncode != 0:
+        reason = (diff.stderr.strip().splitlines() or ["?"])[-1] if diff else "dvc not found"
+        return f"_`dvc params diff HEAD~1` failed: {reason}_"
+    table = diff.stdout.strip()
+    if len(table.splitlines()) <= 2:  # the header alone
+        return "_No params changed since the previous commit (`dvc params diff HEAD~1`)._"
+    return table
+
+
+def params_yaml(params: Any) -> str:
+    """The validated params (defaults filled in) as YAML, without params.yaml's comments."""
+    return yaml.safe_dump(params.model_dump(), sort_keys=False, allow_unicode=True, width=120).strip()
+
+
+def show(fig, alt: str) -> None:
+    """Display a matplotlib figure as a PNG with alternative text (report.html and report.md carry it)."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(buf.getvalue(), metadata={"alt": alt}))
+
+
+def device_name() -> str:
+    """The GPU(s) or CPU of the machine that builds the report (nvidia-smi: importing torch takes seconds)."""
+    gpus = _run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], Path("."))
+    if gpus is not None and gpus.returncode == 0 and gpus.stdout.strip():
+        names = gpus.stdout.strip().splitlines()
+        return f"{names[0]} x{len(names)}"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def environment(root: str | Path, lock_file: str | Path, train_metrics: dict) -> Table:
+    """Device, package versions, git commit and the DVC hashes (dvc.lock) of the data and models."""
+    root = Path(root)
+    rows = [["device (this machine)", device_name()],
+            ["precision used in training", train_metrics.get("precision", "not recorded")],
+            ["python", platform.python_version()]]
+    for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc"):
+        try:
+            rows.append([pkg, importlib.metadata.version(pkg)])
+        except importlib.metadata.PackageNotFoundError:
+            rows.append([pkg, "not installed"])
+    commit = _run(["git", "describe", "--always", "--dirty"], root)
+    rows.append(["git commit", (commit.stdout.strip() if commit and commit.returncode == 0 else "") or "no git"])
+    lock = yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")) if Path(lock_file).exists() else {}
+    for stage in (lock or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("md5") and str(out["path"]).startswith(("data/", "models/")):
+                rows.append([f"dvc md5 {out['path']}", out["md5"]])
+    return Table(rows, ["", ""], text_columns=2)
