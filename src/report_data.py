@@ -15,6 +15,7 @@ import io
 import json
 import platform
 import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,7 @@ def params_diff(root: str | Path = ".") -> str:
     head = _run(["git", "rev-parse", "--verify", "--quiet", "HEAD~1"], root)
     if head is None or head.returncode != 0:
         return "_No previous commit to compare with (not a git repository, or only one commit)._"
-    diff = _run(["dvc", "params", "diff", "HEAD~1", "--md"], root)
+    diff = _run([sys.executable, "-m", "dvc", "params", "diff", "HEAD~1", "--md"], root)  # the venv's dvc, PATH or not
     if diff is None or diff.returncode != 0:
         reason = (diff.stderr.strip().splitlines() or ["?"])[-1] if diff else "dvc not found"
         return f"_`dvc params diff HEAD~1` failed: {reason}_"
