@@ -8,19 +8,26 @@ Shared by the stages that run the fine-tuned model (evaluate; chat, serve and ex
     prompt_ids, _ = fmt.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}])
     answer_ids = greedy_generate(model, [prompt_ids], fmt.stop_ids, fmt.pad_id, max_new_tokens=64)[0]
 
-Why a custom loop instead of `model.generate` (which keeps every row of a batch running until the longest
-answer ends): it sorts prompts by length (little left padding), computes logits for the last position only,
-drops finished rows from the batch and the KV cache (late steps run on the few answers still going), writes
-the KV cache in place instead of torch.cat-ing it every step, and on CPU runs SDPA's own grouped-query
-attention instead of copying K/V per head group. Answers match greedy `model.generate` (tests check it).
+Why a custom loop instead of `model.generate`: on CPU a decode step streams every weight from memory, so
+its cost is mostly fixed per step, and `generate` spends many steps on rows whose answer already ended.
+`greedy_generate` keeps the batch full (continuous batching: finished rows are refilled with the next
+prompts), computes the prompt prefix shared by all prompts (the template's system prompt) once, multiplies
+with MKL-prepacked weights (plain sgemm repacks them at every call: 2.5x slower at 16 rows), writes the
+KV cache in place, and runs SDPA's own grouped-query attention instead of copying K/V per head group.
+Answers are the same as greedy `model.generate` (the tests check it); about 2-3x LLaMA-Factory's
+do_predict on a 2-core CPU (benchmarks/bench_eval.py).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import importlib.util
 import json
 import math
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,88 +207,219 @@ def _left_pad(batch: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
-def _kv_cache(model, capacity: int):
-    """A DynamicCache whose layers write into buffers sized once for prompt + answer.
+class _SlotLayer:
+    """One layer's KV cache for `greedy_generate`: (rows, heads, columns, dim) buffers, written in place.
 
-    The stock layers torch.cat the whole cache at every step, ~15% of a CPU decode step at batch 16.
-    Models with sliding-window or other special layers keep the stock cache.
+    A row's tokens end at the shared write column `state.cur`; columns left of its first token are masked.
+    A decode step writes column `cur` for all rows. A prefill of new rows writes the prompt prefix shared
+    by all prompts (computed once) and then their left-padded suffixes, into the columns before `cur`. They
+    always fit: prompts are decoded longest first, so no new prompt is longer than a row in the cache.
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
-    class Preallocated(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.dtype, self.device, self.length = key_states.dtype, key_states.device, 0
-                self.buffers = [s.new_empty((*s.shape[:2], capacity, s.shape[-1])) for s in (key_states, value_states)]
-                self.is_initialized = True
-            end = self.length + key_states.shape[-2]
-            for buffer, states in zip(self.buffers, (key_states, value_states)):
-                buffer[:, :, self.length:end] = states
-            self.length = end
-            self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
-            return self.keys, self.values
+    is_sliding, is_compileable = False, False
 
-        def batch_select_indices(self, indices):
-            self.buffers = [buffer[indices] for buffer in self.buffers]
-            self.keys, self.values = (buffer[:, :, :self.length] for buffer in self.buffers)
+    def __init__(self, state):
+        self.state, self.buffers, self.keys, self.values, self.prefix = state, None, None, None, None
+        self.is_initialized = False
 
-    cache = DynamicCache(config=model.config)
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [Preallocated() for _ in cache.layers]
-    return cache
+    def update(self, key_states, value_states, *args, **kwargs):
+        st = self.state
+        if self.buffers is None:
+            self.buffers = [s.new_zeros((st.batch_size, s.shape[1], st.capacity, s.shape[-1]))
+                            for s in (key_states, value_states)]
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        first, last = st.rows
+        start = st.cur - key_states.shape[-2] if st.prefill else st.cur
+        for i, (buffer, states) in enumerate(zip(self.buffers, (key_states, value_states))):
+            buffer[first:last, :, start:start + states.shape[-2]] = states
+            if st.prefill and self.prefix:
+                buffer[first:last, :, start - st.prefix_len:start] = self.prefix[i]
+        lo, hi = (start - st.prefix_len, st.cur) if st.prefill else (0, st.cur + 1)
+        self.keys, self.values = (buffer[first:last, :, lo:hi] for buffer in self.buffers)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.state.prefix_len if self.state.prefill else self.state.cur
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def keep_rows(self, rows, cur: int) -> None:
+        for buffer in self.buffers or ():
+            buffer[:len(rows), :, :cur] = buffer[rows, :, :cur]
+
+    def drop_columns(self, lead: int, cur: int) -> None:
+        for buffer in self.buffers or ():
+            buffer[:, :, :cur - lead] = buffer[:, :, lead:cur].clone()
 
 
-def _greedy_batch(model, batch: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int):
+def shared_prefix(prompts: list[list[int]]) -> list[int]:
+    """The longest token prefix of every prompt, leaving at least one token of each to prefill."""
+    length = min(map(len, prompts)) - 1
+    for prompt in prompts[1:]:
+        length = next((i for i in range(length) if prompt[i] != prompts[0][i]), length)
+    return prompts[0][:max(length, 0)]
+
+
+@contextlib.contextmanager
+def _mkl_packed(model, rows: int):
+    """On CPU in fp32, let every nn.Linear multiply inputs of exactly `rows` rows with MKL-prepacked weights.
+
+    Plain sgemm repacks the weight matrix at every call; for the few rows of a decode step that costs more
+    than the multiplication (measured: 2.5x slower at 16 rows). Results differ only by float rounding (sums
+    in another order, ~1e-6 relative). The packed copies double the weights' memory while decoding, so a
+    model that would not fit twice is left alone.
+    Yields whether the weights were packed.
+    """
     import torch
 
-    device = model.device
-    ids, mask = _left_pad(batch, pad_id, device)
-    stops = torch.tensor(stop_ids, device=device)
-    cache = _kv_cache(model, ids.shape[1] + max_new_tokens)
-    alive = list(range(len(batch)))  # original row of each row still in the batch
-    answers: list[list[int]] = [[] for _ in batch]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    for step in range(max_new_tokens):
-        tokens = logits.argmax(-1)
-        for row, token in zip(alive, tokens.tolist()):
-            answers[row].append(token)
-        done = torch.isin(tokens, stops)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        if bool(done.any()):  # finished answers leave the batch, so later steps cost less
-            keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            alive = [alive[i] for i in keep.tolist()]
-            tokens, mask = tokens[keep], mask[keep]
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-    return answers
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    try:  # MemAvailable counts the page cache the kernel can drop; 0 where unknown (then nothing is packed)
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        free = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable")))
+    except (OSError, StopIteration, ValueError):
+        free = 0
+    if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkl.is_available() \
+            or 1.5 * size > free:
+        yield False
+        return
+
+    def packed_forward(linear, packed, x):
+        if x.numel() != rows * x.shape[-1]:
+            return torch.nn.functional.linear(x, linear.weight, linear.bias)
+        return torch.ops.mkl._mkl_linear(x, packed, linear.weight, linear.bias, rows)
+
+    for linear in linears:
+        linear.forward = functools.partial(packed_forward, linear,
+                                           torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows))
+    try:
+        yield True
+    finally:
+        for linear in linears:
+            del linear.forward  # back to nn.Linear.forward (weights may change, e.g. when an adapter is merged)
+
+
+class _Decoder:
+    """Continuous batching over a `_SlotLayer` cache: rows that finish are refilled with the next prompts."""
+
+    def __init__(self, model, prompts, stop_ids, pad_id, max_new_tokens, batch_size, full_rows):
+        import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import CacheLayerMixin
+
+        CacheLayerMixin.register(_SlotLayer)  # a virtual subclass: this module imports transformers only when used
+        self.model, self.prompts, self.pad_id, self.max_new_tokens = model, prompts, pad_id, max_new_tokens
+        self.full_rows, device = full_rows, model.device  # full_rows: decode steps always run batch_size rows
+        self.state = types.SimpleNamespace(batch_size=batch_size, cur=0, rows=(0, 0), prefill=False, prefix_len=0,
+                                           capacity=max(map(len, prompts)) + 2 * max_new_tokens)
+        self.cache = DynamicCache(config=model.config)
+        sliding = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+        self.cache.layers = [_SlotLayer(self.state) for _ in self.cache.layers]
+        self.prefix = [] if sliding else shared_prefix(prompts)  # a sliding window would count the gap after it
+        self.stops = torch.tensor(stop_ids, device=device)
+        self.answers: list[list[int]] = [[] for _ in prompts]
+        self.alive: list[int] = []  # prompt index of each cache row
+        self.tokens = torch.zeros(0, dtype=torch.long, device=device)  # last token of each row
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # (rows, state.cur) real-token columns
+        if self.prefix:  # the template's system prompt, typically: computed once, copied into each new row
+            prefix_cache = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([self.prefix], device=device), past_key_values=prefix_cache,
+                  use_cache=True, logits_to_keep=1)
+            for layer, computed in zip(self.cache.layers, prefix_cache.layers):
+                layer.prefix = (computed.keys, computed.values)
+            self.state.prefix_len = len(self.prefix)
+
+    def _record(self, rows: list[int], tokens) -> None:
+        for row, token in zip(rows, tokens.tolist()):
+            self.answers[row].append(token)
+
+    def refill(self, new: list[int]) -> None:
+        """Prefill the prompts `new` into the rows after the live ones; record their first tokens."""
+        import torch
+
+        state, skip = self.state, len(self.prefix)
+        ids, mask = _left_pad([self.prompts[i][skip:] for i in new], self.pad_id, self.model.device)
+        mask = torch.cat([mask.new_ones((len(new), skip)), mask], dim=1)
+        if not self.alive:
+            state.cur, self.mask = mask.shape[1], self.mask.new_zeros((0, mask.shape[1]))
+        state.prefill, state.rows = True, (len(self.alive), len(self.alive) + len(new))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        state.prefill = False
+        self.mask = torch.cat([self.mask, torch.nn.functional.pad(mask, (state.cur - mask.shape[1], 0))])
+        self.tokens, self.alive = torch.cat([self.tokens, logits.argmax(-1)]), self.alive + new
+        self._record(new, self.tokens[-len(new):])
+
+    def prune(self) -> None:
+        """Drop the rows whose answer is complete (stop token or max_new_tokens) from the batch and the cache."""
+        import torch
+
+        lengths = torch.tensor([len(self.answers[row]) for row in self.alive], device=self.model.device)
+        finished = torch.isin(self.tokens, self.stops) | (lengths >= self.max_new_tokens)
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)
+            for layer in self.cache.layers:
+                layer.keep_rows(keep, self.state.cur)
+            self.alive = [self.alive[i] for i in keep.tolist()]
+            self.tokens, self.mask = self.tokens[keep], self.mask[keep]
+
+    def step(self) -> None:
+        """One token for every live row."""
+        import torch
+
+        state, n = self.state, len(self.alive)
+        lead = int(self.mask.any(0).int().argmax())  # columns left of every row's first token are dead
+        if lead >= self.max_new_tokens:  # dropping them keeps state.cur below the capacity (see _SlotLayer)
+            for layer in self.cache.layers:
+                layer.drop_columns(lead, state.cur)
+            self.mask, state.cur = self.mask[:, lead:], state.cur - lead
+        self.mask = torch.cat([self.mask, self.mask.new_ones((n, 1))], dim=1)
+        tokens, mask = self.tokens[:, None], self.mask
+        if self.full_rows and n < state.batch_size:  # idle rows see only themselves; their output is unused
+            idle = torch.nn.functional.pad(mask.new_ones((state.batch_size - n, 1)), (mask.shape[1] - 1, 0))
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, state.batch_size - n), value=self.pad_id)
+            mask = torch.cat([mask, idle])
+        state.rows = (0, len(mask))
+        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                            past_key_values=self.cache, use_cache=True).logits[:n, -1]
+        state.cur += 1
+        self.tokens = logits.argmax(-1)
+        self._record(self.alive, self.tokens)
 
 
 def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
                     batch_size: int = 16, progress=None) -> list[list[int]]:
     """Greedy answers (token ids, ending with the stop token when one was produced) in the order of `prompts`.
 
-    Batches are built from prompts sorted by length, longest first (an OOM shows up at once, not at the end).
-    `progress(done, total)` is called after each batch.
+    Up to `batch_size` answers are decoded together. When a quarter of them have finished, the next prompts
+    (longest first) are prefilled into the freed rows, so the batch stays full until the prompts run out
+    (continuous batching). `progress(done, total)` is called each time another `batch_size` answers are done.
     """
     import torch
 
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers: list[list[int]] = [[] for _ in prompts]
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            for row, answer in zip(rows, _greedy_batch(model, [prompts[i] for i in rows], stop_ids, pad_id,
-                                                       max_new_tokens)):
-                answers[row] = answer
-            if progress:
-                progress(min(start + batch_size, len(order)), len(order))
-    return answers
+    if not prompts:
+        return []
+    queue = collections.deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
+    reported = 0
+    with torch.inference_mode(), _mkl_packed(model, batch_size) as packed:
+        decoder = _Decoder(model, prompts, stop_ids, pad_id, max_new_tokens, batch_size, full_rows=packed)
+        while queue or decoder.alive:
+            free = batch_size - len(decoder.alive)
+            if queue and free >= min(max(1, batch_size // 4), len(queue)):
+                decoder.refill([queue.popleft() for _ in range(min(free, len(queue)))])
+            decoder.prune()
+            done = len(prompts) - len(queue) - len(decoder.alive)
+            if progress and done > reported and (done // batch_size > reported // batch_size or done == len(prompts)):
+                progress(done, len(prompts))
+                reported = done
+            if decoder.alive:
+                decoder.step()
+    return decoder.answers
 
 
 def answer_nll(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import shutil
@@ -143,6 +144,19 @@ def test_cpu_attention_gives_the_logits_of_hf_sdpa_on_a_padded_batch(fmt):
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=0)
 
 
+def test_mkl_packed_weights_give_the_same_logits_and_are_unpacked_after(fmt):
+    model = gen.load_model(fmt)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]])
+    with torch.inference_mode():
+        expected = model(ids[:, :1]).logits  # 4 rows of one token: the packed path
+        with gen._mkl_packed(model, rows=4) as packed:
+            got, prefill = model(ids[:, :1]).logits, model(ids).logits  # 12 rows: the plain path
+        assert packed  # CPU, fp32, MKL: a setting where the decode path is packed
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)  # sums in another order: ~1e-7 here
+        assert torch.equal(prefill, model(ids).logits)
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
 def test_batched_greedy_equals_one_by_one_and_hf_generate(fmt, adapter_dir):
     model = gen.merge_adapter(gen.load_model(fmt), adapter_dir)
     prompts = [fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
@@ -157,20 +171,33 @@ def test_batched_greedy_equals_one_by_one_and_hf_generate(fmt, adapter_dir):
     assert single == hf
 
 
-def test_answers_end_at_a_stop_token_and_finished_rows_leave_the_batch(fmt, adapter_dir):
+def test_continuous_batching_refills_finished_rows_and_matches_one_by_one(fmt, adapter_dir, monkeypatch):
     model = gen.merge_adapter(gen.load_model(fmt), adapter_dir)
-    prompts = [fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
-               for ex in VAL]
-    free = gen.greedy_generate(model, prompts, [-1], 2, max_new_tokens=8, batch_size=5)  # -1 never comes
+    prompts = [fmt.encode([{"role": "user", "content": f"{ex['instruction']} {'!' * n}"},
+                           {"role": "assistant", "content": ""}])[0] for n in range(6) for ex in VAL]
+    free = [gen.greedy_generate(model, [p], [-1], 2, max_new_tokens=6)[0] for p in prompts]  # -1 never comes
 
     def cut(answer, stops):
         return next((answer[:i + 1] for i, t in enumerate(answer) if t in stops), answer)
 
     # Stop at a token the model really produces, chosen so that rows finish after different numbers of steps.
     stops = [max(sorted({t for a in free for t in a}), key=lambda t: len({len(cut(a, [t])) for a in free}))]
-    got = gen.greedy_generate(model, prompts, stops, 2, max_new_tokens=8, batch_size=5)
+    calls = collections.Counter()
+
+    def spy(name):
+        original = getattr(gen._SlotLayer, name)
+
+        def counted(self, *args):
+            calls[name] += 1
+            return original(self, *args)
+        return counted
+
+    for name in ("keep_rows", "drop_columns"):
+        monkeypatch.setattr(gen._SlotLayer, name, spy(name))
+    got = gen.greedy_generate(model, prompts, stops, 2, max_new_tokens=6, batch_size=4)
     assert got == [cut(a, stops) for a in free]
-    assert len({len(a) for a in got}) > 2  # rows finished at different steps, and left the batch then
+    assert len({len(a) for a in got}) > 2  # rows finished at different steps; new prompts took their rows
+    assert calls["keep_rows"] > 0 and calls["drop_columns"] > 0  # dead columns were dropped on the way
 
 
 def test_answer_nll_scores_only_the_answer_tokens(fmt, adapter_dir):
