@@ -39,12 +39,18 @@ all: setup ## run the whole pipeline (every stage whose inputs changed)
 data: setup ## stage prepare: raw table -> data/processed/{train,val}.json
 	dvc repro prepare
 
-bench bench-noop sweep compare:
+bench:
 	@echo "make $@: not built yet (see the open issues)"; exit 1
 bench: ## training throughput benchmark (not built yet)
-bench-noop: ## time of a no-op make all (not built yet)
-sweep: ## queue and run a small hyperparameter grid (not built yet)
-compare: ## compare two experiments: make compare A=exp1 B=exp2 (not built yet)
+
+# A grid: each -S takes comma-separated values, one experiment per combination.
+SWEEP ?= -S train.lora_rank=4,16 -S train.learning_rate=5.0e-5,2.0e-4
+JOBS ?= 1
+sweep: setup ## queue a grid of DVC experiments, run the queue, show results (SWEEP='-S k=a,b ...', JOBS=1)
+	python src/sweep.py $(SWEEP) --jobs $(JOBS)
+
+compare: setup ## make compare A=<exp> B=<exp>: params diff, metrics diff, the answers that got worse
+	python src/compare.py "$(A)" $(if $(B),"$(B)")
 
 model: setup ## stage model: base model -> models/base (embedded SmolLM2 by default)
 	dvc repro model
@@ -79,6 +85,9 @@ pull: setup ## dvc pull every versioned artifact from the default remote (REMOTE
 
 bench-eval: setup ## evaluation tokens/s: our evaluate stage vs LLaMA-Factory do_predict, same val set
 	python benchmarks/bench_eval.py
+
+bench-noop: setup ## seconds a no-op `make all` spends beyond DVC's own start-up (goal < 3 s)
+	python benchmarks/bench_noop.py
 
 bench-data: setup ## prepare a generated 1,000,000-row CSV; print rows/s and peak memory
 	python benchmarks/bench_data.py --rows 1000000

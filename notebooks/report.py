@@ -29,6 +29,7 @@ PLOTS = "dvclive/train/plots/metrics"  # DVCLive series of the train stage
 DATA_DIR = "data/processed"
 MODEL_DIR = "models/base"
 LOCK = "dvc.lock"
+ENV = "reports/env/train.json"  # optional: the train stage's environment manifest
 SRC = "src"  # the repo's modules (report_data, params)
 
 # %%
@@ -152,4 +153,4 @@ display(rd.Code(rd.params_yaml(params), "yaml", columns=3))
 # ## Environment
 
 # %%
-display(rd.environment(".", LOCK, train))
+display(rd.environment(".", LOCK, train, ENV))

@@ -1,4 +1,4 @@
-"""Helpers shared by every stage: user-facing errors, logging, atomic writes, seeding.
+"""Helpers shared by every stage: user-facing errors, logging, atomic writes, seeding, environment manifests.
 
 Stage scripts import from here instead of copying these few lines around:
 
@@ -8,12 +8,16 @@ Stage scripts import from here instead of copying these few lines around:
 from __future__ import annotations
 
 import json
+import importlib.metadata
 import logging
 import os
+import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -105,3 +109,42 @@ def seed_everything(seed: int) -> None:
         pass
     if "torch" in sys.modules:
         sys.modules["torch"].manual_seed(seed)
+
+
+def git_commit() -> str:
+    """`git describe --always --dirty` of the repo (a trailing -dirty: uncommitted changes), or "unknown"."""
+    proc = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT,
+                          check=False)
+    return proc.stdout.strip() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """What produced a result: Python, every installed package, torch/CUDA, the device, the git commit."""
+    env: dict[str, Any] = {
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+    }
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown"
+    env["device"] = f"cpu: {cpu}"
+    if "torch" in sys.modules:  # stages that never load torch (prepare) don't pay its import for this
+        torch = sys.modules["torch"]
+
+        env["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
+                        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+                        "num_threads": torch.get_num_threads()}
+        if torch.cuda.is_available():
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            env["device"] = f"cuda: {len(names)} x {names[0]}" if len(set(names)) == 1 else "cuda: " + ", ".join(names)
+    env["packages"] = dict(sorted({d.metadata["Name"].lower(): d.version
+                                   for d in importlib.metadata.distributions() if d.metadata["Name"]}.items()))
+    return env
+
+
+def write_environment(path: str | os.PathLike, stage: str) -> None:
+    """A stage's environment manifest (small, in git beside the metrics): see `environment`."""
+    atomic_write_json(path, {"stage": stage, **environment()})

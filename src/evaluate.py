@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generation as gen  # noqa: E402
-from common import UserError, atomic_path, atomic_write_json, get_logger, run_main  # noqa: E402
+from common import UserError, atomic_path, atomic_write_json, get_logger, run_main, write_environment  # noqa: E402
 from metrics import METHOD, llamafactory_metrics, text_metrics  # noqa: E402
 from params import EvalParams, load_params  # noqa: E402
 
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default="models/lora", type=Path, help="the LoRA adapter to evaluate")
     parser.add_argument("--metrics", default="reports/metrics/eval.json", type=Path)
     parser.add_argument("--predictions", default="reports/predictions.jsonl", type=Path)
+    parser.add_argument("--env", default="reports/env/evaluate.json", type=Path, help="environment manifest (in git)")
     args = parser.parse_args(argv)
 
     p = load_params(args.params).eval
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.predictions) as tmp:
         tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions), encoding="utf-8")
     atomic_write_json(args.metrics, metrics)
+    write_environment(args.env, "evaluate")
     for s in metrics["examples"]:
         log.info("%s: %s", s, ", ".join(f"{k} {metrics['base'][s][k]:.2f} -> {metrics['tuned'][s][k]:.2f}"
                                          for k in ("bleu4", "rougeL", "exact_match", "loss")))

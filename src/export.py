@@ -19,7 +19,6 @@ import argparse
 import gc
 import hashlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, atomic_path, atomic_write_json, get_logger, run_main, write_json  # noqa: E402
+from common import (UserError, atomic_path, atomic_write_json, get_logger, git_commit, run_main,  # noqa: E402
+                    write_environment, write_json)
 from generation import check_adapter, load_chat_format, read_model_info  # noqa: E402
 from params import ExportParams, TrainParams, load_params  # noqa: E402
 
@@ -41,12 +41,6 @@ def dvc_dir_md5(path: Path) -> str | None:
     files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
     entries = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": rel} for rel, p in files]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() if files else None
-
-
-def git_commit() -> str | None:
-    """`git describe --always --dirty` of the repo, stored beside the model; None outside git."""
-    cmd = ["git", "describe", "--always", "--dirty"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip() or None
 
 
 def quantization_bit(adapter: Path, train: TrainParams) -> int | None:
@@ -188,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/processed", help="its DVC hash goes into the model card")
     parser.add_argument("--eval", default="reports/metrics/eval.json", help="copied into the model card if present")
     parser.add_argument("--metrics", default="reports/metrics/export.json")
+    parser.add_argument("--env", default="reports/env/export.json", type=Path, help="environment manifest (in git)")
     args = parser.parse_args(argv)
     p = load_params(args.params)
     m = export(Path(args.base), Path(args.adapter), Path(args.out), p.export, p.train, Path(args.data), Path(args.eval))
     atomic_write_json(args.metrics, m)
+    write_environment(args.env, "export")
     log.info("wrote %s: %d shard(s), %.1f MB %s, in %.1f s", args.out, m["num_shards"], m["size_mb"], m["dtype"],
              m["seconds"])
     return 0

@@ -72,6 +72,12 @@ def _lcs(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 of one answer, in percent (the per-example score `make compare` ranks by)."""
+    pred_tokens, ref_tokens = segment(pred), segment(ref)
+    return round(100 * _f1(_lcs(pred_tokens, ref_tokens), len(pred_tokens), len(ref_tokens)), 4)
+
+
 def corpus_bleu4(preds: list[list[str]], refs: list[list[str]]) -> float:
     """Corpus BLEU-4 in [0, 1] with one reference per prediction."""
     matched, total = [0] * 4, [0] * 4

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, atomic_path, atomic_write_json, get_logger, run_main, write_json  # noqa: E402
+from common import UserError, atomic_path, atomic_write_json, get_logger, run_main, write_environment, write_json  # noqa: E402
 from mapping import DROP_REASONS, build_examples  # noqa: E402
 from params import DataParams, load_params, parse_params  # noqa: E402
 from tables import read_table  # noqa: E402
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="pipeline mode: read the data section from here")
     parser.add_argument("--out-dir", default="data/processed", type=Path)
     parser.add_argument("--stats", default="reports/metrics/prepare.json", type=Path)
+    parser.add_argument("--env", default="reports/env/prepare.json", type=Path, help="environment manifest (in git)")
     legacy = parser.add_argument_group("one-off mode (the original prepare_data.py; params.yaml is not read)")
     legacy.add_argument("--input", help="raw table: .csv .tsv .json .jsonl .parquet .xlsx")
     legacy.add_argument("--output", type=Path, help="e.g. data/processed_data.json")
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p = load_params(args.params).data
     splits, info, stats = prepare(p)
     write_pipeline_outputs(splits, info, stats, args.out_dir, args.stats)
+    write_environment(args.env, "prepare")
     return 0
 
 

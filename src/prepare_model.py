@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, atomic_path, get_logger, run_main, write_json  # noqa: E402
+from common import UserError, atomic_path, get_logger, run_main, write_environment, write_json  # noqa: E402
 from params import ModelParams, load_params  # noqa: E402
 
 log = get_logger("model")
@@ -240,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="reads the model section")
     parser.add_argument("--out", default="models/base", type=Path)
+    parser.add_argument("--env", default="reports/env/model.json", type=Path, help="environment manifest (in git)")
     args = parser.parse_args(argv)
     prepare(load_params(args.params).model, args.out)
+    write_environment(args.env, "model")
     return 0
 
 

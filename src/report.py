@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data/processed", type=Path, help="train.json: the length histogram")
     parser.add_argument("--model-dir", default="models/base", type=Path, help="model_info.json and the tokenizer")
     parser.add_argument("--lock", default="dvc.lock", type=Path, help="DVC hashes of data and models")
+    parser.add_argument("--env", default="reports/env/train.json", type=Path, help="where training ran; optional")
     parser.add_argument("--html", default="reports/report.html", type=Path)
     parser.add_argument("--md", default="reports/report.md", type=Path)
     parser.add_argument("--figures", default="reports/figures", type=Path, help="the md's images; beside --md")
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--figures {args.figures} must sit beside --md {args.md}: report.md links to it relatively")
     check_inputs(args)
     values = {"SRC": str(Path(__file__).resolve().parent), "PARAMS": args.params, "EXPORT": str(args.export),
-              "LOCK": str(args.lock)}
+              "LOCK": str(args.lock), "ENV": str(args.env)}
     values |= {name: str(path) for name, (path, _) in inputs(args).items()}
     values |= {"DATA_DIR": str(args.data_dir), "MODEL_DIR": str(args.model_dir)}
     nb = execute(args.notebook, values, args.timeout)

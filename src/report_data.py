@@ -240,19 +240,31 @@ def device_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()}"
 
 
-def environment(root: str | Path, lock_file: str | Path, train_metrics: dict) -> Table:
-    """Device, package versions, git commit and the DVC hashes (dvc.lock) of the data and models."""
+def environment(root: str | Path, lock_file: str | Path, train_metrics: dict, env_file: str | Path = "") -> Table:
+    """Where training ran (the train stage's manifest, reports/env/train.json; else this machine), package
+    versions, git commit and the DVC hashes (dvc.lock) of the data and models."""
     root = Path(root)
-    rows = [["device (this machine)", device_name()],
-            ["precision used in training", train_metrics.get("precision", "not recorded")],
-            ["python", platform.python_version()]]
-    for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc"):
-        try:
-            rows.append([pkg, importlib.metadata.version(pkg)])
-        except importlib.metadata.PackageNotFoundError:
-            rows.append([pkg, "not installed"])
+    manifest = load_json(env_file) if env_file and Path(env_file).exists() else {}
+    if manifest:
+        torch = manifest.get("torch") or {}
+        rows = [["device (training)", manifest["device"]], ["trained", manifest.get("created_utc", "")],
+                ["precision used in training", train_metrics.get("precision", "not recorded")],
+                ["python", manifest["python"]], ["CUDA (torch build)", torch.get("cuda") or "none"]]
+        rows += [[pkg, manifest["packages"].get(pkg, "not installed")]
+                 for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc")]
+        rows.append(["git commit (training)", manifest["git_commit"]])
+    else:
+        rows = [["device (this machine)", device_name()],
+                ["precision used in training", train_metrics.get("precision", "not recorded")],
+                ["python", platform.python_version()]]
+        for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc"):
+            try:
+                rows.append([pkg, importlib.metadata.version(pkg)])
+            except importlib.metadata.PackageNotFoundError:
+                rows.append([pkg, "not installed"])
     commit = _run(["git", "describe", "--always", "--dirty"], root)
-    rows.append(["git commit", (commit.stdout.strip() if commit and commit.returncode == 0 else "") or "no git"])
+    rows.append(["git commit (report)", (commit.stdout.strip() if commit and commit.returncode == 0 else "")
+                 or "no git"])
     lock = yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")) if Path(lock_file).exists() else {}
     for stage in (lock or {}).get("stages", {}).values():
         for out in stage.get("outs", []):

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lf_config  # noqa: E402
 import lf_run  # noqa: E402
-from common import ROOT, UserError, atomic_path, atomic_write_json, get_logger, run_main  # noqa: E402
+from common import (ROOT, UserError, atomic_path, atomic_write_json, get_logger, git_commit, run_main,  # noqa: E402
+                    write_environment)
 from params import TrainParams, load_params  # noqa: E402
 
 log = get_logger("train")
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", default="checkpoints", type=Path, help="kept between runs, to resume")
     parser.add_argument("--live-dir", default="dvclive/train", type=Path, help="DVCLive metrics and plots")
     parser.add_argument("--metrics", default="reports/metrics/train.json", type=Path)
+    parser.add_argument("--env", default="reports/env/train.json", type=Path, help="environment manifest (in git)")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
@@ -121,12 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         sections["train"]["disable_gradient_checkpointing"] = True
     lf_config.validate(sections, t.extra, typed=set(TrainParams.model_fields) - {"extra"})
     lf_run.sync_checkpoints(args.checkpoints, lf_run.fingerprint(args.data_dir, args.model_dir, sections))
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT,
-                            check=False)
     header = [f"llamafactory-cli train {args.out / 'train_config.yaml'}",
               (f"Written by src/train.py from {args.params} (model.trust_remote_code, train) and "
                f"{args.model_dir}/model_info.json: change those, not this file."),
-              f"git {commit.stdout.strip() or 'unknown'}; paths are relative to where the stage ran (the repo root)."]
+              f"git {git_commit()}; paths are relative to where the stage ran (the repo root)."]
 
     # transformers' DVCLiveCallback calls Live() with no arguments: it writes ./dvclive and merges its plots into
     # ./dvc.yaml, which from the repo root would rewrite the pipeline's own dvc.yaml. So the child runs in a
@@ -168,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):  # what finally ran
         train[key] = metrics[key] = metrics.get(key, train[key])
     finish(args, sections, header, metrics)
+    write_environment(args.env, "train")
     return 0
 
 

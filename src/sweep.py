@@ -1,0 +1,89 @@
+"""`make sweep`: queue a hyperparameter grid as DVC experiments, run the queue, wait, and show the results.
+
+    python src/sweep.py -S 'train.lora_rank=4,16' -S 'train.learning_rate=5.0e-5,2.0e-4' [--jobs 1]
+
+Each -S takes comma-separated values; DVC queues one experiment per combination (`dvc exp run --queue`),
+`dvc queue start` runs them in temporary copies of the repo (the workspace is left alone), and this
+script waits until they are done, then prints `dvc exp show` for the grid's params and the key metrics.
+Every experiment trains from scratch: its train params differ from any checkpoint it could find.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, UserError, run_main  # noqa: E402
+
+QUEUED = re.compile(r"Queued experiment '([^']+)'")
+METRICS = ["train_loss", "eval_loss", "tuned.val.rougeL", "tuned.val.bleu4", "delta.val.rougeL"]
+
+
+def dvc(*args: str, capture: bool = True) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, text=True,
+                          capture_output=capture)
+    if proc.returncode != 0:
+        detail = ((proc.stderr or "") + (proc.stdout or "")).strip().splitlines() if capture else []
+        raise UserError(f"dvc {' '.join(args)} failed{': ' + detail[-1] if detail else ''}")
+    return proc.stdout or ""
+
+
+def states(names: set[str]) -> dict[str, str]:
+    """The queue state of each named experiment: Queued, Running, Success or Failed (Success once it is done)."""
+    import dvc.api
+
+    found = {}
+    for row in dvc.api.exp_show(repo=str(ROOT)):
+        if row.get("Experiment") in names:
+            found[row["Experiment"]] = row.get("State") or "Success"  # a finished experiment has no executor left
+    return {name: found.get(name, "Queued") for name in names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-S", "--set-param", dest="grid", action="append", required=True,
+                        help="params.yaml key=v1,v2,... (as dvc exp run -S); repeat for a grid")
+    parser.add_argument("--jobs", type=int, default=1, help="experiments run at once; 1 unless you have the cores")
+    parser.add_argument("--poll", type=float, default=5.0, help="seconds between queue checks")
+    args = parser.parse_args(argv)
+    for item in args.grid:
+        if "=" not in item:
+            raise UserError(f"-S {item!r}: write key=value1,value2 (e.g. train.lora_rank=4,16)")
+
+    out = dvc("exp", "run", "--queue", *[a for item in args.grid for a in ("-S", item)])
+    names = set(QUEUED.findall(out))
+    if not names:
+        raise UserError(f"dvc exp run --queue queued nothing; it said: {out.strip()[:300]}")
+    print(f"queued {len(names)} experiments: {', '.join(sorted(names))}", flush=True)
+    dvc("queue", "start", "--jobs", str(args.jobs))
+
+    last: dict[str, str] = {}
+    while True:
+        now = states(names)
+        if now != last:
+            counts = {s: sum(v == s for v in now.values()) for s in sorted(set(now.values()))}
+            print(f"{time.strftime('%H:%M:%S')} " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()),
+                  flush=True)
+            last = now
+        if not {"Queued", "Running"} & set(now.values()):
+            break
+        time.sleep(args.poll)
+
+    keys = sorted({item.split("=", 1)[0] for item in args.grid})
+    keep = "|".join(re.escape(k) for k in keys + METRICS) + "|Experiment|Created"
+    print(dvc("exp", "show", "--no-pager", "--hide-queued", "--keep", keep, "--drop", ".*"), end="")
+    failed = sorted(name for name, state in now.items() if state == "Failed")
+    if failed:
+        raise UserError(f"{len(failed)} experiment(s) failed: {', '.join(failed)}; "
+                        f"see `dvc queue logs <name>` for each")
+    print("compare two of them: make compare A=<name> B=<name>")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
