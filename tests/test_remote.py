@@ -12,8 +12,6 @@ import itertools
 import json
 import socket
 import threading
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
