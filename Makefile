@@ -39,9 +39,8 @@ all: setup ## run the whole pipeline (every stage whose inputs changed)
 data: setup ## stage prepare: raw table -> data/processed/{train,val}.json
 	dvc repro prepare
 
-bench:
-	@echo "make $@: not built yet (see the open issues)"; exit 1
-bench: ## training throughput benchmark (not built yet)
+bench: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> reports/bench/ (CUDA: Llama-2-7B shape; CPU: tiny)
+	python benchmarks/bench_train.py
 
 # A grid: each -S takes comma-separated values, one experiment per combination.
 SWEEP ?= -S train.lora_rank=4,16 -S train.learning_rate=5.0e-5,2.0e-4

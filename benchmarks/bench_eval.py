@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,8 +67,10 @@ def run_llamafactory(args, fmt: gen.ChatFormat, threads: int, tmp: Path) -> tupl
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_DATASETS_CACHE": str(tmp / "cache"),
                         "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true"}
     start = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).with_name("llamafactory-cli")), "train", str(tmp / "predict.yaml")],
-                          env=env, capture_output=True, text=True, check=False)
+    cli = Path(sys.executable).with_name("llamafactory-cli")  # the venv's; else PATH's (pip install --target)
+    cli = str(cli) if cli.exists() else shutil.which("llamafactory-cli") or str(cli)
+    done = subprocess.run([cli, "train", str(tmp / "predict.yaml")], env=env, capture_output=True, text=True,
+                          check=False)
     wall = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"llamafactory-cli failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--num-threads", type=int, help="0 = physical cores")
     parser.add_argument("--rounds", type=int, default=2, help="LLaMA-Factory runs; ours runs once more. Best kept")
+    parser.add_argument("--json", type=Path, help="also write the results here (e.g. reports/bench/<device>-eval.json)")
+    parser.add_argument("--label", help="the model's name in that file (default: its paths)")
     args = parser.parse_args(argv)
     p = load_params(args.params).eval
     for key in ("max_new_tokens", "batch_size", "num_threads"):
@@ -123,6 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  LLaMA-Factory do_predict:  {lf_tokens:6d} tokens in {lf_seconds:7.1f} s = {lf_rate:8.1f} tokens/s "
           f"(runs: {times(lf_times)} s; whole commands {times(lf_walls)} s)")
     print(f"  speedup {rate / lf_rate:.1f}x; identical answers {same}/{len(ours)}")
+    if args.json:
+        import torch
+
+        from common import atomic_write_json
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+        atomic_write_json(args.json, {
+            "kind": "eval", "device": device, "model": args.label or f"{fmt.path} + {args.adapter}",
+            "split": args.split, "examples": len(ours), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "threads": threads, "ours_tokens": tokens, "ours_seconds": seconds, "ours_tokens_per_s": rate,
+            "lf_tokens": lf_tokens, "lf_seconds": lf_seconds, "lf_tokens_per_s": lf_rate, "speedup": rate / lf_rate,
+            "identical_answers": same, "ours_runs_s": ours_times, "lf_runs_s": lf_times, "lf_commands_s": lf_walls})
     return 0
 
 

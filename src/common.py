@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -121,7 +120,6 @@ def git_commit() -> str:
 def environment() -> dict[str, Any]:
     """What produced a result: Python, every installed package, torch/CUDA, the device, the git commit."""
     env: dict[str, Any] = {
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
     }
@@ -146,5 +144,7 @@ def environment() -> dict[str, Any]:
 
 
 def write_environment(path: str | os.PathLike, stage: str) -> None:
-    """A stage's environment manifest (small, in git beside the metrics): see `environment`."""
+    """A stage's environment manifest: see `environment`. No timestamp: the same code on the same machine
+    writes the same bytes, so a rerun doesn't change the output's hash. A DVC output (cached), not `cache:
+    false`: an uncached output would keep DVC from restoring the stage from its run-cache."""
     atomic_write_json(path, {"stage": stage, **environment()})

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default="models/lora", type=Path, help="the LoRA adapter to evaluate")
     parser.add_argument("--metrics", default="reports/metrics/eval.json", type=Path)
     parser.add_argument("--predictions", default="reports/predictions.jsonl", type=Path)
-    parser.add_argument("--env", default="reports/env/evaluate.json", type=Path, help="environment manifest (in git)")
+    parser.add_argument("--env", default="reports/env/evaluate.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
 
     p = load_params(args.params).eval

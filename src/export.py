@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/processed", help="its DVC hash goes into the model card")
     parser.add_argument("--eval", default="reports/metrics/eval.json", help="copied into the model card if present")
     parser.add_argument("--metrics", default="reports/metrics/export.json")
-    parser.add_argument("--env", default="reports/env/export.json", type=Path, help="environment manifest (in git)")
+    parser.add_argument("--env", default="reports/env/export.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
     p = load_params(args.params)
     m = export(Path(args.base), Path(args.adapter), Path(args.out), p.export, p.train, Path(args.data), Path(args.eval))

@@ -3,12 +3,14 @@
     sync_checkpoints(Path("checkpoints"), fingerprint(data_dir, model_dir, sections))  # inputs changed: clear
     ckpt = newest_complete(Path("checkpoints"))     # torn checkpoints (killed mid-save) are removed
     sections, retries, rc = train_with_backoff(sections, launch, enabled=True)
+    runtime = probe_runtime(params.train, "models/base", "smollm2", Path("data/processed"), "bf16")  # for the profile
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -21,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from common import UserError, atomic_write_json, get_logger
-from lf_config import flat
+from lf_config import Runtime, flat, plan_profile
 
 log = get_logger("train")
 OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED")
 OOM_KNOBS = ("lower train.per_device_train_batch_size and raise train.gradient_accumulation_steps, lower "
              "train.cutoff_len, set train.precision bf16/fp16, train.quantization_bit 4 (QLoRA), keep gradient "
-             "checkpointing on (no extra.disable_gradient_checkpointing), or train.deepspeed z3 on several GPUs")
+             "checkpointing on (no extra.disable_gradient_checkpointing: true), or train.deepspeed z3 on several GPUs")
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "adapter_model.bin",
            "pytorch_model.bin")
 
@@ -89,6 +91,64 @@ def sync_checkpoints(ckpt_dir: Path, fp: str) -> None:
     atomic_write_json(stamp, {"fingerprint": fp})
 
 
+def example_lengths(model_path: str, template: str, data_dir: Path, cutoff_len: int, trust_remote_code: bool = False,
+                    limit: int = 20000) -> tuple[int, ...]:
+    """Token length of the first `limit` train examples as LLaMA-Factory encodes them (template included, not cut
+    to cutoff_len), in dataset order; () when the tokenizer or the data can't be read. Imports LLaMA-Factory."""
+    from llamafactory.data.converter import get_dataset_converter
+    from llamafactory.data.parser import get_dataset_list
+    from llamafactory.data.template import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        data_args = DataArguments(template=template, cutoff_len=cutoff_len)
+        tmpl = get_template_and_fix_tokenizer(tokenizer, data_args)
+        attr = get_dataset_list(["train"], str(data_dir))[0]
+        rows = json.loads((data_dir / attr.dataset_name).read_text(encoding="utf-8"))[:limit]
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("train.profile: cannot measure example lengths (%s); no packing", str(err).splitlines()[0][:200])
+        return ()
+    convert = get_dataset_converter(attr.formatting, attr, data_args)
+    lengths = []
+    for row in rows:
+        ex = convert(collections.defaultdict(lambda: None, row))
+        prompt_ids, answer_ids = tmpl.encode_oneturn(tokenizer, ex["_prompt"] + ex["_response"], ex["_system"] or None,
+                                                     ex["_tools"] or None)
+        lengths.append(len(prompt_ids) + len(answer_ids) + int(tmpl.efficient_eos))
+    return tuple(lengths)
+
+
+def probe_runtime(t, model_path: str, template: str, data_dir: Path, precision: str,
+                  trust_remote_code: bool = False) -> Runtime:
+    """What train.profile needs to know here (lf_config.Runtime), and a log of what it will change.
+
+    A CPU with the auto profile needs nothing (plain), so nothing slow runs then; the fast profile reads the
+    GPU, which optional kernels import, the model's config.json, and the token length of each train example.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    runtime = Runtime(cuda=cuda)
+    if (t.profile if t.profile != "auto" else ("fast" if cuda else "plain")) == "fast":
+        from transformers.utils import is_flash_attn_2_available
+
+        kernels = {"flash_attn"} if cuda and is_flash_attn_2_available() else set()
+        kernels |= {"liger_kernel"} if cuda and importlib.util.find_spec("liger_kernel") else set()
+        config = Path(model_path) / "config.json"
+        runtime = Runtime(
+            cuda=cuda, gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
+            kernels=frozenset(kernels), cpu_count=len(os.sched_getaffinity(0)),
+            model_config=json.loads(config.read_text()) if config.exists() else None,
+            weights_bytes=sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")),
+            example_tokens=example_lengths(model_path, template, Path(data_dir), t.cutoff_len, trust_remote_code,
+                                           limit=min(t.max_samples or 20000, 20000)))
+    for note in plan_profile(t, runtime, precision).notes:
+        log.info("train.profile %s", note)
+    return runtime
+
+
 def run_child(cmd: list[str], env: dict, cwd: Path) -> tuple[int, str]:
     """Run with stderr passed through live (progress bars stay) and its last 64 KB kept to spot an OOM."""
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stderr=subprocess.PIPE)
@@ -121,7 +181,8 @@ def backoff(batch: int, accumulation: int) -> tuple[int, int] | None:
 
 
 def train_with_backoff(sections: dict, launch: Callable[[dict], tuple[int, str]], enabled: bool):
-    """Launch; on a CUDA OOM halve the per-device batch and double accumulation, down to batch 1.
+    """Launch; on a CUDA OOM first turn gradient checkpointing back on if the fast profile turned it off (its
+    memory estimate was short), then halve the per-device batch and double accumulation, down to batch 1.
 
     Returns (sections that ran last, OOM retries, exit code). Out of options: a UserError naming the knobs.
     """
@@ -130,6 +191,10 @@ def train_with_backoff(sections: dict, launch: Callable[[dict], tuple[int, str]]
         rc, stderr = launch(sections)
         if rc == 0 or not OOM.search(stderr):
             return sections, retries, rc
+        if enabled and sections.get("profile", {}).pop("disable_gradient_checkpointing", None):
+            log.warning("CUDA out of memory without gradient checkpointing (train.profile fast): retrying with it on")
+            retries += 1
+            continue
         train = sections["train"]
         batch, accum = train["per_device_train_batch_size"], train["gradient_accumulation_steps"]
         smaller = backoff(batch, accum) if enabled else None

@@ -130,6 +130,7 @@ class TrainParams(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deepspeed: Literal[None, "z2", "z3"] = None
     oom_backoff: bool = True
+    profile: Literal["auto", "fast", "plain"] = "auto"
     seed: int = 42
     extra: dict[str, Any] = {}
 

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="pipeline mode: read the data section from here")
     parser.add_argument("--out-dir", default="data/processed", type=Path)
     parser.add_argument("--stats", default="reports/metrics/prepare.json", type=Path)
-    parser.add_argument("--env", default="reports/env/prepare.json", type=Path, help="environment manifest (in git)")
+    parser.add_argument("--env", default="reports/env/prepare.json", type=Path, help="environment manifest")
     legacy = parser.add_argument_group("one-off mode (the original prepare_data.py; params.yaml is not read)")
     legacy.add_argument("--input", help="raw table: .csv .tsv .json .jsonl .parquet .xlsx")
     legacy.add_argument("--output", type=Path, help="e.g. data/processed_data.json")

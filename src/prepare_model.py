@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="reads the model section")
     parser.add_argument("--out", default="models/base", type=Path)
-    parser.add_argument("--env", default="reports/env/model.json", type=Path, help="environment manifest (in git)")
+    parser.add_argument("--env", default="reports/env/model.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
     prepare(load_params(args.params).model, args.out)
     write_environment(args.env, "model")

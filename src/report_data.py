@@ -247,7 +247,7 @@ def environment(root: str | Path, lock_file: str | Path, train_metrics: dict, en
     manifest = load_json(env_file) if env_file and Path(env_file).exists() else {}
     if manifest:
         torch = manifest.get("torch") or {}
-        rows = [["device (training)", manifest["device"]], ["trained", manifest.get("created_utc", "")],
+        rows = [["device (training)", manifest["device"]],
                 ["precision used in training", train_metrics.get("precision", "not recorded")],
                 ["python", manifest["python"]], ["CUDA (torch build)", torch.get("cuda") or "none"]]
         rows += [[pkg, manifest["packages"].get(pkg, "not installed")]

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", default="checkpoints", type=Path, help="kept between runs, to resume")
     parser.add_argument("--live-dir", default="dvclive/train", type=Path, help="DVCLive metrics and plots")
     parser.add_argument("--metrics", default="reports/metrics/train.json", type=Path)
-    parser.add_argument("--env", default="reports/env/train.json", type=Path, help="environment manifest (in git)")
+    parser.add_argument("--env", default="reports/env/train.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     sections = lf_config.build_config(
         t, model_path=model_path, template=info.get("template", "default"), data_dir=str(args.data_dir),
         trust_remote_code=params.model.trust_remote_code, output_dir=str(args.checkpoints), precision=precision,
-        deepspeed_config=os.path.relpath(ROOT / lf_config.DEEPSPEED_CONFIGS[t.deepspeed]) if t.deepspeed else None)
+        deepspeed_config=os.path.relpath(ROOT / lf_config.DEEPSPEED_CONFIGS[t.deepspeed]) if t.deepspeed else None,
+        runtime=lf_run.probe_runtime(t, model_path, info.get("template", "default"), args.data_dir, precision,
+                                     params.model.trust_remote_code))
     if precision == "fp32" and "disable_gradient_checkpointing" not in t.extra:
         # fp32 means a CPU (or a forced choice): RAM is not the limit there, and recomputing activations costs ~30%.
         sections["train"]["disable_gradient_checkpointing"] = True

@@ -1,0 +1,120 @@
+"""benchmarks/bench_train.py: the CPU smoke test of the whole benchmark (CI runs it), its data design, the FLOPs
+count, and the README table. The GPU figures come from benchmarks/gpu/run.sh on an H100/H200."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bench(smol_tokenizer_dir, tmp_path_factory) -> dict:
+    """One tiny CPU run: plain and fast, 3 steps each (1 warm-up)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--shape", "tiny", "--steps", "3", "--warmup",
+           "1", "--arms", "plain,fast", "--tokenizer", str(smol_tokenizer_dir), "--work-dir", str(tmp / "work"),
+           "--out-dir", str(tmp / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    files = list((tmp / "out").glob("*.json"))
+    assert [f.name for f in files] == [f"{bench_train.slug(bench_train.device_name(False))}-tiny.json"]
+    return {"result": json.loads(files[0].read_text()), "out": tmp / "out", "stdout": proc.stdout}
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_measures_both_arms_on_equal_work(bench):
+    r = bench["result"]
+    plain, fast = r["arms"]["plain"], r["arms"]["fast"]
+    assert r["steps"] == {"total": 3, "warmup": 1, "timed": 2}
+    for arm in (plain, fast):
+        assert arm["tokens_per_s"] > 0 and arm["step_s"] > 0 and arm["peak_mem_gib"] > 0
+        assert 0 < arm["mfu_vs_peak"] <= 1 and 0 < arm["mfu_vs_ceiling"] <= 1
+        assert all(math.isfinite(x) for x in arm["losses"]) and arm["grad_norms_ok"] and not arm["token_mismatches"]
+        assert arm["real_tokens_per_step"] == [r["data"]["real_tokens_per_step"]] * 3 == [4 * 255] * 3
+    assert plain["real_tokens_per_step"] == fast["real_tokens_per_step"]
+    assert plain["label_tokens_per_step"] == fast["label_tokens_per_step"]  # the same examples in every step
+    # same examples, same loss: packing only rearranges the arithmetic (fp32 here, so very close)
+    assert fast["learning_guard_ok"] and fast["max_step_loss_rel_diff"] < 1e-3
+    assert plain["config"].get("neat_packing") is None and plain["gradient_checkpointing"] is True
+    assert fast["config"]["neat_packing"] is True and fast["gradient_checkpointing"] is False
+    assert (fast["micro_batch"], fast["accumulation"]) == (4, 1) and (plain["micro_batch"], plain["accumulation"]) == (
+        4, 4)
+    assert r["goals"] is None and "CPU: a smoke test" in r["notes"][0]
+    assert "fast " in bench["stdout"] and "guard ok" in bench["stdout"]
+
+
+@pytest.mark.slow
+def test_readme_table_from_the_smoke_run(bench, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{bench_train.README_START}\nold table\n{bench_train.README_END}\nafter\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--out-dir", str(bench["out"]),
+                           "--readme", str(readme)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n<!-- bench:start -->\n| device | model | run |")
+    assert text.endswith("<!-- bench:end -->\nafter\n") and "old table" not in text
+    assert "| CPU (" in text and "| tiny | plain |" in text and "| tiny | fast |" in text
+    assert proc.stdout in text
+
+
+def fake_result(device: str, speedup: float) -> dict:
+    arm = {"tokens_per_s": 1000.0, "speedup_vs_plain": 1.0, "mfu_vs_peak": 0.2, "mfu_vs_ceiling": 0.25,
+           "peak_mem_gib": 20.0, "memory_vs_plain": 1.0, "final_loss": 9.5, "timed_steps": 30}
+    fast = arm | {"tokens_per_s": 1000.0 * speedup, "speedup_vs_plain": speedup, "memory_vs_plain": 0.6}
+    return {"kind": "train", "device": device, "shape": "llama2-7b", "arms": {"plain": arm, "fast": fast}}
+
+
+def test_table_has_one_row_per_arm_and_the_eval_rows_apart(tmp_path):
+    (tmp_path / "h100-llama2-7b.json").write_text(json.dumps(fake_result("NVIDIA H100 80GB HBM3", 2.5)))
+    (tmp_path / "h100-eval.json").write_text(json.dumps({
+        "kind": "eval", "device": "NVIDIA H100 80GB HBM3", "model": "llama2-7b random-init + fast LoRA",
+        "examples": 32, "max_new_tokens": 64, "batch_size": 16, "ours_tokens_per_s": 900.0,
+        "lf_tokens_per_s": 300.0, "speedup": 3.0}))
+    table = bench_train.render_table(sorted(tmp_path.glob("*.json")))
+    lines = table.splitlines()
+    assert lines[2] == ("| NVIDIA H100 80GB HBM3 | llama2-7b | plain | 1,000 | 1.00x | 20.0% | 25.0% | 20.0 GiB | "
+                        "1.00x | 9.5000 | 30 |")
+    assert lines[3].startswith("| NVIDIA H100 80GB HBM3 | llama2-7b | fast | 2,500 | 2.50x |") and "0.60x" in lines[3]
+    assert lines[-1] == ("| NVIDIA H100 80GB HBM3 | llama2-7b random-init + fast LoRA | 32 prompts x 64 new tokens, "
+                         "batch 16 | 900 | 300 | 3.00x |")
+
+
+def test_readme_without_markers_is_a_clear_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="add the lines <!-- bench:start --> and <!-- bench:end -->"):
+        bench_train.write_readme(readme, "| table |\n")
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_model_flops_of_llama2_7b_follow_the_lora_formula():
+    shape = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000}
+    linear, lora = bench_train.linear_params(shape, 8)
+    assert linear == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000  # 6.61 B: all but embeddings and norms
+    assert lora == 32 * 8 * (4 * 2 * 4096 + 3 * (4096 + 11008))  # ~20 M
+    flops = bench_train.flops_per_example(shape, 8, 2048)
+    assert flops == pytest.approx((4 * linear + 6 * lora) * 2048 + 12 * 32 * 4096 * 2048 * 2049 / 2)
+    assert 4 * linear * 2048 / flops > 0.9  # attention is < 10% at 2048 tokens
+
+
+def test_data_blocks_fill_one_pack_each_with_exact_llamafactory_lengths(smol_tokenizer_dir, tmp_path):
+    enc = bench_train.Encoder(smol_tokenizer_dir, 512)
+    lengths = bench_train.make_data(enc, tmp_path, steps=2, per_step=8, per_pack=4, cutoff_len=512, seed=1,
+                                    val_examples=4)
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert len(rows) == len(lengths) == 16 and len(json.loads((tmp_path / "val.json").read_text())) == 4
+    assert [sum(lengths[i:i + 4]) for i in range(0, 16, 4)] == [511] * 4  # cutoff_len - 1: one full pack
+    assert [enc.length(r["instruction"], r["output"]) for r in rows] == lengths
+    assert min(lengths) >= enc.overhead + 8 and max(lengths) <= 511 * 3 // 4
+    assert bench_train.make_data(enc, tmp_path / "again", steps=2, per_step=8, per_pack=4, cutoff_len=512,
+                                 seed=1, val_examples=4) == lengths  # seeded
