@@ -14,7 +14,9 @@ its cost is mostly fixed per step, and `generate` spends many steps on rows whos
 prompts), computes the prompt prefix shared by all prompts (the template's system prompt) once, multiplies
 with MKL-prepacked weights (plain sgemm repacks them at every call: 2.5x slower at 16 rows), writes the
 KV cache in place, and runs SDPA's own grouped-query attention instead of copying K/V per head group.
-Answers are the same as greedy `model.generate` (the tests check it); about 2-3x LLaMA-Factory's
+For Llama-family models on CPU in fp32, the decode steps skip HF's forward altogether (src/fast_decode.py:
+fused q/k/v and gate/up weights, no per-step mask or rotary rebuilding); prefill still runs HF's forward.
+Answers are the same as greedy `model.generate` (the tests check it); about 3x LLaMA-Factory's
 do_predict on a 2-core CPU (benchmarks/bench_eval.py).
 """
 
@@ -306,7 +308,7 @@ def _mkl_packed(model, rows: int):
 class _Decoder:
     """Continuous batching over a `_SlotLayer` cache: rows that finish are refilled with the next prompts."""
 
-    def __init__(self, model, prompts, stop_ids, pad_id, max_new_tokens, batch_size, full_rows):
+    def __init__(self, model, prompts, stop_ids, pad_id, max_new_tokens, batch_size, full_rows, lean=None):
         import torch
         from transformers import DynamicCache
         from transformers.cache_utils import CacheLayerMixin
@@ -314,6 +316,7 @@ class _Decoder:
         CacheLayerMixin.register(_SlotLayer)  # a virtual subclass: this module imports transformers only when used
         self.model, self.prompts, self.pad_id, self.max_new_tokens = model, prompts, pad_id, max_new_tokens
         self.full_rows, device = full_rows, model.device  # full_rows: decode steps always run batch_size rows
+        self.lean = lean  # fast_decode.LeanDecoder for the decode steps, None = the model's own forward
         self.state = types.SimpleNamespace(batch_size=batch_size, cur=0, rows=(0, 0), prefill=False, prefix_len=0,
                                            capacity=max(map(len, prompts)) + 2 * max_new_tokens)
         self.cache = DynamicCache(config=model.config)
@@ -384,30 +387,38 @@ class _Decoder:
             idle = torch.nn.functional.pad(mask.new_ones((state.batch_size - n, 1)), (mask.shape[1] - 1, 0))
             tokens = torch.nn.functional.pad(tokens, (0, 0, 0, state.batch_size - n), value=self.pad_id)
             mask = torch.cat([mask, idle])
-        state.rows = (0, len(mask))
-        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                            past_key_values=self.cache, use_cache=True).logits[:n, -1]
+        state.rows, positions = (0, len(mask)), mask.sum(-1, keepdim=True) - 1
+        if self.lean:
+            logits = self.lean.step(tokens[:, 0], mask.bool(), positions[:, 0], self.cache.layers, state.cur)[:n]
+        else:
+            logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                past_key_values=self.cache, use_cache=True).logits[:n, -1]
         state.cur += 1
         self.tokens = logits.argmax(-1)
         self._record(self.alive, self.tokens)
 
 
 def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
-                    batch_size: int = 16, progress=None) -> list[list[int]]:
+                    batch_size: int = 16, progress=None, use_lean: bool = True) -> list[list[int]]:
     """Greedy answers (token ids, ending with the stop token when one was produced) in the order of `prompts`.
 
     Up to `batch_size` answers are decoded together. When a quarter of them have finished, the next prompts
     (longest first) are prefilled into the freed rows, so the batch stays full until the prompts run out
     (continuous batching). `progress(done, total)` is called each time another `batch_size` answers are done.
+    `use_lean=False` runs every decode step through HF's forward even where fast_decode supports the model.
     """
     import torch
+
+    from fast_decode import LeanDecoder
 
     if not prompts:
         return []
     queue = collections.deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
     reported = 0
-    with torch.inference_mode(), _mkl_packed(model, batch_size) as packed:
-        decoder = _Decoder(model, prompts, stop_ids, pad_id, max_new_tokens, batch_size, full_rows=packed)
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        lean = LeanDecoder.build(model, batch_size) if use_lean else None
+        packed = lean is not None or stack.enter_context(_mkl_packed(model, batch_size))
+        decoder = _Decoder(model, prompts, stop_ids, pad_id, max_new_tokens, batch_size, full_rows=packed, lean=lean)
         while queue or decoder.alive:
             free = batch_size - len(decoder.alive)
             if queue and free >= min(max(1, batch_size // 4), len(queue)):

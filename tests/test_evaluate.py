@@ -200,6 +200,85 @@ def test_continuous_batching_refills_finished_rows_and_matches_one_by_one(fmt, a
     assert calls["keep_rows"] > 0 and calls["drop_columns"] > 0  # dead columns were dropped on the way
 
 
+def tiny_qwen2():
+    """A random 2-layer Qwen2 (q/k/v biases, another rope base): the lean path's other code branches."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(2)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, rope_theta=1e6, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.data.normal_(0, 0.5)  # biases start at zero, which would hide a dropped bias
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch):
+    from fast_decode import LeanDecoder
+
+    if arch == "llama":
+        model = gen.merge_adapter(gen.load_model(fmt), adapter_dir)
+        prompts = [fmt.encode([{"role": "user", "content": ex["instruction"]},
+                               {"role": "assistant", "content": ""}])[0] for ex in VAL]
+    else:
+        model, prompts = tiny_qwen2(), [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
+    lean = LeanDecoder.build(model, rows=len(prompts))
+    assert lean is not None
+    seen, step = [], lean.step
+    lean.step = lambda *args: seen.append(step(*args)) or seen[-1]
+    with torch.inference_mode():
+        decoder = gen._Decoder(model, prompts, [-1], 0, max_new_tokens=4, batch_size=len(prompts), full_rows=True,
+                               lean=lean)
+        decoder.refill(list(range(len(prompts))))
+        for _ in range(3):  # the later steps attend to keys and values the lean path wrote
+            decoder.step()
+        for i, logits in enumerate(seen):  # HF's forward on the whole text so far, without a cache
+            ids, mask = gen._left_pad([p + a[:i + 1] for p, a in zip(prompts, decoder.answers)], 0, "cpu")
+            expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             logits_to_keep=1).logits[:, -1]
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert len(seen) == 3
+
+
+def test_greedy_with_the_lean_path_equals_hf_generate(fmt, adapter_dir, monkeypatch):
+    from fast_decode import LeanDecoder
+
+    model = gen.merge_adapter(gen.load_model(fmt), adapter_dir)
+    prompts = [fmt.encode([{"role": "user", "content": f"{ex['instruction']} {'?' * n}"},
+                           {"role": "assistant", "content": ""}])[0] for n in range(2) for ex in VAL]
+    steps = collections.Counter()
+    step = LeanDecoder.step
+    monkeypatch.setattr(LeanDecoder, "step", lambda self, *args: steps.update(["lean"]) or step(self, *args))
+    lean = gen.greedy_generate(model, prompts, [2], 2, max_new_tokens=10, batch_size=4)
+    assert steps["lean"] > 0
+    assert lean == gen.greedy_generate(model, prompts, [2], 2, max_new_tokens=10, batch_size=4, use_lean=False)
+    with torch.inference_mode():
+        hf = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=2,
+                             pad_token_id=2)[0, len(p):].tolist() for p in prompts]
+    assert lean == hf
+
+
+def test_unsupported_models_fall_back_to_hf_forward(monkeypatch):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fast_decode import LeanDecoder, unsupported_reason
+
+    torch.manual_seed(3)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    assert "model_type 'qwen3'" in unsupported_reason(qwen3)  # q/k norms: not the llama layer
+    assert "CPU, fp32" in unsupported_reason(tiny_qwen2().double())
+    monkeypatch.setattr(LeanDecoder, "step", lambda *args: pytest.fail("the lean path ran on an unsupported model"))
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    got = gen.greedy_generate(qwen3, prompts, [-1], 0, max_new_tokens=5, batch_size=2)
+    with torch.inference_mode():
+        hf = [qwen3.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert got == hf
+
+
 def test_answer_nll_scores_only_the_answer_tokens(fmt, adapter_dir):
     model = gen.load_model(fmt)
     pairs = [fmt.encode([{"role": "user", "content": ex["instruction"]},
