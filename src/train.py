@@ -48,14 +48,15 @@ def device_checks(t: TrainParams) -> str:
     return lf_config.choose_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
 
 
-def log_estimate(model_path: str, batch: int, t: TrainParams, precision: str) -> None:
+def log_estimate(model_path: str, sections: dict, t: TrainParams, precision: str) -> None:
     if not (Path(model_path) / "config.json").exists():
         return log.info("no memory estimate: %s is not a local directory", model_path)
+    batch = sections["train"]["per_device_train_batch_size"]
     est = lf_config.estimate_peak_gib(
         json.loads((Path(model_path) / "config.json").read_text()),
         sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")), finetuning_type=t.finetuning_type,
         lora_rank=t.lora_rank, quantization_bit=t.quantization_bit, precision=precision, batch=batch, seq=t.cutoff_len,
-        grad_checkpointing=not t.extra.get("disable_gradient_checkpointing"))
+        grad_checkpointing=not any(s.get("disable_gradient_checkpointing") for s in sections.values()))
     log.info("estimated peak GPU memory ~%.1f GiB = %s GiB (%s, %s, batch %d x %d tokens; see lf_config.py)",
              est.pop("total"), " + ".join(f"{k} {v:.2f}" for k, v in est.items()), t.finetuning_type, precision,
              batch, t.cutoff_len)
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg["output"]["resume_from_checkpoint"] = str(ckpt.resolve())
             log.info("resuming from %s (step %d)", ckpt, resumed["step"])
         (run_dir / "train_config.yaml").write_text(lf_config.to_yaml(cfg, header), encoding="utf-8")
-        log_estimate(model_path, sections["train"]["per_device_train_batch_size"], t, precision)
+        log_estimate(model_path, sections, t, precision)
         cmd, env = lf_config.launch_command(str(run_dir / "train_config.yaml"), os.environ, t.deepspeed,
                                             str(Path(sys.executable).parent))
         return lf_run.run_child(cmd, env | ({"DVCLIVE_RESUME": "1"} if ckpt else {}), run_dir)
