@@ -153,4 +153,4 @@ display(rd.Code(rd.params_yaml(params), "yaml", columns=3))
 # ## Environment
 
 # %%
-display(rd.environment(".", LOCK, train, ENV))
+display(rd.environment(LOCK, train, ENV))

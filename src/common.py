@@ -7,8 +7,8 @@ Stage scripts import from here instead of copying these few lines around:
 
 from __future__ import annotations
 
-import json
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -110,11 +110,29 @@ def seed_everything(seed: int) -> None:
         sys.modules["torch"].manual_seed(seed)
 
 
+def dvc(*args: str) -> str:
+    """`dvc <args>` with this environment's DVC, from the repo root: its stdout, or a UserError with DVC's message."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise UserError(f"dvc {' '.join(args)} failed" + (f": {lines[-1]}" if lines else ""))
+    return proc.stdout
+
+
 def git_commit() -> str:
     """`git describe --always --dirty` of the repo (a trailing -dirty: uncommitted changes), or "unknown"."""
     proc = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT,
                           check=False)
     return proc.stdout.strip() or "unknown"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown"
 
 
 def environment() -> dict[str, Any]:
@@ -123,12 +141,7 @@ def environment() -> dict[str, Any]:
         "git_commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
     }
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown"
-    env["device"] = f"cpu: {cpu}"
+    env["device"] = f"cpu: {cpu_name()}"
     if "torch" in sys.modules:  # stages that never load torch (prepare) don't pay its import for this
         torch = sys.modules["torch"]
 

@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, run_main  # noqa: E402
+from common import ROOT, UserError, dvc, run_main  # noqa: E402
 from metrics import rouge_l  # noqa: E402
-
-
-def dvc(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
-    return proc.stdout
 
 
 def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:

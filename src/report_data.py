@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from common import cpu_name, git_commit
+
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -231,19 +233,12 @@ def device_name() -> str:
     if gpus is not None and gpus.returncode == 0 and gpus.stdout.strip():
         names = gpus.stdout.strip().splitlines()
         return f"{names[0]} x{len(names)}"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()}"
+    return f"CPU: {cpu_name()}"
 
 
-def environment(root: str | Path, lock_file: str | Path, train_metrics: dict, env_file: str | Path = "") -> Table:
+def environment(lock_file: str | Path, train_metrics: dict, env_file: str | Path = "") -> Table:
     """Where training ran (the train stage's manifest, reports/env/train.json; else this machine), package
     versions, git commit and the DVC hashes (dvc.lock) of the data and models."""
-    root = Path(root)
     manifest = load_json(env_file) if env_file and Path(env_file).exists() else {}
     if manifest:
         torch = manifest.get("torch") or {}
@@ -262,9 +257,7 @@ def environment(root: str | Path, lock_file: str | Path, train_metrics: dict, en
                 rows.append([pkg, importlib.metadata.version(pkg)])
             except importlib.metadata.PackageNotFoundError:
                 rows.append([pkg, "not installed"])
-    commit = _run(["git", "describe", "--always", "--dirty"], root)
-    rows.append(["git commit (report)", (commit.stdout.strip() if commit and commit.returncode == 0 else "")
-                 or "no git"])
+    rows.append(["git commit (report)", git_commit()])
     lock = yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")) if Path(lock_file).exists() else {}
     for stage in (lock or {}).get("stages", {}).values():
         for out in stage.get("outs", []):

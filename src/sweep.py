@@ -12,25 +12,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, run_main  # noqa: E402
+from common import ROOT, UserError, dvc, run_main  # noqa: E402
 
 QUEUED = re.compile(r"Queued experiment '([^']+)'")
 METRICS = ["train_loss", "eval_loss", "tuned.val.rougeL", "tuned.val.bleu4", "delta.val.rougeL"]
-
-
-def dvc(*args: str, capture: bool = True) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, text=True,
-                          capture_output=capture)
-    if proc.returncode != 0:
-        detail = ((proc.stderr or "") + (proc.stdout or "")).strip().splitlines() if capture else []
-        raise UserError(f"dvc {' '.join(args)} failed{': ' + detail[-1] if detail else ''}")
-    return proc.stdout or ""
 
 
 def states(names: set[str]) -> dict[str, str]:

@@ -9,9 +9,6 @@ learning comparison plain vs fast, same examples per step, is in tests/test_benc
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,7 +17,6 @@ import lf_config
 from lf_config import CPU, Runtime
 from params import TrainParams
 
-ROOT = Path(__file__).resolve().parent.parent
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "dtype": "bfloat16"}
 H100 = Runtime(cuda=True, gpu_mem_gib=79.2, kernels=frozenset({"liger_kernel"}), cpu_count=16,
@@ -179,20 +175,12 @@ def test_fast_profile_yaml_is_accepted_by_llamafactory_parser():
 
 @pytest.mark.slow
 def test_train_stage_with_profile_fast_on_a_cpu_packs_and_trains(tiny_model_dir, tmp_path):
-    rows = [{"instruction": f"解释成语「成语{i}」的意思。", "input": "", "output": f"第{i}个成语：比喻做事认真。"}
-            for i in range(24)]
-    data = tmp_path / "data" / "processed"
-    data.mkdir(parents=True)
-    (data / "train.json").write_text(json.dumps(rows[:18], ensure_ascii=False), encoding="utf-8")
-    (data / "val.json").write_text(json.dumps(rows[18:], ensure_ascii=False), encoding="utf-8")
-    cols = {"prompt": "instruction", "query": "input", "response": "output"}
-    (data / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json", "columns": cols}
-                                                        for n in ("train", "val")}))
-    train = {"profile": "fast", "max_steps": 3, "cutoff_len": 256, "per_device_train_batch_size": 2,
-             "gradient_accumulation_steps": 2, "learning_rate": 1.0e-3, "logging_steps": 1, "eval_steps": 3}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"input": "unused.csv"}, "train": train}))
-    proc = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "--model-dir", str(tiny_model_dir)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    from test_train import make_project, run_stage  # the train stage's own test project
+
+    # All 18 train examples (max_samples None) and save_steps at its default: test_train's TRAIN overridden.
+    make_project(tmp_path, profile="fast", max_steps=3, max_samples=None, cutoff_len=256, save_steps=1000,
+                 eval_steps=3)
+    proc = run_stage(tmp_path, tiny_model_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train.profile fast: neat_packing=True" in proc.stderr
     cfg = yaml.safe_load((tmp_path / "models" / "lora" / "train_config.yaml").read_text())
