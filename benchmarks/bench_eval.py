@@ -26,11 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmft import evaluation as evaluate
+from llmft.infer.chat_format import ChatFormat, load_chat_format
+from llmft.infer.decode import greedy_generate
+from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
+from llmft.params import load_params
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-import evaluate  # noqa: E402
-import generation as gen  # noqa: E402
-from params import load_params  # noqa: E402
 
 
 def count_tokens(tokenizer, texts: list[str], max_new_tokens: int) -> int:
@@ -39,21 +41,21 @@ def count_tokens(tokenizer, texts: list[str], max_new_tokens: int) -> int:
     return sum(min(n + 1, max_new_tokens) for n in counts)
 
 
-def prepare_ours(args, fmt: gen.ChatFormat):
+def prepare_ours(args, fmt: ChatFormat):
     """A function that answers the examples with our evaluate path and returns (answer ids, seconds)."""
     rows = evaluate.load_rows(args.data_dir, args.split, args.max_examples)
     prompts = [ex["prompt_ids"] for ex in evaluate.encode_split(args.data_dir, args.split, rows, fmt)]
-    model = gen.merge_adapter(gen.load_model(fmt), args.adapter)
+    model = merge_adapter(load_model(fmt), args.adapter)
 
     def run() -> tuple[list[list[int]], float]:
         start = time.perf_counter()
-        answers = gen.greedy_generate(model, prompts, fmt.stop_ids, fmt.pad_id, args.max_new_tokens, args.batch_size)
+        answers = greedy_generate(model, prompts, fmt.stop_ids, fmt.pad_id, args.max_new_tokens, args.batch_size)
         return answers, time.perf_counter() - start
 
     return run
 
 
-def run_llamafactory(args, fmt: gen.ChatFormat, threads: int, tmp: Path) -> tuple[list[str], float, float]:
+def run_llamafactory(args, fmt: ChatFormat, threads: int, tmp: Path) -> tuple[list[str], float, float]:
     config = {
         "model_name_or_path": fmt.path, "adapter_name_or_path": str(args.adapter), "trust_remote_code": False,
         "stage": "sft", "do_predict": True, "finetuning_type": "lora",
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, getattr(p, key))
 
-    gen.check_adapter(args.adapter)
-    fmt = gen.load_chat_format(args.base, p.cutoff_len)
-    threads = gen.set_threads(args.num_threads)
+    check_adapter(args.adapter)
+    fmt = load_chat_format(args.base, p.cutoff_len)
+    threads = set_threads(args.num_threads)
     run_ours = prepare_ours(args, fmt)
     load = os.getloadavg()[0]
     answers, seconds = run_ours()
@@ -130,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  speedup {rate / lf_rate:.1f}x; identical answers {same}/{len(ours)}")
     if args.json:
         import torch
-
         from common import atomic_write_json
 
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"

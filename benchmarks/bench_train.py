@@ -9,7 +9,7 @@
 
 One run builds a random-init Llama of the chosen shape (real weights are not needed for speed), generates
 seeded data of varied lengths, and trains each arm through LLaMA-Factory's own `run_exp` (what
-`llamafactory-cli train` calls), in a fresh process per arm, from a config that src/lf_config.py builds
+`llamafactory-cli train` calls), in a fresh process per arm, from a config that src/llmft/lf/config.py builds
 exactly as the train stage does (only evaluation, checkpoints and reporting are switched off):
   plain    LLaMA-Factory defaults: flash_attn auto, no packing, no Liger, gradient checkpointing on
   fast     train.profile fast, as `auto` picks it on this machine
@@ -46,9 +46,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmft.common import atomic_write_json
+from llmft.lf import config as lf_config
+from llmft.lf.profile import Runtime, plan_profile
+from llmft.params import TrainParams
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-from common import atomic_write_json  # noqa: E402
 
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads
     "llama2-7b": (4096, 32, 11008, 32, 32),
@@ -71,7 +74,7 @@ def tokenizer_dir(arg: str | None, work: Path) -> Path:
         return Path(arg)
     if (ROOT / "models/base/tokenizer.json").exists():
         return ROOT / "models/base"
-    from prepare_model import embedded_gguf, load_embedded_tokenizer
+    from llmft.model import embedded_gguf, load_embedded_tokenizer
 
     out = work / "tokenizer"
     load_embedded_tokenizer(embedded_gguf()).save_pretrained(out)
@@ -252,8 +255,6 @@ def flops_per_example(shape: dict, lora_rank: int, length: int) -> float:
 
 def arm_sections(arm: str, args, model_dir: Path, data_dir: Path, out_dir: Path, precision: str, runtime, steps: int):
     """The LLaMA-Factory config of one arm, built by lf_config.build_config as the train stage builds it."""
-    import lf_config
-    from params import TrainParams
 
     extra = {"disable_shuffling": True, "preprocessing_batch_size": args.per_pack}
     if arm == "fast-gc":
@@ -272,12 +273,11 @@ def arm_sections(arm: str, args, model_dir: Path, data_dir: Path, out_dir: Path,
     sections["eval"] = {"eval_strategy": "no"}
     sections["output"] |= {"overwrite_output_dir": True, "save_strategy": "no", "report_to": "none",
                            "plot_loss": False, "include_effective_tokens_per_second": False, "disable_tqdm": True}
-    return sections, lf_config.plan_profile(t, runtime, precision)
+    return sections, plan_profile(t, runtime, precision)
 
 
 def run_arm(arm: str, sections: dict, work: Path, timeout: int) -> dict:
     """Train one arm in a fresh process (python bench_train.py --worker spec.json); its records."""
-    import lf_config
 
     spec = {"args": lf_config.flat(sections), "out": str(work / f"{arm}.result.json")}
     (work / f"{arm}.yaml").write_text(lf_config.to_yaml(sections, [
@@ -546,8 +546,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import lf_config
-
     cuda = torch.cuda.is_available()
     args.shape = args.shape if args.shape != "auto" else ("llama2-7b" if cuda else "tiny")
     shape_name = args.shape
@@ -593,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"no Liger kernels: {why}")
         else:
             kernels.add("liger_kernel")
-    runtime = lf_config.Runtime(
+    runtime = Runtime(
         cuda=cuda, gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
         kernels=frozenset(kernels), cpu_count=len(os.sched_getaffinity(0)), model_config=shape,
         weights_bytes=sum(f.stat().st_size for f in model_dir.glob("*.safetensors")), example_tokens=tuple(lengths))

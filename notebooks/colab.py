@@ -155,7 +155,7 @@ if SMOKE:
                   "train.logging_steps": 1, "train.save_steps": 1, "train.eval_steps": 1,
                   "eval.max_examples": 2, "eval.max_new_tokens": 8, "eval.num_threads": 1}
 set_params("params.yaml", overrides)
-sh("python src/params.py")  # the schema check every stage does first
+sh("python -m llmft.params")  # the schema check every stage does first
 sh("git diff --stat params.yaml; git diff -U0 params.yaml | grep '^[-+] ' || true")
 
 # %%

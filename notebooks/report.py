@@ -30,27 +30,26 @@ DATA_DIR = "data/processed"
 MODEL_DIR = "models/base"
 LOCK = "dvc.lock"
 ENV = "reports/env/train.json"  # optional: the train stage's environment manifest
-SRC = "src"  # the repo's modules (report_data, params)
 
 # %%
 import os
-import sys
 from pathlib import Path
+
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+
+import llmft.report.data as rd
+from llmft.common import read_json
+from llmft.model import read_model_info
+from llmft.params import load_params
 
 if not Path("dvc.yaml").exists() and Path("../dvc.yaml").exists():
     os.chdir("..")  # opened from notebooks/ in Jupyter: run from the repo root, like the stage
-sys.path.insert(0, SRC)
-import matplotlib.pyplot as plt  # noqa: E402
-from IPython.display import Markdown, display  # noqa: E402
-
-import report_data as rd  # noqa: E402
-from params import load_params  # noqa: E402
 
 plt.rcParams.update({"axes.grid": True, "grid.alpha": 0.3})
 params = load_params(PARAMS)
-prep, train, evals = rd.load_json(PREPARE), rd.load_json(TRAIN), rd.load_json(EVAL)
-info_file = Path(MODEL_DIR) / "model_info.json"
-info = rd.load_json(info_file) if info_file.exists() else {}
+prep, train, evals = read_json(PREPARE), read_json(TRAIN), read_json(EVAL)
+info = read_model_info(MODEL_DIR) if (Path(MODEL_DIR) / "model_info.json").exists() else {}
 t = params.train
 display(Markdown(
     f"**Model** `{info.get('source', params.model.name_or_path)}` (template `{info.get('template', '?')}`), "
@@ -135,7 +134,7 @@ display(rd.samples(PREDICTIONS, params.report.num_samples))
 
 # %%
 if Path(EXPORT).exists():
-    display(rd.kv_table(rd.flatten(rd.load_json(EXPORT)), [EXPORT, ""]))
+    display(rd.kv_table(rd.flatten(read_json(EXPORT)), [EXPORT, ""]))
 else:
     display(Markdown(f"`{EXPORT}` is missing: the model was not merged yet (`make export`)."))
 

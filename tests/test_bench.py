@@ -7,13 +7,12 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_train  # noqa: E402
+from scripts import ROOT, load_script
+
+bench_train = load_script("benchmarks/bench_train.py")
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tiny_lora import tiny_lora_dir  # noqa: F401  (fixture)
 
-import chat
+from llmft.tools import chat
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -93,7 +92,7 @@ def read_until(fd: int, pattern: str, timeout: float, chunks: list[str] | None =
 @pytest.mark.slow
 def test_terminal_session_question_clear_and_ctrl_d(tiny_model_dir, tiny_lora_dir):  # noqa: F811
     main_fd, child_fd = os.openpty()
-    cmd = [sys.executable, str(ROOT / "src/chat.py"), "--model", str(tiny_model_dir), "--adapter",
+    cmd = [sys.executable, "-m", "llmft.tools.chat", "--model", str(tiny_model_dir), "--adapter",
            str(tiny_lora_dir), "--max-new-tokens", "24", "--temperature", "1.0", "--seed", "0"]
     proc = subprocess.Popen(cmd, stdin=child_fd, stdout=child_fd, stderr=child_fd, cwd=ROOT, close_fds=True,
                             env={**os.environ, "TERM": "dumb", "LOG_LEVEL": "WARNING"})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from dvc_repo import copy_repo, edit_params, run
 
 

@@ -10,16 +10,14 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from dvc_repo import BIN, ROOT, copy_repo, edit_params, run
 
-sys.path.insert(0, str(ROOT / "src"))
-import compare  # noqa: E402
+from dvc_repo import BIN, ROOT, copy_repo, edit_params, run
+from llmft.tools import compare
 
 ADAPTER = "models/lora/adapter_model.safetensors"
 

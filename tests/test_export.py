@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_lora import tiny_lora_dir  # noqa: F401  (fixture)
 
-import export
-from common import run_main
+from llmft import export
+from llmft.common import run_main
+from scripts import load_script
 
 PROMPT = "Hello! Who are you?"
 
@@ -28,7 +28,7 @@ def run_export(tmp: Path, base: Path, adapter: Path, **export_params) -> tuple[i
     argv = ["--params", str(tmp / "params.yaml"), "--base", str(base), "--adapter", str(adapter),
             "--out", str(tmp / "merged"), "--data", str(data), "--eval", str(tmp / "eval.json"),
             "--metrics", str(tmp / "export.json")]
-    return run_main(export.main, argv), tmp / "merged"
+    return run_main(load_script("src/export.py").main, argv), tmp / "merged"
 
 
 @pytest.fixture(scope="module")

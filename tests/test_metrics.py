@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from metrics import corpus_bleu4, llamafactory_metrics, segment, text_metrics
+from llmft.metrics import corpus_bleu4, llamafactory_metrics, segment, text_metrics
 
 
 def test_english_is_split_into_words_and_punctuation_case_and_accents_kept():

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common import UserError
-from prepare_model import CHECK_PROMPT, SAMPLE_CHAT, main, render_chat, resolve_template
+from llmft.common import UserError
+from llmft.model import CHECK_PROMPT, SAMPLE_CHAT, render_chat, resolve_template
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = {"source", "path", "template", "num_parameters", "eos_token", "pad_token", "sha256"}
@@ -26,7 +27,7 @@ def write_params(tmp_path: Path, **model) -> Path:
 
 def run_stage(tmp_path: Path, **model) -> tuple[Path, dict]:
     out = tmp_path / "models" / "base"
-    assert main(["--params", str(write_params(tmp_path, **model)), "--out", str(out)]) == 0
+    assert load_script("src/prepare_model.py").main(["--params", str(write_params(tmp_path, **model)), "--out", str(out)]) == 0
     return out, json.loads((out / "model_info.json").read_text(encoding="utf-8"))
 
 

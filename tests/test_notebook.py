@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
 from dvc_repo import ROOT, copy_repo, run
 
 NOTEBOOK = ROOT / "notebooks/colab.ipynb"

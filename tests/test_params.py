@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common import UserError
-from params import Params, load_params, parse_params
+from llmft.common import UserError
+from llmft.params import Params, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_YAML = ROOT / "params.yaml"
@@ -139,7 +139,7 @@ def test_load_params_reports_a_missing_file_and_bad_yaml(tmp_path):
 
 def run_validator(path: Path) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(ROOT / "src" / "params.py"), "--file", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "llmft.params", "--file", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     return proc, time.monotonic() - start
 

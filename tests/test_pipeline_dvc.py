@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from dvc_repo import copy_repo, edit_params, run
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from dvc_repo import ROOT, copy_repo, run
 
 NSHARDS = 150
@@ -77,7 +78,7 @@ def test_default_remote_is_a_directory_outside_the_repo(tmp_path: Path, built: P
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(built), str(clone)], tmp_path)
     run(["dvc", "remote", "modify", "--local", "local", "url", str(store)], clone)
-    run(["python", "src/remote.py", "pull", *BUILT], clone)  # what make pull runs, on the stages built here
+    run(["python", "-m", "llmft.tools.remote", "pull", *BUILT], clone)  # what make pull runs, on the stages built here
     assert {p: md5(clone / p) for p in lock_outs(built)} == lock_outs(built)
     assert "up to date" in run(["dvc", "status", "prepare", "data/raw/shards.dvc"], clone).stdout
 

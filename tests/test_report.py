@@ -1,9 +1,8 @@
-"""Stage `report`: input checks, the loaders, and one real build on synthetic pipeline outputs, opened in Chromium."""
+"""Stage `report` (src/report.py, src/llmft/report/build.py): input checks and one real build on synthetic pipeline outputs, opened in Chromium."""
 
 from __future__ import annotations
 
 import base64
-import json
 import re
 import shutil
 import subprocess
@@ -12,69 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from dvc_repo import ROOT, run
-
-import report_data as rd
-from common import write_json
-
-PROMPTS = ["解释成语「画蛇添足」的意思。", "成语「守株待兔」怎么读？请给出拼音。", "Explain <b>tags</b> & pipes | here"]
-
-
-def write_outputs(repo: Path, steps: int = 30) -> None:
-    """Small stand-ins for what prepare, model, train, evaluate and export write, in their formats."""
-    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
-    m = repo / "reports/metrics"
-    m.mkdir(parents=True)
-    write_json(m / "prepare.json", {
-        "rows_in": 500, "examples_in": 1000, "kept": 990, "dropped": {"empty_output": 4, "duplicate": 6},
-        "dropped_total": 10, "splits": {"train": 940, "val": 50},
-        "prompt_chars": {"p50": 18, "p90": 18, "p99": 21, "max": 22},
-        "output_chars": {"p50": 16, "p90": 29, "p99": 47, "max": 58}})
-    write_json(m / "train.json", {"train_loss": 1.23, "eval_loss": 1.45, "global_step": steps, "epoch": 3.0,
-                                  "train_runtime_s": 321.5, "tokens_per_sec": 456.7, "resumed_from_step": 0,
-                                  "oom_retries": 0, "precision": "fp32", "per_device_train_batch_size": 4,
-                                  "gradient_accumulation_steps": 4})
-
-    def scores(shift: float) -> dict:
-        return {"val": {"bleu4": 10.0 + shift, "rouge1": 30.0 + shift, "rougeL": 28.0 + shift,
-                        "exact_match": 2.0 + shift, "loss": 2.5 - shift / 10, "perplexity": 12.2 - shift,
-                        "answer_tokens": 20.5, "stopped": 98.0,
-                        "llamafactory": {"bleu-4": 11.0 + shift, "rouge-l": 27.0 + shift}}}
-
-    base, tuned = scores(0), scores(5)
-    write_json(m / "eval.json", {"base": base, "tuned": tuned,
-                                 "delta": {"val": {k: (v - base["val"][k] if not isinstance(v, dict) else
-                                                       {kk: vv - base["val"][k][kk] for kk, vv in v.items()})
-                                                   for k, v in tuned["val"].items()}},
-                                 "examples": {"val": 50}, "method": "tokens: jieba words; all scores in percent"})
-    write_json(m / "export.json", {"merge_check": {"max_abs_diff": 3.1e-6, "atol": 1e-4, "greedy_match": True,
-                                                   "prompts": 2, "tokens": 40}, "dtype": "float32", "seconds": 12.3})
-    rows = [{"split": "val", "index": i, "prompt": PROMPTS[i % 3], "label": f"比喻做了多余的事，反而不恰当。{i}",
-             "base": "I am not sure.\nSecond line", "tuned": f"比喻多此一举。{i}"} for i in range(50)]
-    (repo / "reports/predictions.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    live = repo / "dvclive/train/plots/metrics"
-    (live / "eval").mkdir(parents=True)
-    (live / "loss.tsv").write_text("step\tloss\n" + "".join(f"{s}\t{3 / s ** 0.3:.4f}\n" for s in range(1, steps + 1)))
-    (live / "eval/loss.tsv").write_text("step\tloss\n" + "".join(f"{s}\t{3.2 / s ** 0.25:.4f}\n"
-                                                                 for s in range(10, steps + 1, 10)))
-    (live / "learning_rate.tsv").write_text("timestamp\tstep\tlearning_rate\n" + "".join(
-        f"{1700000000 + s}\t{s}\t{5e-5 * (1 - s / steps):.3e}\n" for s in range(1, steps + 1)))
-    (repo / "data/processed").mkdir(parents=True)
-    write_json(repo / "data/processed/train.json",
-               [{"instruction": PROMPTS[i % 3], "input": "", "output": "答" * (5 + i % 40)} for i in range(120)])
-    (repo / "models/base").mkdir(parents=True)
-    write_json(repo / "models/base/model_info.json", {"source": "embedded:smollm2.gguf", "template": "smollm2",
-                                                      "path": "models/base"})
-    (repo / "dvc.yaml").write_text("stages:\n" + "".join(
-        f"  {stage}:\n    cmd: 'true'\n    params: [{section}]\n" for stage, section in
-        (("prepare", "data"), ("model", "model"), ("train", "train"))))
-    (repo / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  prepare:\n    cmd: 'true'\n    outs:\n    - path: data/processed\n"
-        "      hash: md5\n      md5: d1f464002a45e418017ea7df34ee7483.dir\n      size: 155018\n      nfiles: 3\n"
-        "    - path: reports/metrics/prepare.json\n      hash: md5\n      md5: 36d5dd503e15398de660635e6e770914\n"
-        "      size: 492\n  model:\n    cmd: 'true'\n    outs:\n    - path: models/base\n      hash: md5\n"
-        "      md5: 0123456789abcdef0123456789abcdef.dir\n      size: 1000\n      nfiles: 2\n")
+from report_outputs import write_outputs
 
 
 def build(repo: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -116,50 +55,6 @@ def test_broken_predictions_are_reported_in_one_line(tmp_path):
     assert "missing: base, label, tuned" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_metrics_table_flattens_splits_and_marks_direction():
-    evals = {"base": {"val": {"bleu4": 10.0, "loss": 2.0, "llamafactory": {"rouge-l": 5.0}}},
-             "tuned": {"val": {"bleu4": 15.0, "loss": 1.5, "llamafactory": {"rouge-l": 7.0}}},
-             "delta": {"val": {"bleu4": 5.0, "loss": -0.5, "llamafactory": {"rouge-l": 2.0}}}}
-    rows = rd.metrics_table(evals).rows
-    assert rows == [["val", "bleu4 ↑", "10", "15", "+5"], ["val", "loss ↓", "2", "1.5", "-0.5"],
-                    ["val", "llamafactory.rouge-l ↑", "5", "7", "+2"]]
-
-
-def test_table_escapes_html_and_markdown():
-    table = rd.Table([["<b>x</b> | y\nz", None]], ["a", "b"])
-    assert "&lt;b&gt;x&lt;/b&gt;" in table._repr_html_()
-    assert "| &lt;b&gt;x&lt;/b&gt; \\| y<br>z |   |" in table._repr_markdown_()
-
-
-def test_curves_read_dvclive_and_train_layouts(tmp_path):
-    write_outputs(tmp_path)
-    series = rd.curves(tmp_path / "dvclive/train/plots/metrics")
-    assert set(series) == {"loss", "eval/loss", "learning_rate"}
-    assert list(series["learning_rate"].columns) == ["step", "value"]
-    assert series["eval/loss"].step.tolist() == [10, 20, 30]
-
-
-def test_lengths_use_the_tokenizer_when_one_is_on_disk(tmp_path, smol_tokenizer_dir):
-    write_json(tmp_path / "train.json", [{"instruction": "Hello world", "input": "", "output": "Hi"}])
-    assert rd.example_lengths(tmp_path / "train.json", tmp_path)[1] == "characters"
-    write_json(tmp_path / "model_info.json", {"path": str(smol_tokenizer_dir)})  # a pointer, as for a hub model
-    lengths, unit = rd.example_lengths(tmp_path / "train.json", tmp_path)
-    assert unit == "tokens" and 3 <= lengths[0] <= 6
-
-
-def test_samples_are_spread_evenly_and_never_repeated(tmp_path):
-    rows = [{"split": "val", "index": i, "prompt": f"q{i}", "label": "a", "base": "", "tuned": "b"} for i in range(3)]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert [r[0] for r in rd.samples(tmp_path / "p.jsonl", 10).rows] == ["[val #1] q0", "[val #2] q1", "[val #3] q2"]
-    assert [r[0] for r in rd.samples(tmp_path / "p.jsonl", 2).rows] == ["[val #1] q0", "[val #2] q1"]
-    assert rd.samples(tmp_path / "p.jsonl", 1).rows[0][2] == "(empty)"
-    assert rd.samples(tmp_path / "p.jsonl", 0).rows == []
-
-
-def test_params_diff_without_a_previous_commit_says_so(tmp_path):
-    assert "No previous commit" in rd.params_diff(tmp_path)
-
-
 def test_report_has_every_section_and_embeds_its_images(built):
     repo, seconds = built
     html = (repo / "reports/report.html").read_text(encoding="utf-8")
@@ -196,6 +91,8 @@ def test_a_failed_build_keeps_the_previous_report(built, tmp_path):
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
 # Runs after the page loaded: counts the images that decoded (naturalWidth > 0) and the metrics table's rows.
 PROBE = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images];

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_lora import tiny_lora_dir  # noqa: F401  (fixture)
 
-import serve
-from common import run_main
+from llmft.common import run_main
+from llmft.tools import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "成语「画蛇添足」是什么意思？"}]
@@ -72,7 +71,7 @@ def test_openai_client_chats_streams_and_survives_bad_requests(tiny_model_dir, t
     import openai
 
     port, log = free_port(), tmp_path / "serve.log"
-    cmd = [sys.executable, str(ROOT / "src/serve.py"), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "llmft.tools.serve", "--host", "127.0.0.1", "--port", str(port),
            "--model", str(tiny_model_dir), "--adapter", str(tiny_lora_dir), "--name", "tiny",
            "--max-tokens-limit", "64"]
     with open(log, "w") as out:

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from common import UserError
-from tables import read_table
+from llmft.common import UserError
+from llmft.data.tables import read_table
 
 ROWS = {"instruction": ["解释成语「画蛇添足」", "什么是 GBK？"],
         "output": ["比喻多此一举。", "一种中文编码，兼容 GB2312。"]}

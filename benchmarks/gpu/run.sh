@@ -26,6 +26,8 @@ if [ -z "${NO_INSTALL:-}" ]; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
   stamp "installed $(ls .whl | wc -l) wheels"
 fi
+# the repo's library, src/llmft, without an install (the GPU machine has no build tools for an editable one)
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export DISABLE_VERSION_CHECK=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 $PY -c 'import torch, transformers, peft, llamafactory, pydantic
 print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",

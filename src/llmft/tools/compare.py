@@ -1,10 +1,10 @@
 """`make compare A=<exp> B=<exp>`: what changed between two experiments, and which answers got worse.
 
-    python src/compare.py <A> <B> [--top 5]     # A, B: experiment names (dvc exp show), commits, branches, tags
-    python src/compare.py <A>                   # A against the workspace
+    python -m llmft.tools.compare <A> <B> [--top 5]     # A, B: experiment names (dvc exp show), commits, branches, tags
+    python -m llmft.tools.compare <A>                   # A against the workspace
 
 Prints `dvc params diff` and `dvc metrics diff` from A to B, then the val (and test) examples whose tuned
-answer lost the most ROUGE-L F1 (jieba words for Chinese; see src/metrics.py) from A to B, each with
+answer lost the most ROUGE-L F1 (jieba words for Chinese; see src/llmft/metrics.py) from A to B, each with
 the reference and both answers. The answers come from reports/predictions.jsonl of each revision, read
 through DVC (from the local cache or the remote), so nothing is checked out.
 """
@@ -12,13 +12,10 @@ through DVC (from the local cache or the remote), so nothing is checked out.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, dvc, run_main  # noqa: E402
-from metrics import rouge_l  # noqa: E402
+from llmft.common import ROOT, UserError, run_main
+from llmft.env import dvc
+from llmft.predictions import parse_predictions
+from llmft.metrics import rouge_l
 
 
 def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
@@ -32,8 +29,7 @@ def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
         where = rev or "the workspace"
         raise UserError(f"{path} of {where} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                         f"check the name with `dvc exp show`, or `dvc pull` / `dvc exp pull` it") from None
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {(r["split"], r["prompt"], r["label"]): r for r in rows}
+    return {(r["split"], r["prompt"], r["label"]): r for r in parse_predictions(text)}
 
 
 def dropped(a: dict[tuple, dict], b: dict[tuple, dict], top: int) -> tuple[list[dict], int]:

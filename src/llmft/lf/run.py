@@ -1,16 +1,14 @@
-"""Running `llamafactory-cli train` for src/train.py: the child process, OOM back-off, checkpoints to resume.
+"""Running `llamafactory-cli train` for the train stage: the child process, OOM back-off, checkpoints to resume.
 
     sync_checkpoints(Path("checkpoints"), fingerprint(data_dir, model_dir, sections))  # inputs changed: clear
     ckpt = newest_complete(Path("checkpoints"))     # torn checkpoints (killed mid-save) are removed
     sections, retries, rc = train_with_backoff(sections, launch, enabled=True)
-    runtime = probe_runtime(params.train, "models/base", "smollm2", Path("data/processed"), "bf16")  # for the profile
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -22,8 +20,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common import UserError, atomic_write_json, get_logger
-from lf_config import Runtime, flat, plan_profile
+from llmft.common import UserError, atomic_write_json, get_logger
+from llmft.lf.config import flat
 
 log = get_logger("train")
 OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED")
@@ -89,64 +87,6 @@ def sync_checkpoints(ckpt_dir: Path, fp: str) -> None:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp, {"fingerprint": fp})
-
-
-def example_lengths(model_path: str, template: str, data_dir: Path, cutoff_len: int, trust_remote_code: bool = False,
-                    limit: int = 20000) -> tuple[int, ...]:
-    """Token length of the first `limit` train examples as LLaMA-Factory encodes them (template included, not cut
-    to cutoff_len), in dataset order; () when the tokenizer or the data can't be read. Imports LLaMA-Factory."""
-    from llamafactory.data.converter import get_dataset_converter
-    from llamafactory.data.parser import get_dataset_list
-    from llamafactory.data.template import get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        data_args = DataArguments(template=template, cutoff_len=cutoff_len)
-        tmpl = get_template_and_fix_tokenizer(tokenizer, data_args)
-        attr = get_dataset_list(["train"], str(data_dir))[0]
-        rows = json.loads((data_dir / attr.dataset_name).read_text(encoding="utf-8"))[:limit]
-    except (OSError, ValueError, KeyError) as err:
-        log.warning("train.profile: cannot measure example lengths (%s); no packing", str(err).splitlines()[0][:200])
-        return ()
-    convert = get_dataset_converter(attr.formatting, attr, data_args)
-    lengths = []
-    for row in rows:
-        ex = convert(collections.defaultdict(lambda: None, row))
-        prompt_ids, answer_ids = tmpl.encode_oneturn(tokenizer, ex["_prompt"] + ex["_response"], ex["_system"] or None,
-                                                     ex["_tools"] or None)
-        lengths.append(len(prompt_ids) + len(answer_ids) + int(tmpl.efficient_eos))
-    return tuple(lengths)
-
-
-def probe_runtime(t, model_path: str, template: str, data_dir: Path, precision: str,
-                  trust_remote_code: bool = False) -> Runtime:
-    """What train.profile needs to know here (lf_config.Runtime), and a log of what it will change.
-
-    A CPU with the auto profile needs nothing (plain), so nothing slow runs then; the fast profile reads the
-    GPU, which optional kernels import, the model's config.json, and the token length of each train example.
-    """
-    import torch
-
-    cuda = torch.cuda.is_available()
-    runtime = Runtime(cuda=cuda)
-    if (t.profile if t.profile != "auto" else ("fast" if cuda else "plain")) == "fast":
-        from transformers.utils import is_flash_attn_2_available
-
-        kernels = {"flash_attn"} if cuda and is_flash_attn_2_available() else set()
-        kernels |= {"liger_kernel"} if cuda and importlib.util.find_spec("liger_kernel") else set()
-        config = Path(model_path) / "config.json"
-        runtime = Runtime(
-            cuda=cuda, gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
-            kernels=frozenset(kernels), cpu_count=len(os.sched_getaffinity(0)),
-            model_config=json.loads(config.read_text()) if config.exists() else None,
-            weights_bytes=sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")),
-            example_tokens=example_lengths(model_path, template, Path(data_dir), t.cutoff_len, trust_remote_code,
-                                           limit=min(t.max_samples or 20000, 20000)))
-    for note in plan_profile(t, runtime, precision).notes:
-        log.info("train.profile %s", note)
-    return runtime
 
 
 def run_child(cmd: list[str], env: dict, cwd: Path) -> tuple[int, str]:

@@ -11,8 +11,8 @@ import string
 from collections import Counter
 from dataclasses import dataclass, field
 
-from common import UserError
-from params import DataParams
+from llmft.common import UserError
+from llmft.params import DataParams
 
 ALIASES = {
     "instruction": ("instruction", "prompt", "question", "query", "指令", "问题"),

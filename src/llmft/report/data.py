@@ -1,6 +1,6 @@
 """Loaders for the report notebook (notebooks/report.py): read the pipeline's outputs into tables.
 
-    from report_data import curves, metrics_table, Table
+    from llmft.report.data import curves, metrics_table, Table
     curves("dvclive/train/plots/metrics")    # {"loss": DataFrame(step, value), "eval/loss": ..., ...}
 
 Nothing here computes a result of the pipeline; it only reads, flattens and formats what the stages wrote,
@@ -10,19 +10,19 @@ so the notebook stays a page of drawing code.
 from __future__ import annotations
 
 import html
-import importlib.metadata
 import io
-import json
 import platform
 import subprocess
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from common import cpu_name, git_commit
+from llmft.common import read_json
+from llmft.model import read_model_info
+from llmft.predictions import read_predictions
+from llmft.env import cpu_name, git_commit, package_version, run_dvc
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -69,10 +69,6 @@ class Code:
 
     def _repr_markdown_(self) -> str:
         return f"```{self.lang}\n{self.text}\n```\n"
-
-
-def load_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -138,7 +134,7 @@ def example_lengths(train_file: str | Path, model_dir: str | Path) -> tuple[list
     """(length of each training example, unit): tokens of instruction+input+output with the base model's
     tokenizer when one is on disk (models/base, or the local directory its model_info.json points to),
     else characters. The chat template adds a few tokens more; cutoff_len counts those too."""
-    rows = load_json(train_file)
+    rows = read_json(train_file)
     texts = [("\n".join(str(r.get(k) or "") for k in ("system", "instruction", "input")), str(r.get("output") or ""))
              if isinstance(r, dict) else ("", "") for r in rows]  # ShareGPT rows count as empty: rare, labelled below
     encode = _local_tokenizer(Path(model_dir))
@@ -150,10 +146,9 @@ def example_lengths(train_file: str | Path, model_dir: str | Path) -> tuple[list
 def _local_tokenizer(model_dir: Path) -> Callable[[list[str]], list[list[int]]] | None:
     """A batch encoder (no special tokens) from tokenizer.json via `tokenizers` (fast to import), else via
     transformers (slow tokenizers such as a bare SentencePiece model); None when no tokenizer is on disk."""
-    info = model_dir / "model_info.json"
     candidates = [model_dir]
-    if info.exists():
-        candidates.append(Path(str(load_json(info).get("path") or model_dir)))
+    if (model_dir / "model_info.json").exists():
+        candidates.append(Path(read_model_info(model_dir)["path"]))
     for path in candidates:
         try:
             if (path / "tokenizer.json").exists():
@@ -173,7 +168,7 @@ def _local_tokenizer(model_dir: Path) -> Callable[[list[str]], list[list[int]]] 
 
 def samples(predictions: str | Path, n: int) -> Table:
     """`n` predictions spread evenly over reports/predictions.jsonl (the same rows on every build)."""
-    rows = [json.loads(line) for line in Path(predictions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_predictions(predictions)
     k = min(n, len(rows))
     picked = [rows[i * len(rows) // k] for i in range(k)]
 
@@ -201,7 +196,10 @@ def params_diff(root: str | Path = ".") -> str:
     head = _run(["git", "rev-parse", "--verify", "--quiet", "HEAD~1"], root)
     if head is None or head.returncode != 0:
         return "_No previous commit to compare with (not a git repository, or only one commit)._"
-    diff = _run([sys.executable, "-m", "dvc", "params", "diff", "HEAD~1", "--md"], root)  # the venv's dvc, PATH or not
+    try:
+        diff = run_dvc("params", "diff", "HEAD~1", "--md", cwd=root, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        diff = None
     if diff is None or diff.returncode != 0:
         reason = (diff.stderr.strip().splitlines() or ["?"])[-1] if diff else "dvc not found"
         return f"_`dvc params diff HEAD~1` failed: {reason}_"
@@ -239,7 +237,7 @@ def device_name() -> str:
 def environment(lock_file: str | Path, train_metrics: dict, env_file: str | Path = "") -> Table:
     """Where training ran (the train stage's manifest, reports/env/train.json; else this machine), package
     versions, git commit and the DVC hashes (dvc.lock) of the data and models."""
-    manifest = load_json(env_file) if env_file and Path(env_file).exists() else {}
+    manifest = read_json(env_file) if env_file and Path(env_file).exists() else {}
     if manifest:
         torch = manifest.get("torch") or {}
         rows = [["device (training)", manifest["device"]],
@@ -252,11 +250,7 @@ def environment(lock_file: str | Path, train_metrics: dict, env_file: str | Path
         rows = [["device (this machine)", device_name()],
                 ["precision used in training", train_metrics.get("precision", "not recorded")],
                 ["python", platform.python_version()]]
-        for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc"):
-            try:
-                rows.append([pkg, importlib.metadata.version(pkg)])
-            except importlib.metadata.PackageNotFoundError:
-                rows.append([pkg, "not installed"])
+        rows += [[pkg, package_version(pkg)] for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc")]
     rows.append(["git commit (report)", git_commit()])
     lock = yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")) if Path(lock_file).exists() else {}
     for stage in (lock or {}).get("stages", {}).values():

@@ -1,7 +1,7 @@
 """OpenAI-compatible chat API for the fine-tuned model: LLaMA-Factory's own API app, loopback only.
 
     make serve                                   # PORT=8000; models/merged, else models/base + models/lora
-    python src/serve.py --host 127.0.0.1 --port 8000 [--model models/merged] [--adapter DIR] [--name merged]
+    python -m llmft.tools.serve --host 127.0.0.1 --port 8000 [--model models/merged] [--adapter DIR] [--name merged]
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chat import default_paths  # noqa: E402
-from common import UserError, run_main  # noqa: E402
-from generation import check_adapter, read_model_info  # noqa: E402
+from llmft.common import UserError, run_main
+from llmft.infer.loading import check_adapter
+from llmft.model import read_model_info
+from llmft.tools.chat import default_paths
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ROLES = {"system", "user", "assistant", "tool", "function"}

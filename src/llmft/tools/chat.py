@@ -1,8 +1,8 @@
 """Chat with the fine-tuned model in the terminal; the answer streams in as it is generated.
 
     make chat                                          # models/merged if exported, else models/base + models/lora
-    python src/chat.py --model models/base --adapter models/lora
-    python src/chat.py --model models/merged --temperature 0.7 --max-new-tokens 512
+    python -m llmft.tools.chat --model models/base --adapter models/lora
+    python -m llmft.tools.chat --model models/merged --temperature 0.7 --max-new-tokens 512
 
 Type a message and press Enter. /clear forgets the conversation, /exit or Ctrl-D quits,
 Ctrl-C stops an answer half-way. Turns are formatted with the LLaMA-Factory template named in
@@ -17,9 +17,9 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_main, seed_everything  # noqa: E402
-from generation import load_chat_format, load_model, merge_adapter  # noqa: E402
+from llmft.common import run_main, seed_everything
+from llmft.infer.chat_format import load_chat_format
+from llmft.infer.loading import load_model, merge_adapter
 
 MERGED, BASE, ADAPTER = "models/merged", "models/base", "models/lora"
 HELP = "/clear forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"

@@ -1,6 +1,6 @@
 """`make sweep`: queue a hyperparameter grid as DVC experiments, run the queue, wait, and show the results.
 
-    python src/sweep.py -S 'train.lora_rank=4,16' -S 'train.learning_rate=5.0e-5,2.0e-4' [--jobs 1]
+    python -m llmft.tools.sweep -S 'train.lora_rank=4,16' -S 'train.learning_rate=5.0e-5,2.0e-4' [--jobs 1]
 
 Each -S takes comma-separated values; DVC queues one experiment per combination (`dvc exp run --queue`),
 `dvc queue start` runs them in temporary copies of the repo (the workspace is left alone), and this
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, UserError, dvc, run_main  # noqa: E402
+from llmft.common import ROOT, UserError, run_main
+from llmft.env import dvc
 
 QUEUED = re.compile(r"Queued experiment '([^']+)'")
 METRICS = ["train_loss", "eval_loss", "tuned.val.rougeL", "tuned.val.bleu4", "delta.val.rougeL"]

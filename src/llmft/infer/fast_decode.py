@@ -1,6 +1,6 @@
 """A lean decode step for Llama-family models (llama, mistral, qwen2) on CPU in fp32, used by greedy_generate.
 
-    from fast_decode import LeanDecoder
+    from llmft.infer.fast_decode import LeanDecoder
     lean = LeanDecoder.build(model, rows=16)  # None: not supported here, use the model's own forward
     logits = lean.step(tokens, mask, positions, cache_layers, column)
 
@@ -10,7 +10,7 @@ rotary tables every step, and goes through several Python module calls, hooks an
 does the same math with fewer, larger operations: q/k/v and gate/up are fused into one MKL-prepacked weight
 each (4 matmuls per layer instead of 7), cos/sin come from a table computed once by the model's own rotary
 module, RMSNorm is torch's fused kernel, and keys/values are written straight into the slot cache of
-greedy_generate (generation._SlotLayer). Prefill still runs HF's forward, which fills that cache.
+greedy_generate (kv_cache.SlotLayer). Prefill still runs HF's forward, which fills that cache.
 
 Results differ from HF's forward only by float rounding (sums in another order, ~1e-6); the tests compare
 logits and greedy answers with HF's. Anything this module does not recognise (another architecture, biases
@@ -21,10 +21,11 @@ returns None from `build`, and greedy_generate falls back to HF's forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
+
+from llmft.env import available_memory
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3")  # cos/sin depend on the position only, so one table serves all
@@ -48,15 +49,6 @@ def unsupported_reason(model) -> str | None:
                                                                                    "o_proj"}:
         return "the attention has extra modules (e.g. q/k norms)"
     return None
-
-
-def _free_memory() -> int:
-    """MemAvailable in bytes (it counts the page cache the kernel can drop); 0 where unknown."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        return 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable")))
-    except (OSError, StopIteration, ValueError):
-        return 0
 
 
 class _Packed:
@@ -91,7 +83,7 @@ class LeanDecoder:
     def build(cls, model, rows: int) -> LeanDecoder | None:
         """A lean decoder for `model`, or None where it is not supported or its weights would not fit twice."""
         size = sum(p.numel() * p.element_size() for p in model.parameters())
-        if unsupported_reason(model) or 2.5 * size > _free_memory():  # fused + packed copies of the weights
+        if unsupported_reason(model) or 2.5 * size > available_memory():  # fused + packed copies of the weights
             return None
         return cls(model, rows)
 
@@ -128,7 +120,7 @@ class LeanDecoder:
             tokens: (rows,) the last token of each row.
             mask: (rows, column + 1) bool, True where a cache column holds one of the row's tokens.
             positions: (rows,) the position of each new token.
-            cache_layers: generation._SlotLayer per layer; the new keys/values are written to `column`.
+            cache_layers: kv_cache.SlotLayer per layer; the new keys/values are written to `column`.
             column: the cache column of the new token.
         """
         rows, heads, kv_heads, head_dim, half = self.rows, self.heads, self.kv_heads, self.head_dim, self.head_dim // 2

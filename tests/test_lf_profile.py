@@ -1,6 +1,6 @@
-"""train.profile (src/lf_config.py plan_profile, src/lf_run.py probe_runtime): what fast adds, where, and when not.
+"""train.profile (src/llmft/lf/profile.py): what fast adds, where, and when not.
 
-Fast tests feed plan_profile / build_config a simulated machine (lf_config.Runtime: CUDA or not, GPU memory,
+Fast tests feed plan_profile / build_config a simulated machine (profile.Runtime: CUDA or not, GPU memory,
 which kernels import) and check the keys; one checks the YAML with LLaMA-Factory's own argument parser. The
 slow test runs the real train stage with `profile: fast` on a CPU (packing only) on the tiny model. The
 learning comparison plain vs fast, same examples per step, is in tests/test_bench.py.
@@ -13,25 +13,12 @@ import json
 import pytest
 import yaml
 
-import lf_config
-from lf_config import CPU, Runtime
-from params import TrainParams
-
-LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
-            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "dtype": "bfloat16"}
-H100 = Runtime(cuda=True, gpu_mem_gib=79.2, kernels=frozenset({"liger_kernel"}), cpu_count=16,
-               model_config=LLAMA_7B, weights_bytes=13_476_839_424,
-               example_tokens=(300, 700, 500, 547) * 64)  # four examples fill one 2048-token pack exactly
-
-
-def config(runtime: Runtime = CPU, precision: str = "fp32", **train) -> dict:
-    return lf_config.build_config(TrainParams(**train), model_path="models/base", template="smollm2",
-                                  trust_remote_code=False, data_dir="data/processed", output_dir="checkpoints",
-                                  precision=precision, runtime=runtime)
-
-
-def gpu_config(runtime: Runtime = H100, **train) -> dict:
-    return config(runtime, "bf16", **({"cutoff_len": 2048} | train))
+from lf_configs import H100, config, gpu_config
+from llmft.lf import config as lf_config
+from llmft.lf import profile
+from llmft.lf.profile import CPU, Runtime
+from llmft.params import TrainParams
+from train_project import make_project, run_stage
 
 
 def test_auto_on_a_cpu_changes_nothing():
@@ -77,13 +64,6 @@ def test_gradient_checkpointing_stays_on_when_the_estimate_does_not_fit():
                                                                           "bf16").keys
 
 
-def test_activation_estimate_for_llama_7b_lora():
-    gib = lf_config.activation_gib(LLAMA_7B, 2048, precision="bf16", lora=True, lora_dropout=0.05, liger=True)
-    assert 15 < gib < 19  # ~8.7 MB per token, see the docstring
-    more = lf_config.activation_gib(LLAMA_7B, 2048, precision="bf16", lora=True, lora_dropout=0.05, liger=False)
-    assert more > gib  # HF's RMSNorm keeps fp32 copies and the logits are materialised
-
-
 def test_keys_set_in_train_extra_win_over_the_profile():
     extra = {"flash_attn": "disabled", "enable_liger_kernel": False, "disable_gradient_checkpointing": False,
              "dataloader_num_workers": 0}
@@ -124,8 +104,8 @@ def test_pack_count_matches_llamafactory_greedy_knapsack():
     rng = random.Random(0)
     for _ in range(20):
         lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 300))]
-        assert lf_config.greedy_knapsack_count(lengths, 1023) == len(greedy_knapsack(list(lengths), 1023))
-    assert lf_config.count_packs((1000, 1000, 23, 23), 1024, chunk=2) == 2 + 1  # chunks pack on their own
+        assert profile.greedy_knapsack_count(lengths, 1023) == len(greedy_knapsack(list(lengths), 1023))
+    assert profile.count_packs((1000, 1000, 23, 23), 1024, chunk=2) == 2 + 1  # chunks pack on their own
 
 
 def test_probe_on_a_cpu_with_auto_reads_nothing(tmp_path):
@@ -133,26 +113,8 @@ def test_probe_on_a_cpu_with_auto_reads_nothing(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    import lf_run
-
     # no model, no data: with auto on a CPU the probe must not look for them (the plain profile needs nothing)
-    assert lf_run.probe_runtime(TrainParams(), "nowhere", "smollm2", tmp_path, "fp32") == CPU
-
-
-def test_an_oom_without_gradient_checkpointing_first_turns_it_back_on():
-    import lf_run
-
-    calls = []
-
-    def launch(sections):  # a GPU whose memory the estimate overrated: fits only with checkpointing
-        calls.append((sections["train"]["per_device_train_batch_size"], dict(sections.get("profile", {}))))
-        if sections["profile"].get("disable_gradient_checkpointing"):
-            return 1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-        return 0, ""
-
-    sections, retries, rc = lf_run.train_with_backoff(gpu_config(), launch, enabled=True)
-    assert rc == 0 and retries == 1 and [batch for batch, _ in calls] == [1, 1]
-    assert "disable_gradient_checkpointing" not in sections["profile"] and sections["profile"]["neat_packing"]
+    assert profile.probe_runtime(TrainParams(), "nowhere", "smollm2", tmp_path, "fp32") == CPU
 
 
 @pytest.mark.slow
@@ -175,9 +137,7 @@ def test_fast_profile_yaml_is_accepted_by_llamafactory_parser():
 
 @pytest.mark.slow
 def test_train_stage_with_profile_fast_on_a_cpu_packs_and_trains(tiny_model_dir, tmp_path):
-    from test_train import make_project, run_stage  # the train stage's own test project
-
-    # All 18 train examples (max_samples None) and save_steps at its default: test_train's TRAIN overridden.
+    # All 18 train examples (max_samples None) and save_steps at its default: train_project.TRAIN overridden.
     make_project(tmp_path, profile="fast", max_steps=3, max_samples=None, cutoff_len=256, save_steps=1000,
                  eval_steps=3)
     proc = run_stage(tmp_path, tiny_model_dir)

@@ -1,7 +1,7 @@
 """The schema of params.yaml: one section per stage, checked before any stage does work.
 
-    python src/params.py                 # validate params.yaml (also: make check)
-    python src/params.py --file other.yaml
+    python -m llmft.params               # validate params.yaml (also: make check)
+    python -m llmft.params --file other.yaml
 
 Every stage calls `load_params()` first, so an unknown key, a wrong type or an
 out-of-range value stops the pipeline in well under two seconds, with one message
@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import codecs
 import re
-import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, run_main  # noqa: E402
+from llmft.common import UserError, run_main
 
 ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
 

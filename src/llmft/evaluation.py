@@ -1,0 +1,134 @@
+"""The evaluate stage's work: answer every val (and test) prompt with the base and the fine-tuned model; score both.
+
+    metrics, predictions = evaluate(params.eval, Path("data/processed"), Path("models/base"), Path("models/lora"))
+
+Both models get the same prompts, built by the LLaMA-Factory template the adapter was trained with, and the
+same greedy decoding. metrics: base, tuned and delta = tuned - base, per split; predictions: one row per
+example (split, index, prompt, label, base and tuned answers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from llmft.common import UserError, get_logger
+from llmft.infer.chat_format import ChatFormat, load_chat_format
+from llmft.infer.decode import answer_nll, greedy_generate
+from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
+from llmft.infer.vllm import require_vllm, vllm_generate
+from llmft.lf.encode import convert_rows, dataset_attr
+from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
+from llmft.params import EvalParams
+
+log = get_logger("evaluate")
+SPLITS = ("val", "test")  # test is optional (data.test_size: 0 writes none)
+
+
+def load_rows(data_dir: Path, name: str, max_examples: int | None) -> list:
+    """The first `max_examples` rows of one split; UserError when the file is missing, broken or empty."""
+    file = data_dir / f"{name}.json"
+    try:
+        rows = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{file}: not found; run `dvc repro prepare` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file}: not valid UTF-8 JSON ({err}); rerun `dvc repro prepare`") from None
+    if not isinstance(rows, list) or not rows:
+        raise UserError(f"{file}: expected a non-empty JSON list of examples; raise data.val_size "
+                        "(or data.test_size) and rerun `dvc repro prepare`")
+    return rows[:max_examples]
+
+
+def encode_split(data_dir: Path, name: str, rows: list, fmt: ChatFormat) -> list[dict]:
+    """Convert rows with LLaMA-Factory's own Alpaca/ShareGPT converter (as in training), then encode them."""
+    attr = dataset_attr(data_dir, name)
+    examples = []
+    for i, ex in enumerate(convert_rows(attr, fmt.data_args, rows)):
+        prompt, response = (ex or {}).get("_prompt") or [], (ex or {}).get("_response") or []
+        if len(prompt) % 2 != 1 or len(response) != 1 or not isinstance(response[0].get("content"), str):
+            raise UserError(f"{data_dir / name}.json: example {i + 1} is not a valid {attr.formatting} example "
+                            "with a prompt and an answer; fix it in the source table and rerun `dvc repro prepare`")
+        prompt_ids, answer_ids = fmt.encode(prompt + response, ex["_system"], ex["_tools"])
+        examples.append({"split": name, "index": i, "prompt": prompt[-1]["content"],
+                         "label": response[0]["content"], "prompt_ids": prompt_ids, "answer_ids": answer_ids})
+    return examples
+
+
+def decode_answers(fmt: ChatFormat, answers: list[list[int]]) -> tuple[list[str], list[str]]:
+    """(clean answers without the stop token, answers decoded as LLaMA-Factory decodes its predictions)."""
+    tok, stops = fmt.tokenizer, set(fmt.stop_ids)
+    clean = [tok.decode(a[:-1] if a and a[-1] in stops else a, skip_special_tokens=True).strip() for a in answers]
+    return clean, tok.batch_decode(answers, skip_special_tokens=True)
+
+
+def score(fmt: ChatFormat, examples: list[dict], answers: list[list[int]], nll: tuple[float, int]):
+    """(metrics of one model on one split, clean answer texts)."""
+    clean, as_lf = decode_answers(fmt, answers)
+    lf_labels = fmt.tokenizer.batch_decode([ex["answer_ids"] for ex in examples], skip_special_tokens=True)
+    loss = nll[0] / max(nll[1], 1)
+    stops = set(fmt.stop_ids)
+    return {
+        **text_metrics(clean, [ex["label"] for ex in examples]),
+        "loss": round(loss, 6),
+        "perplexity": round(math.exp(min(loss, 50)), 4),
+        "answer_tokens": round(sum(map(len, answers)) / len(answers), 2),
+        "stopped": round(100 * sum(bool(a) and a[-1] in stops for a in answers) / len(answers), 2),
+        "llamafactory": llamafactory_metrics(as_lf, lf_labels),
+    }, clean
+
+
+def delta(tuned: dict, base: dict) -> dict:
+    return {k: delta(v, base[k]) if isinstance(v, dict) else round(v - base[k], 6) for k, v in tuned.items()}
+
+
+def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -> tuple[dict, list[dict]]:
+    """Generate and score; return (metrics, prediction rows)."""
+    check_adapter(adapter_dir)  # the cheap checks first: a mistake is reported in a second, not after loading
+    if p.backend == "vllm":
+        require_vllm()
+    rows = {name: load_rows(data_dir, name, p.max_examples)
+            for name in SPLITS if name == "val" or (data_dir / f"{name}.json").exists()}
+    fmt = load_chat_format(base_dir, p.cutoff_len)
+    splits = {name: encode_split(data_dir, name, split_rows, fmt) for name, split_rows in rows.items()}
+    examples = [ex for split in splits.values() for ex in split]
+    prompts = [ex["prompt_ids"] for ex in examples]
+    threads = set_threads(p.num_threads)
+    log.info("%s examples, %d threads, backend %s", {s: len(v) for s, v in splits.items()}, threads, p.backend)
+
+    model = load_model(fmt, p.dtype)
+    answers, nll, speed = {}, {}, {}
+    for name in ("base", "tuned"):
+        if name == "tuned":
+            model = merge_adapter(model, adapter_dir)
+        nll[name] = {s: answer_nll(model, [ex["prompt_ids"] for ex in split], [ex["answer_ids"] for ex in split],
+                                       fmt.pad_id, p.batch_size) for s, split in splits.items()}
+        if p.backend == "hf":
+            start = time.perf_counter()
+            answers[name] = greedy_generate(
+                model, prompts, fmt.stop_ids, fmt.pad_id, p.max_new_tokens, p.batch_size,
+                progress=lambda done, total, name=name: log.info("%s: %d/%d answers", name, done, total))
+            speed[f"{name}_tokens_per_s"] = round(sum(map(len, answers[name])) / (time.perf_counter() - start), 2)
+            log.info("%s: %.1f generated tokens/s", name, speed[f"{name}_tokens_per_s"])
+    if p.backend == "vllm":
+        del model  # vLLM takes most of the GPU memory for itself
+        answers["base"], answers["tuned"] = vllm_generate(fmt, adapter_dir, prompts, p.max_new_tokens)
+
+    metrics: dict = {"base": {}, "tuned": {}}
+    texts: dict = {"base": [], "tuned": []}
+    for name in ("base", "tuned"):
+        offset = 0
+        for s, split in splits.items():
+            split_answers = answers[name][offset:offset + len(split)]
+            offset += len(split)
+            metrics[name][s], clean = score(fmt, split, split_answers, nll[name][s])
+            texts[name].extend(clean)
+    metrics["delta"] = delta(metrics["tuned"], metrics["base"])
+    metrics["examples"] = {s: len(split) for s, split in splits.items()}
+    metrics["speed"] = {**speed, "num_threads": threads}
+    metrics["method"] = METHOD
+    predictions = [{"split": ex["split"], "index": ex["index"], "prompt": ex["prompt"], "label": ex["label"],
+                    "base": base, "tuned": tuned} for ex, base, tuned in zip(examples, texts["base"], texts["tuned"])]
+    return metrics, predictions

@@ -1,0 +1,215 @@
+"""The train stage's work: params -> a LLaMA-Factory config, launched (with resume and OOM back-off), collected.
+
+    outcome = train(load_params("params.yaml"), TrainPaths())   # TrainPaths() = the dvc.yaml paths
+    outcome.metrics["eval_loss"]
+
+A rerun resumes from the newest complete checkpoint, unless data, model or train params changed: then it
+starts fresh and says so. DVCLive draws loss, eval loss and learning rate live; at the end the curves are
+redrawn from trainer_state.json with x = optimizer step, across resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from llmft.common import ROOT, UserError, atomic_path, atomic_write_json, get_logger, read_json
+from llmft.env import git_commit
+from llmft.lf import config as lf_config
+from llmft.lf import run as lf_run
+from llmft.lf.memory import estimate_peak_gib
+from llmft.lf.profile import probe_runtime
+from llmft.model import read_model_info
+from llmft.params import Params, TrainParams
+
+log = get_logger("train")
+RUN_METRICS = "run_metrics.json"  # in the checkpoints folder: a finished run of these inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPaths:
+    """Where the train stage reads and writes; the defaults are dvc.yaml's."""
+
+    params: Path = Path("params.yaml")
+    model_dir: Path = Path("models/base")
+    data_dir: Path = Path("data/processed")
+    out: Path = Path("models/lora")
+    checkpoints: Path = Path("checkpoints")
+    live_dir: Path = Path("dvclive/train")
+    metrics: Path = Path("reports/metrics/train.json")
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """What a run ended with: the config that finally ran (after any OOM back-off) and its metrics."""
+
+    sections: dict
+    metrics: dict
+    trained_now: bool  # False: the checkpoints held a finished run of the same inputs, reused as is
+    returncode: int = 0  # llamafactory-cli's exit code; non-zero = failed, nothing written
+
+
+@dataclasses.dataclass
+class Resumed:
+    step: int = 0
+    epoch: float = 0
+
+
+def device_checks(t: TrainParams) -> str:
+    """The precision to use; QLoRA and DeepSpeed prerequisites, checked before anything loads."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if t.quantization_bit and not cuda:
+        raise UserError(f"train.quantization_bit={t.quantization_bit} (QLoRA, bitsandbytes) needs a CUDA GPU; set it "
+                        "to null on this machine (plain LoRA), or run on a GPU")
+    if t.deepspeed and not cuda:
+        raise UserError(f"train.deepspeed={t.deepspeed} needs CUDA GPUs; set it to null on this machine")
+    for key, pkg in (("quantization_bit", "bitsandbytes"), ("deepspeed", "deepspeed")):
+        if getattr(t, key) and importlib.util.find_spec(pkg) is None:
+            raise UserError(f"train.{key} needs the {pkg} package: pip install {pkg}")
+    return lf_config.choose_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def log_estimate(model_path: str, sections: dict, t: TrainParams, precision: str) -> None:
+    if not (Path(model_path) / "config.json").exists():
+        return log.info("no memory estimate: %s is not a local directory", model_path)
+    batch = sections["train"]["per_device_train_batch_size"]
+    est = estimate_peak_gib(
+        read_json(Path(model_path) / "config.json"),
+        sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")), finetuning_type=t.finetuning_type,
+        lora_rank=t.lora_rank, quantization_bit=t.quantization_bit, precision=precision, batch=batch, seq=t.cutoff_len,
+        grad_checkpointing=not any(s.get("disable_gradient_checkpointing") for s in sections.values()),
+        lora_dropout=t.lora_dropout, liger=any(s.get("enable_liger_kernel") for s in sections.values()))
+    log.info("estimated peak GPU memory ~%.1f GiB = %s GiB (%s, %s, batch %d x %d tokens; see lf/memory.py)",
+             est.pop("total"), " + ".join(f"{k} {v:.2f}" for k, v in est.items()), t.finetuning_type, precision,
+             batch, t.cutoff_len)
+
+
+class Launcher:
+    """Runs `llamafactory-cli train` on a config, resuming from the newest complete checkpoint.
+
+    transformers' DVCLiveCallback calls Live() with no arguments: it writes ./dvclive and merges its plots into
+    ./dvc.yaml, which from the repo root would rewrite the pipeline's own dvc.yaml. So the child runs in a
+    scratch directory whose ./dvclive links to the live dir; the dvc.yaml written there is thrown away.
+    """
+
+    def __init__(self, paths: TrainPaths, t: TrainParams, model_path: str, precision: str, header: list[str]):
+        self.paths, self.t, self.model_path, self.precision, self.header = paths, t, model_path, precision, header
+        self.resumed = Resumed()  # of the last launch
+        paths.live_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = Path(tempfile.mkdtemp(prefix="train-run-"))
+        (self.run_dir / "dvclive").symlink_to(paths.live_dir.resolve(), target_is_directory=True)
+
+    def __call__(self, sections: dict) -> tuple[int, str]:
+        cfg, ckpt = lf_config.absolute_paths(sections), lf_run.newest_complete(self.paths.checkpoints)
+        self.resumed = Resumed()
+        if ckpt:
+            state = read_json(ckpt / "trainer_state.json")
+            self.resumed = Resumed(state["global_step"], state.get("epoch") or 0)
+            cfg["output"]["resume_from_checkpoint"] = str(ckpt.resolve())
+            log.info("resuming from %s (step %d)", ckpt, self.resumed.step)
+        config = self.run_dir / "train_config.yaml"
+        config.write_text(lf_config.to_yaml(cfg, self.header), encoding="utf-8")
+        log_estimate(self.model_path, sections, self.t, self.precision)
+        cmd, env = lf_config.launch_command(str(config), os.environ, self.t.deepspeed, str(Path(sys.executable).parent))
+        return lf_run.run_child(cmd, env | ({"DVCLIVE_RESUME": "1"} if ckpt else {}), self.run_dir)
+
+    def close(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def build_sections(params: Params, paths: TrainPaths, info: dict, precision: str) -> dict:
+    """The LLaMA-Factory config of this run, checked (unknown or reserved train.extra keys fail here)."""
+    t = params.train
+    model_path = info["path"]
+    sections = lf_config.build_config(
+        t, model_path=model_path, template=info["template"], data_dir=str(paths.data_dir),
+        trust_remote_code=params.model.trust_remote_code, output_dir=str(paths.checkpoints), precision=precision,
+        deepspeed_config=os.path.relpath(ROOT / lf_config.DEEPSPEED_CONFIGS[t.deepspeed]) if t.deepspeed else None,
+        runtime=probe_runtime(t, model_path, info["template"], paths.data_dir, precision,
+                              params.model.trust_remote_code))
+    if precision == "fp32" and "disable_gradient_checkpointing" not in t.extra:
+        # fp32 means a CPU (or a forced choice): RAM is not the limit there, and recomputing activations costs ~30%.
+        sections["train"]["disable_gradient_checkpointing"] = True
+    lf_config.validate(sections, t.extra, typed=set(TrainParams.model_fields) - {"extra"})
+    return sections
+
+
+def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed) -> dict:
+    """train.json's figures of a run that just finished, from LLaMA-Factory's all_results.json and log history."""
+    epoch = results.get("epoch") or 1
+    tps = results["effective_tokens_per_sec"] * (epoch - resumed.epoch) / epoch  # LF assumes all epochs ran now
+    # LF's train_loss averages over this launch only (wrong after a resume): report the last logged loss
+    last_loss = next((e["loss"] for e in reversed(history) if "loss" in e), results["train_loss"])
+    return {"train_loss": last_loss, "eval_loss": results["eval_loss"], "global_step": step, "epoch": epoch,
+            "train_runtime_s": results["train_runtime"], "tokens_per_sec": round(tps, 1) if tps else None}
+
+
+def collect(paths: TrainPaths, sections: dict, header: list[str], outcome: TrainOutcome, resumed: Resumed) -> None:
+    """models/lora <- the final adapter and LLaMA-Factory's records (one rename); metrics JSON; redrawn plots."""
+    ckpt = paths.checkpoints
+    with atomic_path(paths.out) as tmp:
+        tmp.mkdir()
+        for f in ckpt.iterdir():
+            if f.is_file() and f.name not in ("fingerprint.json", RUN_METRICS):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "train_config.yaml").write_text(lf_config.to_yaml(sections, header), encoding="utf-8")
+    results = read_json(ckpt / "all_results.json")
+    history = read_json(ckpt / "trainer_state.json")["log_history"]
+    step = max(e["step"] for e in history)
+    if not any(e.get("step") == step and "eval_loss" in e for e in history):  # the eval LF runs after training
+        history.append({k: v for k, v in results.items() if k.startswith("eval_")} | {"step": step})
+    plots = paths.live_dir / "plots" / "metrics"
+    shutil.rmtree(plots, ignore_errors=True)
+    for name, text in lf_run.live_rows(history).items():
+        (plots / name).parent.mkdir(parents=True, exist_ok=True)
+        (plots / name).write_text(text)
+    if outcome.trained_now:
+        outcome.metrics = run_metrics(results, history, step, resumed) | outcome.metrics
+        atomic_write_json(ckpt / RUN_METRICS, outcome.metrics)
+    atomic_write_json(paths.metrics, outcome.metrics)
+    log.info("wrote %s and %s: train loss %.4f, eval loss %.4f after %d steps", paths.out, paths.metrics,
+             outcome.metrics["train_loss"], outcome.metrics["eval_loss"], step)
+
+
+def train(params: Params, paths: TrainPaths) -> TrainOutcome:
+    """Fine-tune models/base on data/processed as params.train says; write the adapter, metrics and curves."""
+    t = params.train
+    for f, stage in ((paths.model_dir / "model_info.json", "model"), (paths.data_dir / "dataset_info.json", "prepare")):
+        if not f.exists():
+            raise UserError(f"{f} not found: run `dvc repro {stage}` first")
+    info = read_model_info(paths.model_dir)
+    precision = device_checks(t)
+    sections = build_sections(params, paths, info, precision)
+    lf_run.sync_checkpoints(paths.checkpoints, lf_run.fingerprint(paths.data_dir, paths.model_dir, sections))
+    header = [f"llamafactory-cli train {paths.out / 'train_config.yaml'}",
+              (f"Written by the train stage from {paths.params} (model.trust_remote_code, train) and "
+               f"{paths.model_dir}/model_info.json: change those, not this file."),
+              f"git {git_commit()}; paths are relative to where the stage ran (the repo root)."]
+    if (paths.checkpoints / RUN_METRICS).exists():
+        log.info("%s holds a finished run of these inputs: nothing to train (delete it to train again)",
+                 paths.checkpoints)
+        outcome = TrainOutcome(sections, read_json(paths.checkpoints / RUN_METRICS), trained_now=False)
+        resumed = Resumed()
+    else:
+        launcher = Launcher(paths, t, info["path"], precision, header)
+        try:
+            sections, retries, rc = lf_run.train_with_backoff(sections, launcher, t.oom_backoff)
+        finally:
+            launcher.close()
+        resumed = launcher.resumed
+        outcome = TrainOutcome(sections, {"resumed_from_step": resumed.step, "oom_retries": retries,
+                                          "precision": precision}, trained_now=True, returncode=rc)
+        if rc != 0:
+            return outcome
+    train_section = outcome.sections["train"]
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):  # what finally ran
+        train_section[key] = outcome.metrics[key] = outcome.metrics.get(key, train_section[key])
+    collect(paths, outcome.sections, header, outcome, resumed)
+    return outcome

@@ -1,0 +1,53 @@
+"""The report's loaders (src/llmft/report/data.py): tables, curves, lengths, samples, params diff."""
+
+from __future__ import annotations
+
+import json
+
+import llmft.report.data as rd
+from llmft.common import write_json
+from report_outputs import write_outputs
+
+
+def test_metrics_table_flattens_splits_and_marks_direction():
+    evals = {"base": {"val": {"bleu4": 10.0, "loss": 2.0, "llamafactory": {"rouge-l": 5.0}}},
+             "tuned": {"val": {"bleu4": 15.0, "loss": 1.5, "llamafactory": {"rouge-l": 7.0}}},
+             "delta": {"val": {"bleu4": 5.0, "loss": -0.5, "llamafactory": {"rouge-l": 2.0}}}}
+    rows = rd.metrics_table(evals).rows
+    assert rows == [["val", "bleu4 ↑", "10", "15", "+5"], ["val", "loss ↓", "2", "1.5", "-0.5"],
+                    ["val", "llamafactory.rouge-l ↑", "5", "7", "+2"]]
+
+
+def test_table_escapes_html_and_markdown():
+    table = rd.Table([["<b>x</b> | y\nz", None]], ["a", "b"])
+    assert "&lt;b&gt;x&lt;/b&gt;" in table._repr_html_()
+    assert "| &lt;b&gt;x&lt;/b&gt; \\| y<br>z |   |" in table._repr_markdown_()
+
+
+def test_curves_read_dvclive_and_train_layouts(tmp_path):
+    write_outputs(tmp_path)
+    series = rd.curves(tmp_path / "dvclive/train/plots/metrics")
+    assert set(series) == {"loss", "eval/loss", "learning_rate"}
+    assert list(series["learning_rate"].columns) == ["step", "value"]
+    assert series["eval/loss"].step.tolist() == [10, 20, 30]
+
+
+def test_lengths_use_the_tokenizer_when_one_is_on_disk(tmp_path, smol_tokenizer_dir):
+    write_json(tmp_path / "train.json", [{"instruction": "Hello world", "input": "", "output": "Hi"}])
+    assert rd.example_lengths(tmp_path / "train.json", tmp_path)[1] == "characters"
+    write_json(tmp_path / "model_info.json", {"path": str(smol_tokenizer_dir), "template": "smollm2"})  # a pointer
+    lengths, unit = rd.example_lengths(tmp_path / "train.json", tmp_path)
+    assert unit == "tokens" and 3 <= lengths[0] <= 6
+
+
+def test_samples_are_spread_evenly_and_never_repeated(tmp_path):
+    rows = [{"split": "val", "index": i, "prompt": f"q{i}", "label": "a", "base": "", "tuned": "b"} for i in range(3)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r[0] for r in rd.samples(tmp_path / "p.jsonl", 10).rows] == ["[val #1] q0", "[val #2] q1", "[val #3] q2"]
+    assert [r[0] for r in rd.samples(tmp_path / "p.jsonl", 2).rows] == ["[val #1] q0", "[val #2] q1"]
+    assert rd.samples(tmp_path / "p.jsonl", 1).rows[0][2] == "(empty)"
+    assert rd.samples(tmp_path / "p.jsonl", 0).rows == []
+
+
+def test_params_diff_without_a_previous_commit_says_so(tmp_path):
+    assert "No previous commit" in rd.params_diff(tmp_path)

@@ -1,0 +1,144 @@
+"""Stage `train` (src/train.py, src/llmft/training.py): the real `llamafactory-cli train` on the tiny random Llama
+from conftest.py, on CPU, a few steps each; resume after kill -9; errors before anything loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmft.lf import run as lf_run
+from train_project import adapter, assert_same_adapter, make_project, no_weights, run_stage, set_train, stage_cmd
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory) -> Path:
+    """One uninterrupted 6-step run of the stage: the reference the other slow tests compare with."""
+    root = make_project(tmp_path_factory.mktemp("trained"))
+    proc = run_stage(root, tiny_model_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_stage_trains_logs_live_metrics_and_writes_the_adapter(trained):
+    metrics = json.loads((trained / "reports" / "metrics" / "train.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["resumed_from_step"] == 0 and metrics["oom_retries"] == 0
+    assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["tokens_per_sec"] > 0
+    assert (metrics["per_device_train_batch_size"], metrics["gradient_accumulation_steps"]) == (2, 2)
+    plots = trained / "dvclive" / "train" / "plots" / "metrics"
+    steps = lambda name: [int(r.split("\t")[0]) for r in (plots / name).read_text().splitlines()[1:]]  # noqa: E731
+    assert steps("loss.tsv") == steps("learning_rate.tsv") == [1, 2, 3, 4, 5, 6]
+    assert steps("eval/loss.tsv") == [2, 4, 6]
+    out = trained / "models" / "lora"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "training_loss.png"):
+        assert (out / name).exists(), name
+    assert not list(trained.glob("dvc.yaml")), "dvclive must not write a dvc.yaml where the stage runs"
+
+
+@pytest.mark.slow
+def test_adapter_loads_with_plain_peft_and_llamafactory_chat(trained, tiny_model_dir):
+    from llamafactory.chat import ChatModel
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained / "models" / "lora")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    chat = ChatModel({"model_name_or_path": str(tiny_model_dir), "template": "smollm2",
+                      "adapter_name_or_path": str(trained / "models" / "lora"), "finetuning_type": "lora",
+                      "max_new_tokens": 3, "do_sample": False})
+    responses = chat.chat([{"role": "user", "content": "解释成语「成语1」的意思。"}])
+    assert len(responses) == 1 and isinstance(responses[0].response_text, str)
+
+
+@pytest.mark.slow
+def test_saved_config_reruns_with_plain_llamafactory_cli(trained, tmp_path):
+    """Plain LLaMA-Factory resumes from checkpoints in output_dir by itself, so the rerun gets a fresh one."""
+    cli = Path(sys.executable).parent / "llamafactory-cli"
+    proc = subprocess.run([str(cli), "train", "models/lora/train_config.yaml", f"output_dir={tmp_path}/rerun"],
+                          cwd=trained, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    assert_same_adapter(load_file(tmp_path / "rerun" / "adapter_model.safetensors"), adapter(trained))
+
+
+@pytest.mark.slow
+def test_rerun_after_kill_9_resumes_from_newest_complete_checkpoint_and_matches(trained, tiny_model_dir, tmp_path):
+    root = make_project(tmp_path)
+    proc = subprocess.Popen(stage_cmd(tiny_model_dir), cwd=root, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = root / "checkpoints" / "checkpoint-2"
+    deadline = time.time() + 300
+    while not (first.exists() and lf_run.checkpoint_problem(first) is None):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the stage and its llamafactory-cli child, like a closed terminal
+    proc.wait()
+    assert not (root / "models" / "lora").exists(), "training finished before the kill; the test proves nothing"
+    newest = max(root.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    torn = shutil.copytree(newest, root / "checkpoints" / "checkpoint-5")  # and one killed while saving its weights
+    (torn / "adapter_model.safetensors").write_bytes((torn / "adapter_model.safetensors").read_bytes()[:1000])
+    log_lines = len((root / "checkpoints" / "trainer_log.jsonl").read_text().splitlines())
+
+    rerun = run_stage(root, tiny_model_dir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "skipping incomplete" in rerun.stderr and "checkpoint-5" in rerun.stderr
+    step = json.loads((root / "reports" / "metrics" / "train.json").read_text())["resumed_from_step"]
+    assert step in (2, 4) and f"resuming from checkpoints/checkpoint-{step} (step {step})" in rerun.stderr
+    new_log = (root / "checkpoints" / "trainer_log.jsonl").read_text().splitlines()[log_lines:]
+    assert json.loads(new_log[0])["current_steps"] == step + 1  # global_step continues after the checkpoint
+    assert_same_adapter(adapter(root), adapter(trained))
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_trains_nothing_and_keeps_its_metrics(trained, tiny_model_dir, tmp_path):
+    root = shutil.copytree(trained, tmp_path / "project")
+    shutil.rmtree(root / "models" / "lora")
+    (root / "reports" / "metrics" / "train.json").unlink()  # as `dvc repro -f` does with outputs
+    proc = run_stage(root, tiny_model_dir)
+    assert proc.returncode == 0 and "holds a finished run of these inputs: nothing to train" in proc.stderr
+    assert (root / "reports" / "metrics" / "train.json").read_text() == (
+        trained / "reports" / "metrics" / "train.json").read_text()
+    assert_same_adapter(adapter(root), adapter(trained))
+
+
+@pytest.mark.slow
+def test_a_params_change_starts_fresh(trained, tiny_model_dir, tmp_path):
+    root = shutil.copytree(trained, tmp_path / "project")
+    set_train(root, learning_rate=5.0e-4, max_steps=2)
+    proc = run_stage(root, tiny_model_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "changed since checkpoints was written: starting fresh (removing 2 checkpoints)" in proc.stderr
+    metrics = json.loads((root / "reports" / "metrics" / "train.json").read_text())
+    assert metrics["resumed_from_step"] == 0 and metrics["global_step"] == 2
+    assert sorted(p.name for p in root.glob("checkpoints/checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_unknown_extra_key_fails_before_the_model_loads(tmp_path):
+    root = make_project(tmp_path, extra={"lora_rnak": 4})
+    proc = run_stage(root, no_weights(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: train.extra.lora_rnak: not a LLaMA-Factory training "
+                                                    "argument; did you mean 'lora_rank'?")
+    assert not (root / "checkpoints" / "fingerprint.json").exists()
+
+
+def test_qlora_on_a_cpu_is_a_clear_error_before_anything_loads(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_stage(make_project(tmp_path, quantization_bit=4), no_weights(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: train.quantization_bit=4 (QLoRA, bitsandbytes) "
+                                                           "needs a CUDA GPU")
