@@ -29,6 +29,7 @@ def bench(smol_tokenizer_dir, tmp_path_factory) -> dict:
     return {"result": json.loads(files[0].read_text()), "out": tmp / "out", "stdout": proc.stdout}
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_cpu_smoke_run_measures_both_arms_on_equal_work(bench):
     r = bench["result"]
@@ -51,6 +52,7 @@ def test_cpu_smoke_run_measures_both_arms_on_equal_work(bench):
     assert "fast " in bench["stdout"] and "guard ok" in bench["stdout"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_readme_table_from_the_smoke_run(bench, tmp_path):
     readme = tmp_path / "README.md"

@@ -89,6 +89,7 @@ def read_until(fd: int, pattern: str, timeout: float, chunks: list[str] | None =
     return ANSI.sub("", seen)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_terminal_session_question_clear_and_ctrl_d(tiny_model_dir, tiny_lora_dir):  # noqa: F811
     main_fd, child_fd = os.openpty()

@@ -49,6 +49,7 @@ def test_user_error_is_one_line_and_exit_code_2(capsys):
     assert run_main(lambda argv: None, []) == 0
 
 
+@pytest.mark.integration
 def test_a_failed_dvc_command_names_the_command_and_dvcs_last_line(tmp_path):
     with pytest.raises(UserError, match=r"^dvc status failed: .*") as err:
         dvc("status", cwd=tmp_path)  # not a DVC repository

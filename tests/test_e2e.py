@@ -15,6 +15,8 @@ import yaml
 
 from dvc_repo import copy_repo, edit_params, run
 
+pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or make
+
 
 @pytest.mark.slow
 def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: Path):

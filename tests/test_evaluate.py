@@ -58,6 +58,7 @@ def run_cli(tmp_path: Path, base: Path, adapter: Path, data: Path, **eval_params
     return result
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("val, message", [
     ("[]", "non-empty JSON list"),
     ("{oops", "not valid UTF-8 JSON"),
@@ -68,11 +69,13 @@ def test_bad_or_empty_val_split_is_one_error_line(tiny_model_dir, adapter_dir, t
     assert message in result.stderr.splitlines()[-1]
 
 
+@pytest.mark.integration
 def test_missing_adapter_is_one_error_line(tiny_model_dir, tmp_path):
     result = run_cli(tmp_path, tiny_model_dir, tmp_path / "no_lora", write_data(tmp_path / "data", VAL))
     assert "no LoRA adapter" in result.stderr and "dvc repro train" in result.stderr
 
 
+@pytest.mark.integration
 def test_tokenizer_without_chat_template_is_one_error_line(tiny_model_dir, adapter_dir, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
@@ -86,6 +89,7 @@ def test_tokenizer_without_chat_template_is_one_error_line(tiny_model_dir, adapt
     assert "has no chat template" in result.stderr
 
 
+@pytest.mark.integration
 def test_vllm_backend_without_vllm_is_one_error_line(tiny_model_dir, adapter_dir, tmp_path):
     if importlib.util.find_spec("vllm"):
         pytest.skip("vllm is installed here")

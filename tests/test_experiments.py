@@ -19,6 +19,8 @@ import yaml
 from dvc_repo import BIN, ROOT, copy_repo, edit_params, run
 from llmft.tools import compare
 
+pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or make
+
 ADAPTER = "models/lora/adapter_model.safetensors"
 
 

@@ -148,6 +148,7 @@ def test_qlora_adapter_is_merged_into_the_full_precision_base(tiny_model_dir, ti
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 
+@pytest.mark.integration
 def test_data_hash_is_the_one_dvc_records(tmp_path):
     data = tmp_path / "processed"
     (data / "sub").mkdir(parents=True)

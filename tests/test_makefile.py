@@ -6,6 +6,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or make
+
 ROOT = Path(__file__).resolve().parent.parent
 MAKEFILE = (ROOT / "Makefile").read_text()
 DOCUMENTED = re.findall(r"^([a-z-]+):.*## ", MAKEFILE, flags=re.M)

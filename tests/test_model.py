@@ -124,6 +124,7 @@ def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path):
 
 # --- a Hub id with no Hub in reach ---
 
+@pytest.mark.integration
 def test_unreachable_hub_id_fails_in_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "models" / "base"
     params = write_params(tmp_path, name_or_path="HuggingFaceTB/SmolLM2-360M-Instruct")

@@ -16,6 +16,8 @@ import pytest
 
 from dvc_repo import ROOT, copy_repo, run
 
+pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or make
+
 NOTEBOOK = ROOT / "notebooks/colab.ipynb"
 SKIP = {"colab-only": "needs Google Colab (Drive, apt)", "gpu-only": "needs a CUDA GPU"}
 

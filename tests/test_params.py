@@ -144,6 +144,7 @@ def run_validator(path: Path) -> tuple[subprocess.CompletedProcess, float]:
     return proc, time.monotonic() - start
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("text", "expected"), [
     ("data:\n  input: x.csv\ntrain:\n  learning_rate: -0.1\n", "train.learning_rate = -0.1 is not allowed"),
     ("data:\n  input: x.csv\n  val_size: 1.5\n", "data.val_size = 1.5 is not allowed"),
@@ -160,6 +161,7 @@ def test_validator_cli_exits_2_in_under_two_seconds(tmp_path, text, expected):
     assert seconds < 2, f"params.py took {seconds:.2f} s; it must stay well under 2 s (no heavy imports)"
 
 
+@pytest.mark.integration
 def test_validator_cli_accepts_the_repo_params_yaml():
     proc, seconds = run_validator(PARAMS_YAML)
     assert proc.returncode == 0, proc.stderr

@@ -10,6 +10,8 @@ import yaml
 
 from dvc_repo import copy_repo, edit_params, run
 
+pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or make
+
 
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:

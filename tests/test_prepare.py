@@ -146,6 +146,7 @@ def idioms_csv(tmp_path) -> Path:
     return csv(tmp_path, rows, "idioms.csv")
 
 
+@pytest.mark.integration
 def test_pipeline_writes_readable_utf8_splits_dataset_info_and_stats(tmp_path):
     idioms_csv(tmp_path)
     proc = run_cli(cwd=pipeline(tmp_path, {"input": "idioms.csv", "templates": IDIOM_TEMPLATES, "val_size": 6,
@@ -311,6 +312,7 @@ def _no_train_left(tmp_path):
     return {"input": "d.csv", "val_size": 2, "test_size": 1}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("make", "expected"), [
     (lambda tmp_path: {"input": "missing.csv"}, "missing.csv: file not found; set data.input in params.yaml"),
     (_empty, "d.csv: file is empty"),
@@ -350,6 +352,7 @@ def test_failed_run_leaves_the_previous_outputs_untouched(tmp_path, run_here):
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.integration
 def test_bad_params_file_fails_before_reading_data(tmp_path):
     csv(tmp_path, qa(10))
     (tmp_path / "params.yaml").write_text("data:\n  input: d.csv\n  val_size: 1.5\n", encoding="utf-8")

@@ -19,6 +19,8 @@ import yaml
 
 from dvc_repo import ROOT, copy_repo, run
 
+pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or make
+
 NSHARDS = 150
 BUILT = ["prepare", "data/raw/shards.dvc"]  # the later stages have no outputs in these copies
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -15,6 +15,8 @@ import pytest
 from dvc_repo import ROOT, run
 from report_outputs import write_outputs
 
+pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or make
+
 
 def build(repo: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "src/report.py"), "--notebook", str(ROOT / "notebooks/report.py"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import llmft.report.data as rd
 from llmft.common import write_json
 from report_outputs import write_outputs
@@ -49,5 +51,6 @@ def test_samples_are_spread_evenly_and_never_repeated(tmp_path):
     assert rd.samples(tmp_path / "p.jsonl", 0).rows == []
 
 
+@pytest.mark.integration
 def test_params_diff_without_a_previous_commit_says_so(tmp_path):
     assert "No previous commit" in rd.params_diff(tmp_path)

@@ -65,6 +65,7 @@ def wait_until_up(proc: subprocess.Popen, port: int, log: Path, timeout: float =
     raise AssertionError(f"server not up after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_openai_client_chats_streams_and_survives_bad_requests(tiny_model_dir, tiny_lora_dir, tmp_path):  # noqa: F811
     import httpx

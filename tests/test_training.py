@@ -38,6 +38,8 @@ def test_stage_trains_logs_live_metrics_and_writes_the_adapter(trained):
     steps = lambda name: [int(r.split("\t")[0]) for r in (plots / name).read_text().splitlines()[1:]]  # noqa: E731
     assert steps("loss.tsv") == steps("learning_rate.tsv") == [1, 2, 3, 4, 5, 6]
     assert steps("eval/loss.tsv") == [2, 4, 6]
+    # only the curves: nothing machine-specific (DVCLive's params.yaml has temporary paths) to show up in git status
+    assert [p.name for p in (trained / "dvclive" / "train").iterdir()] == ["plots"]
     out = trained / "models" / "lora"
     for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "training_loss.png"):
         assert (out / name).exists(), name
@@ -133,6 +135,7 @@ def test_unknown_extra_key_fails_before_the_model_loads(tmp_path):
     assert not (root / "checkpoints" / "fingerprint.json").exists()
 
 
+@pytest.mark.integration
 def test_qlora_on_a_cpu_is_a_clear_error_before_anything_loads(tmp_path):
     import torch
 

@@ -165,6 +165,11 @@ def collect(paths: TrainPaths, sections: dict, header: list[str], outcome: Train
     step = max(e["step"] for e in history)
     if not any(e.get("step") == step and "eval_loss" in e for e in history):  # the eval LF runs after training
         history.append({k: v for k, v in results.items() if k.startswith("eval_")} | {"step": step})
+    # Only the curves stay: DVCLive's own metrics.json repeats train.json, and its params.yaml holds the training
+    # arguments with this run's temporary paths, which would differ on every machine (and show up in git status).
+    for entry in paths.live_dir.iterdir():
+        if entry.name != "plots":
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     plots = paths.live_dir / "plots" / "metrics"
     shutil.rmtree(plots, ignore_errors=True)
     for name, text in lf_run.live_rows(history).items():
