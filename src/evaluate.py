@@ -18,8 +18,8 @@ from pathlib import Path
 from llmft.common import atomic_write_json, get_logger, run_main
 from llmft.env import write_environment
 from llmft.evaluation import evaluate
-from llmft.predictions import write_predictions
 from llmft.params import load_params
+from llmft.predictions import write_predictions
 
 log = get_logger("evaluate")
 

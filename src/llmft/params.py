@@ -14,7 +14,7 @@ import argparse
 import codecs
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,7 +29,7 @@ class Section(BaseModel):
 
 
 # A float in (0, 1) is a fraction of the examples; an integer >= 1 is a count (LLaMA-Factory's val_size convention).
-SplitSize = Union[int, float]
+SplitSize = int | float
 
 
 def _check_split(name: str, value: SplitSize, allow_zero: bool) -> SplitSize:
@@ -56,12 +56,12 @@ class DataParams(Section):
     input: str = Field(min_length=1)
     format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "xlsx"] = "auto"
     encoding: str = "auto"
-    sheet: Union[int, str] = 0
+    sheet: int | str = 0
     columns: dict[Literal["instruction", "input", "output", "system", "history", "messages"], str] = {}
     templates: list[Template] = []
     dedup: bool = True
-    max_prompt_chars: Optional[int] = Field(default=None, ge=1)
-    max_output_chars: Optional[int] = Field(default=None, ge=1)
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    max_output_chars: int | None = Field(default=None, ge=1)
     val_size: SplitSize = 0.1
     test_size: SplitSize = 0
     seed: int = 42
@@ -88,7 +88,7 @@ class DataParams(Section):
         return _check_split("test_size", value, allow_zero=True)
 
     @model_validator(mode="after")
-    def _one_mapping(self) -> "DataParams":
+    def _one_mapping(self) -> DataParams:
         if self.columns and self.templates:
             raise ValueError("set data.columns or data.templates, not both (templates can name any column)")
         return self
@@ -109,13 +109,13 @@ class TrainParams(Section):
     lora_target: str = "all"
     use_dora: bool = False
     use_rslora: bool = False
-    quantization_bit: Optional[Literal[4, 8]] = None
+    quantization_bit: Literal[4, 8] | None = None
     per_device_train_batch_size: int = Field(default=4, ge=1)
     gradient_accumulation_steps: int = Field(default=4, ge=1)
     learning_rate: float = Field(default=5e-5, gt=0)
     num_train_epochs: float = Field(default=3.0, gt=0)
-    max_steps: Optional[int] = Field(default=None, ge=1)
-    max_samples: Optional[int] = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_samples: int | None = Field(default=None, ge=1)
     lr_scheduler_type: Literal[
         "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
     ] = "cosine"
@@ -123,7 +123,7 @@ class TrainParams(Section):
     cutoff_len: int = Field(default=512, ge=8)
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int = Field(default=1000, ge=1)
-    save_total_limit: Optional[int] = Field(default=2, ge=1)
+    save_total_limit: int | None = Field(default=2, ge=1)
     eval_steps: int = Field(default=50, ge=1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deepspeed: Literal[None, "z2", "z3"] = None
@@ -136,7 +136,7 @@ class TrainParams(Section):
 class EvalParams(Section):
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=16, ge=1)
-    max_examples: Optional[int] = Field(default=None, ge=1)
+    max_examples: int | None = Field(default=None, ge=1)
     cutoff_len: int = Field(default=2048, ge=8)
     backend: Literal["hf", "vllm"] = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from llmft.common import read_json
+from llmft.env import cpu_name, git_commit, package_version, run_dvc
 from llmft.model import read_model_info
 from llmft.predictions import read_predictions
-from llmft.env import cpu_name, git_commit, package_version, run_dvc
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 

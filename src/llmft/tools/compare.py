@@ -12,10 +12,11 @@ through DVC (from the local cache or the remote), so nothing is checked out.
 from __future__ import annotations
 
 import argparse
+
 from llmft.common import ROOT, UserError, run_main
 from llmft.env import dvc
-from llmft.predictions import parse_predictions
 from llmft.metrics import rouge_l
+from llmft.predictions import parse_predictions
 
 
 def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
