@@ -52,16 +52,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {args.rows:,} rows ({table.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
         params = {"data": {"input": str(table), "val_size": 0.01, "seed": 42}}
         (tmp / "params.yaml").write_text(json.dumps(params))  # JSON is valid YAML
-        cmd = [sys.executable, str(ROOT / "src/prepare_data.py"), "--params", str(tmp / "params.yaml"),
-               "--out-dir", str(tmp / "processed"), "--stats", str(tmp / "stats.json")]
+        cmd = [
+            sys.executable,
+            str(ROOT / "src/prepare_data.py"),
+            "--params",
+            str(tmp / "params.yaml"),
+            "--out-dir",
+            str(tmp / "processed"),
+            "--stats",
+            str(tmp / "stats.json"),
+        ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         seconds = time.perf_counter() - t0
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # Linux: KiB
         stats = json.loads((tmp / "stats.json").read_text())
-    print(f"prepare: {args.rows:,} rows in {seconds:.1f} s = {args.rows / seconds:,.0f} rows/s; "
-          f"peak RSS {peak_gb:.2f} GB; kept {stats['kept']:,}, dropped {stats['dropped_total']:,} "
-          f"({', '.join(f'{k}={v}' for k, v in stats['dropped'].items() if v)})")
+    print(
+        f"prepare: {args.rows:,} rows in {seconds:.1f} s = {args.rows / seconds:,.0f} rows/s; "
+        f"peak RSS {peak_gb:.2f} GB; kept {stats['kept']:,}, dropped {stats['dropped_total']:,} "
+        f"({', '.join(f'{k}={v}' for k, v in stats['dropped'].items() if v)})"
+    )
     print("goal: < 60 s and < 4 GB for 1,000,000 rows on 2 cores")
     return 0
 

@@ -57,22 +57,39 @@ def prepare_ours(args, fmt: ChatFormat):
 
 def run_llamafactory(args, fmt: ChatFormat, threads: int, tmp: Path) -> tuple[list[str], float, float]:
     config = {
-        "model_name_or_path": fmt.path, "adapter_name_or_path": str(args.adapter), "trust_remote_code": False,
-        "stage": "sft", "do_predict": True, "finetuning_type": "lora",
-        "eval_dataset": args.split, "dataset_dir": str(args.data_dir), "template": fmt.data_args.template,
-        "cutoff_len": fmt.data_args.cutoff_len, "max_samples": args.max_examples, "overwrite_cache": True,
-        "output_dir": str(tmp / "lf_predict"), "overwrite_output_dir": True, "report_to": "none",
-        "per_device_eval_batch_size": args.batch_size, "predict_with_generate": True,
-        "max_new_tokens": args.max_new_tokens, "do_sample": False,
+        "model_name_or_path": fmt.path,
+        "adapter_name_or_path": str(args.adapter),
+        "trust_remote_code": False,
+        "stage": "sft",
+        "do_predict": True,
+        "finetuning_type": "lora",
+        "eval_dataset": args.split,
+        "dataset_dir": str(args.data_dir),
+        "template": fmt.data_args.template,
+        "cutoff_len": fmt.data_args.cutoff_len,
+        "max_samples": args.max_examples,
+        "overwrite_cache": True,
+        "output_dir": str(tmp / "lf_predict"),
+        "overwrite_output_dir": True,
+        "report_to": "none",
+        "per_device_eval_batch_size": args.batch_size,
+        "predict_with_generate": True,
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": False,
     }
     (tmp / "predict.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_DATASETS_CACHE": str(tmp / "cache"),
-                        "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true"}
+    env = os.environ | {
+        "OMP_NUM_THREADS": str(threads),
+        "HF_DATASETS_CACHE": str(tmp / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_DISABLED": "true",
+    }
     start = time.perf_counter()
     cli = Path(sys.executable).with_name("llamafactory-cli")  # the venv's; else PATH's (pip install --target)
     cli = str(cli) if cli.exists() else shutil.which("llamafactory-cli") or str(cli)
-    done = subprocess.run([cli, "train", str(tmp / "predict.yaml")], env=env, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [cli, "train", str(tmp / "predict.yaml")], env=env, capture_output=True, text=True, check=False
+    )
     wall = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"llamafactory-cli failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -122,25 +139,49 @@ def main(argv: list[str] | None = None) -> int:
     lf_tokens = count_tokens(fmt.tokenizer, theirs, args.max_new_tokens)
     rate, lf_rate = tokens / seconds, lf_tokens / lf_seconds
     same = sum(a == b for a, b in zip(ours, theirs))
-    print(f"{fmt.path} + {args.adapter}: {len(ours)} {args.split} examples, max_new_tokens {args.max_new_tokens}, "
-          f"batch {args.batch_size}, {threads} threads, load average up to {load:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"{fmt.path} + {args.adapter}: {len(ours)} {args.split} examples, max_new_tokens {args.max_new_tokens}, "
+        f"batch {args.batch_size}, {threads} threads, load average up to {load:.1f} on {os.cpu_count()} CPUs"
+    )
     times = lambda values: ", ".join(f"{v:.1f}" for v in values)  # noqa: E731
-    print(f"  ours (src/generation.py):  {tokens:6d} tokens in {seconds:7.1f} s = {rate:8.1f} tokens/s "
-          f"(runs: {times(ours_times)} s; exact id count {exact})")
-    print(f"  LLaMA-Factory do_predict:  {lf_tokens:6d} tokens in {lf_seconds:7.1f} s = {lf_rate:8.1f} tokens/s "
-          f"(runs: {times(lf_times)} s; whole commands {times(lf_walls)} s)")
+    print(
+        f"  ours (src/generation.py):  {tokens:6d} tokens in {seconds:7.1f} s = {rate:8.1f} tokens/s "
+        f"(runs: {times(ours_times)} s; exact id count {exact})"
+    )
+    print(
+        f"  LLaMA-Factory do_predict:  {lf_tokens:6d} tokens in {lf_seconds:7.1f} s = {lf_rate:8.1f} tokens/s "
+        f"(runs: {times(lf_times)} s; whole commands {times(lf_walls)} s)"
+    )
     print(f"  speedup {rate / lf_rate:.1f}x; identical answers {same}/{len(ours)}")
     if args.json:
         import torch
         from common import atomic_write_json
 
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-        atomic_write_json(args.json, {
-            "kind": "eval", "device": device, "model": args.label or f"{fmt.path} + {args.adapter}",
-            "split": args.split, "examples": len(ours), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-            "threads": threads, "ours_tokens": tokens, "ours_seconds": seconds, "ours_tokens_per_s": rate,
-            "lf_tokens": lf_tokens, "lf_seconds": lf_seconds, "lf_tokens_per_s": lf_rate, "speedup": rate / lf_rate,
-            "identical_answers": same, "ours_runs_s": ours_times, "lf_runs_s": lf_times, "lf_commands_s": lf_walls})
+        atomic_write_json(
+            args.json,
+            {
+                "kind": "eval",
+                "device": device,
+                "model": args.label or f"{fmt.path} + {args.adapter}",
+                "split": args.split,
+                "examples": len(ours),
+                "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.batch_size,
+                "threads": threads,
+                "ours_tokens": tokens,
+                "ours_seconds": seconds,
+                "ours_tokens_per_s": rate,
+                "lf_tokens": lf_tokens,
+                "lf_seconds": lf_seconds,
+                "lf_tokens_per_s": lf_rate,
+                "speedup": rate / lf_rate,
+                "identical_answers": same,
+                "ours_runs_s": ours_times,
+                "lf_runs_s": lf_times,
+                "lf_commands_s": lf_walls,
+            },
+        )
     return 0
 
 

@@ -65,12 +65,15 @@ GOALS = {"speedup": 2.0, "memory": 0.7, "mfu": 0.45}
 
 # ---------- setup: tokenizer, model, data ----------
 
+
 def tokenizer_dir(arg: str | None, work: Path) -> Path:
     """--tokenizer, else models/base's tokenizer, else the embedded SmolLM2 one (converted from GGUF, ~20 s)."""
     if arg:
         if not (Path(arg) / "tokenizer.json").exists():
-            sys.exit(f"--tokenizer {arg}: no tokenizer.json there; make one with --export-tokenizer {arg} on a "
-                     "machine with the venv")
+            sys.exit(
+                f"--tokenizer {arg}: no tokenizer.json there; make one with --export-tokenizer {arg} on a "
+                "machine with the venv"
+            )
         return Path(arg)
     if (ROOT / "models/base/tokenizer.json").exists():
         return ROOT / "models/base"
@@ -85,10 +88,22 @@ def model_shape(args, vocab: int) -> dict:
     hidden, layers, inter, heads, kv = SHAPES[args.shape]
     hidden, layers, inter = args.hidden or hidden, args.layers or layers, args.intermediate or inter
     heads, kv = args.heads or heads, args.kv_heads or args.heads or kv
-    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
-            "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
-            "head_dim": hidden // heads, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
-            "pad_token_id": 2, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": hidden // heads,
+        "max_position_embeddings": 4096,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+    }
 
 
 def build_model(shape: dict, tok_dir: Path, out: Path, cuda: bool) -> None:
@@ -112,8 +127,17 @@ def build_model(shape: dict, tok_dir: Path, out: Path, cuda: bool) -> None:
     for name in TOKENIZER_FILES:
         if (tok_dir / name).exists():
             shutil.copy(tok_dir / name, out / name)
-    (out / "model_info.json").write_text(json.dumps({"source": "random-init", "path": str(out), "template": TEMPLATE,
-                                                     "model_type": "llama", "weights_written": True}))
+    (out / "model_info.json").write_text(
+        json.dumps(
+            {
+                "source": "random-init",
+                "path": str(out),
+                "template": TEMPLATE,
+                "model_type": "llama",
+                "weights_written": True,
+            }
+        )
+    )
 
 
 class Encoder:
@@ -125,8 +149,9 @@ class Encoder:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        self.template = get_template_and_fix_tokenizer(self.tokenizer,
-                                                       DataArguments(template=TEMPLATE, cutoff_len=cutoff_len))
+        self.template = get_template_and_fix_tokenizer(
+            self.tokenizer, DataArguments(template=TEMPLATE, cutoff_len=cutoff_len)
+        )
         self.overhead = self.length("x", "y") - 2
 
     def length(self, prompt: str, answer: str) -> int:
@@ -162,8 +187,17 @@ class TextMaker:
         return None
 
 
-def make_data(enc: Encoder, out: Path, *, steps: int, per_step: int, per_pack: int, cutoff_len: int, seed: int,
-              val_examples: int = 32) -> list[int]:
+def make_data(
+    enc: Encoder,
+    out: Path,
+    *,
+    steps: int,
+    per_step: int,
+    per_pack: int,
+    cutoff_len: int,
+    seed: int,
+    val_examples: int = 32,
+) -> list[int]:
     """train.json in blocks of `per_pack` examples that fill one pack (cutoff_len - 1 tokens) exactly; val.json;
     dataset_info.json. Lengths are log-normal, from the template's overhead + 8 to 3/4 of the pack.
     Returns the exact token length of each train example, in order."""
@@ -196,12 +230,14 @@ def make_data(enc: Encoder, out: Path, *, steps: int, per_step: int, per_pack: i
     (out / "train.json").write_text(json.dumps(rows, ensure_ascii=False))
     (out / "val.json").write_text(json.dumps(val, ensure_ascii=False))
     cols = {"prompt": "instruction", "query": "input", "response": "output"}
-    (out / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json", "columns": cols}
-                                                       for n in ("train", "val")}))
+    (out / "dataset_info.json").write_text(
+        json.dumps({n: {"file_name": f"{n}.json", "columns": cols} for n in ("train", "val")})
+    )
     return lengths
 
 
 # ---------- measurements ----------
+
 
 def matmul_ceiling(cuda: bool) -> tuple[float, str]:
     """TFLOP/s of one large matmul on this device, median of 10 after warm-up: bf16 8192^3 on CUDA, fp32 1024^3 on CPU."""
@@ -232,8 +268,9 @@ def matmul_ceiling(cuda: bool) -> tuple[float, str]:
 
 def linear_params(shape: dict, lora_rank: int) -> tuple[int, int]:
     """(frozen linear weights incl. the lm_head, LoRA weights on every linear layer of the blocks)."""
-    h, layers, inter, vocab = (shape[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                                   "vocab_size"))
+    h, layers, inter, vocab = (
+        shape[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    )
     q = shape["num_attention_heads"] * shape["head_dim"]
     kv = shape["num_key_value_heads"] * shape["head_dim"]
     linear = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter) + h * vocab
@@ -253,26 +290,48 @@ def flops_per_example(shape: dict, lora_rank: int, length: int) -> float:
 
 # ---------- one arm: a config, a fresh process, its records ----------
 
+
 def arm_sections(arm: str, args, model_dir: Path, data_dir: Path, out_dir: Path, precision: str, runtime, steps: int):
     """The LLaMA-Factory config of one arm, built by lf_config.build_config as the train stage builds it."""
 
     extra = {"disable_shuffling": True, "preprocessing_batch_size": args.per_pack}
     if arm == "fast-gc":
         extra["disable_gradient_checkpointing"] = False
-    t = TrainParams(profile="plain" if arm == "plain" else "fast", lora_rank=args.lora_rank,
-                    per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum,
-                    learning_rate=args.lr, max_steps=steps, cutoff_len=args.cutoff_len, logging_steps=1,
-                    seed=args.seed, extra=extra)
-    sections = lf_config.build_config(t, model_path=str(model_dir), template=TEMPLATE, trust_remote_code=False,
-                                      data_dir=str(data_dir), output_dir=str(out_dir), precision=precision,
-                                      runtime=runtime)
+    t = TrainParams(
+        profile="plain" if arm == "plain" else "fast",
+        lora_rank=args.lora_rank,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.accum,
+        learning_rate=args.lr,
+        max_steps=steps,
+        cutoff_len=args.cutoff_len,
+        logging_steps=1,
+        seed=args.seed,
+        extra=extra,
+    )
+    sections = lf_config.build_config(
+        t,
+        model_path=str(model_dir),
+        template=TEMPLATE,
+        trust_remote_code=False,
+        data_dir=str(data_dir),
+        output_dir=str(out_dir),
+        precision=precision,
+        runtime=runtime,
+    )
     if precision == "fp32" and arm != "plain" and "disable_gradient_checkpointing" not in extra:
         sections["train"]["disable_gradient_checkpointing"] = True  # what src/train.py adds in fp32 (a CPU)
     # Benchmark only: no evaluation, checkpoints, reports or progress bars.
     del sections["dataset"]["eval_dataset"]
     sections["eval"] = {"eval_strategy": "no"}
-    sections["output"] |= {"overwrite_output_dir": True, "save_strategy": "no", "report_to": "none",
-                           "plot_loss": False, "include_effective_tokens_per_second": False, "disable_tqdm": True}
+    sections["output"] |= {
+        "overwrite_output_dir": True,
+        "save_strategy": "no",
+        "report_to": "none",
+        "plot_loss": False,
+        "include_effective_tokens_per_second": False,
+        "disable_tqdm": True,
+    }
     return sections, plan_profile(t, runtime, precision)
 
 
@@ -280,16 +339,31 @@ def run_arm(arm: str, sections: dict, work: Path, timeout: int) -> dict:
     """Train one arm in a fresh process (python bench_train.py --worker spec.json); its records."""
 
     spec = {"args": lf_config.flat(sections), "out": str(work / f"{arm}.result.json")}
-    (work / f"{arm}.yaml").write_text(lf_config.to_yaml(sections, [
-        f"llamafactory-cli train {arm}.yaml  (benchmark arm {arm}; written by benchmarks/bench_train.py)"]))
+    (work / f"{arm}.yaml").write_text(
+        lf_config.to_yaml(
+            sections,
+            [f"llamafactory-cli train {arm}.yaml  (benchmark arm {arm}; written by benchmarks/bench_train.py)"],
+        )
+    )
     (work / f"{arm}.spec.json").write_text(json.dumps(spec))
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false",
-                        "HF_DATASETS_CACHE": str(work / "hf_cache"), "DISABLE_VERSION_CHECK": "1"}
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_DISABLED": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_CACHE": str(work / "hf_cache"),
+        "DISABLE_VERSION_CHECK": "1",
+    }
     log = work / f"{arm}.log"
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--worker", str(work / f"{arm}.spec.json")], env=env,
-                              stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", str(work / f"{arm}.spec.json")],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
     if proc.returncode:
         sys.exit(f"arm {arm} failed (exit {proc.returncode}); the end of {log}:\n{log.read_text()[-4000:]}")
     result = json.loads(Path(spec["out"]).read_text())
@@ -329,8 +403,9 @@ def worker(spec_path: str) -> int:
 
     def counting(self, epoch_iterator, num_batches, device):  # one call per optimizer step: its micro-batches
         batches, n = get_batch_samples(self, epoch_iterator, num_batches, device)
-        counts.append((sum(real_tokens(b) for b in batches), sum(int((b["labels"] != -100).sum()) for b in batches),
-                       len(batches)))
+        counts.append(
+            (sum(real_tokens(b) for b in batches), sum(int((b["labels"] != -100).sum()) for b in batches), len(batches))
+        )
         return batches, n
 
     transformers.Trainer.get_batch_samples = counting
@@ -338,10 +413,13 @@ def worker(spec_path: str) -> int:
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            record.update(attn_implementation=base.config._attn_implementation,
-                          gradient_checkpointing=bool(base.is_gradient_checkpointing),
-                          liger=type(base.model.norm).__name__.startswith("Liger"),
-                          micro_batch=args.per_device_train_batch_size, accumulation=args.gradient_accumulation_steps)
+            record.update(
+                attn_implementation=base.config._attn_implementation,
+                gradient_checkpointing=bool(base.is_gradient_checkpointing),
+                liger=type(base.model.norm).__name__.startswith("Liger"),
+                micro_batch=args.per_device_train_batch_size,
+                accumulation=args.gradient_accumulation_steps,
+            )
             sync()
             self.last = time.perf_counter()
 
@@ -349,8 +427,15 @@ def worker(spec_path: str) -> int:
             sync()
             now = time.perf_counter()
             tokens, labels, micro = counts.pop(0)
-            record["steps"].append({"step": state.global_step, "seconds": now - self.last, "real_tokens": tokens,
-                                    "label_tokens": labels, "micro_batches": micro})
+            record["steps"].append(
+                {
+                    "step": state.global_step,
+                    "seconds": now - self.last,
+                    "real_tokens": tokens,
+                    "label_tokens": labels,
+                    "micro_batches": micro,
+                }
+            )
             self.last = now
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -359,8 +444,11 @@ def worker(spec_path: str) -> int:
 
     run_exp(args=spec["args"], callbacks=[StepTimer()])
     if cuda:
-        record |= {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                   "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "memory": "GPU max allocated"}
+        record |= {
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            "memory": "GPU max allocated",
+        }
     else:
         record |= {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "memory": "max RSS"}
     atomic_write_json(spec["out"], record)
@@ -369,31 +457,51 @@ def worker(spec_path: str) -> int:
 
 # ---------- summary, files, table ----------
 
-def summarize(arm: str, result: dict, *, warmup: int, step_tokens: list[int], step_flops: list[float],
-              peak_tflops: float, ceiling_tflops: float) -> dict:
+
+def summarize(
+    arm: str,
+    result: dict,
+    *,
+    warmup: int,
+    step_tokens: list[int],
+    step_flops: list[float],
+    peak_tflops: float,
+    ceiling_tflops: float,
+) -> dict:
     steps = result["steps"]
-    problems = [f"step {s['step']}: {s['real_tokens']} real tokens, designed {step_tokens[i]}"
-                for i, s in enumerate(steps) if s["real_tokens"] != step_tokens[i]]
+    problems = [
+        f"step {s['step']}: {s['real_tokens']} real tokens, designed {step_tokens[i]}"
+        for i, s in enumerate(steps)
+        if s["real_tokens"] != step_tokens[i]
+    ]
     timed = steps[warmup:]
     tps = [s["real_tokens"] / s["seconds"] for s in timed]
     flops = [step_flops[warmup + i] / s["seconds"] / 1e12 for i, s in enumerate(timed)]
     grads = [s.get("grad_norm") for s in steps]
     return {
-        "attn_implementation": result.get("attn_implementation"), "liger": result.get("liger"),
+        "attn_implementation": result.get("attn_implementation"),
+        "liger": result.get("liger"),
         "gradient_checkpointing": result.get("gradient_checkpointing"),
-        "micro_batch": result.get("micro_batch"), "accumulation": result.get("accumulation"),
-        "tokens_per_s": statistics.median(tps), "step_s": statistics.median(s["seconds"] for s in timed),
+        "micro_batch": result.get("micro_batch"),
+        "accumulation": result.get("accumulation"),
+        "tokens_per_s": statistics.median(tps),
+        "step_s": statistics.median(s["seconds"] for s in timed),
         "model_tflops": statistics.median(flops),
         "mfu_vs_peak": statistics.median(flops) / peak_tflops,
         "mfu_vs_ceiling": statistics.median(flops) / ceiling_tflops,
-        "peak_mem_gib": result["peak_mem_gib"], "peak_reserved_gib": result.get("peak_reserved_gib"),
-        "memory": result["memory"], "final_loss": steps[-1].get("loss"),
-        "losses": [s.get("loss") for s in steps], "grad_norms": grads,
+        "peak_mem_gib": result["peak_mem_gib"],
+        "peak_reserved_gib": result.get("peak_reserved_gib"),
+        "memory": result["memory"],
+        "final_loss": steps[-1].get("loss"),
+        "losses": [s.get("loss") for s in steps],
+        "grad_norms": grads,
         "real_tokens_per_step": [s["real_tokens"] for s in steps],
         "label_tokens_per_step": [s["label_tokens"] for s in steps],
-        "step_seconds": [round(s["seconds"], 4) for s in steps], "timed_steps": len(timed),
+        "step_seconds": [round(s["seconds"], 4) for s in steps],
+        "timed_steps": len(timed),
         "grad_norms_ok": all(g is not None and math.isfinite(g) and g > 0 for g in grads),
-        "token_mismatches": problems, "wall_s": result.get("wall_s"),
+        "token_mismatches": problems,
+        "wall_s": result.get("wall_s"),
     }
 
 
@@ -406,8 +514,11 @@ def compare(arms: dict) -> None:
         diffs = [abs(a - b) / abs(b) for a, b in zip(arm["losses"], plain["losses"]) if a is not None and b]
         arm["final_loss_rel_diff"] = abs(arm["final_loss"] - plain["final_loss"]) / abs(plain["final_loss"])
         arm["max_step_loss_rel_diff"] = max(diffs) if diffs else None
-        arm["learning_guard_ok"] = (arm["final_loss_rel_diff"] <= 0.01 and arm["grad_norms_ok"]
-                                    and arm["real_tokens_per_step"] == plain["real_tokens_per_step"])
+        arm["learning_guard_ok"] = (
+            arm["final_loss_rel_diff"] <= 0.01
+            and arm["grad_norms_ok"]
+            and arm["real_tokens_per_step"] == plain["real_tokens_per_step"]
+        )
 
 
 def device_name(cuda: bool) -> str:
@@ -426,8 +537,13 @@ def pct(x: float) -> str:
 
 def render_table(paths: list[Path]) -> str:
     """A Markdown table of the benchmark JSON files (train: one row per arm; eval: one row)."""
-    lines = [("| device | model | run | real tokens/s | vs plain | MFU (989 TF) | MFU (matmul here) | peak memory "
-             "| vs plain | final loss | steps timed |"), "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| device | model | run | real tokens/s | vs plain | MFU (989 TF) | MFU (matmul here) | peak memory "
+            "| vs plain | final loss | steps timed |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     evals = []
     for path in sorted(paths):
         r = json.loads(path.read_text())
@@ -435,17 +551,24 @@ def render_table(paths: list[Path]) -> str:
             evals.append(r)
             continue
         for name, a in r.get("arms", {}).items():
-            lines.append(f"| {r['device']} | {r['shape']} | {name} | {a['tokens_per_s']:,.0f} | "
-                         f"{a['speedup_vs_plain']:.2f}x | {pct(a['mfu_vs_peak'])} | {pct(a['mfu_vs_ceiling'])} | "
-                         f"{a['peak_mem_gib']:.1f} GiB{' RSS' if a.get('memory') == 'max RSS' else ''} | {a['memory_vs_plain']:.2f}x | {a['final_loss']:.4f} | "
-                         f"{a['timed_steps']} |")
+            lines.append(
+                f"| {r['device']} | {r['shape']} | {name} | {a['tokens_per_s']:,.0f} | "
+                f"{a['speedup_vs_plain']:.2f}x | {pct(a['mfu_vs_peak'])} | {pct(a['mfu_vs_ceiling'])} | "
+                f"{a['peak_mem_gib']:.1f} GiB{' RSS' if a.get('memory') == 'max RSS' else ''} | {a['memory_vs_plain']:.2f}x | {a['final_loss']:.4f} | "
+                f"{a['timed_steps']} |"
+            )
     if evals:
-        lines += ["", "| device | model | generation | ours tokens/s | LLaMA-Factory do_predict tokens/s | speedup |",
-                  "|---|---|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| device | model | generation | ours tokens/s | LLaMA-Factory do_predict tokens/s | speedup |",
+            "|---|---|---|---:|---:|---:|",
+        ]
         for r in evals:
-            lines.append(f"| {r['device']} | {r['model']} | {r['examples']} prompts x {r['max_new_tokens']} new tokens, "
-                         f"batch {r['batch_size']} | {r['ours_tokens_per_s']:,.0f} | {r['lf_tokens_per_s']:,.0f} | "
-                         f"{r['speedup']:.2f}x |")
+            lines.append(
+                f"| {r['device']} | {r['model']} | {r['examples']} prompts x {r['max_new_tokens']} new tokens, "
+                f"batch {r['batch_size']} | {r['ours_tokens_per_s']:,.0f} | {r['lf_tokens_per_s']:,.0f} | "
+                f"{r['speedup']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -455,23 +578,29 @@ def write_readme(readme: Path, table: str) -> None:
     if start < 0 or end < start:
         sys.exit(f"{readme}: add the lines {README_START} and {README_END} where the table goes")
     tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(text[:start + len(README_START)] + "\n" + table + text[end:], encoding="utf-8")
+    tmp.write_text(text[: start + len(README_START)] + "\n" + table + text[end:], encoding="utf-8")
     os.replace(tmp, readme)
 
 
 def report(r: dict) -> str:
-    lines = [(f"{r['device']}, {r['shape']} ({r['model']['params'] / 1e9:.2f} B params, {r['dtype']}), LoRA rank "
-             f"{r['lora_rank']}, cutoff_len {r['cutoff_len']}: {r['data']['real_tokens_per_step']} real tokens per "
-             f"optimizer step in every arm; {r['steps']['timed']} steps timed after {r['steps']['warmup']}; matmul "
-             f"ceiling {r['matmul_ceiling_tflops']:.1f} TFLOP/s ({r['matmul']})")]
+    lines = [
+        (
+            f"{r['device']}, {r['shape']} ({r['model']['params'] / 1e9:.2f} B params, {r['dtype']}), LoRA rank "
+            f"{r['lora_rank']}, cutoff_len {r['cutoff_len']}: {r['data']['real_tokens_per_step']} real tokens per "
+            f"optimizer step in every arm; {r['steps']['timed']} steps timed after {r['steps']['warmup']}; matmul "
+            f"ceiling {r['matmul_ceiling_tflops']:.1f} TFLOP/s ({r['matmul']})"
+        )
+    ]
     for name, a in r["arms"].items():
-        lines.append(f"  {name:8s} {a['tokens_per_s']:10,.0f} real tokens/s ({a['speedup_vs_plain']:.2f}x)  "
-                     f"step {a['step_s']:.3f} s  MFU {pct(a['mfu_vs_peak'])} of {r['peak_tflops']:.0f} TF, "
-                     f"{a['mfu_vs_ceiling']:.1%} of the matmul  peak {a['peak_mem_gib']:.2f} GiB "
-                     f"({a['memory_vs_plain']:.2f}x)  final loss {a['final_loss']:.4f} "
-                     f"({a['final_loss_rel_diff']:.2%} from plain; guard {'ok' if a['learning_guard_ok'] else 'FAILED'})"
-                     f"  [{a['attn_implementation']}, liger {a['liger']}, grad ckpt {a['gradient_checkpointing']}, "
-                     f"{a['micro_batch']} x {a['accumulation']}]")
+        lines.append(
+            f"  {name:8s} {a['tokens_per_s']:10,.0f} real tokens/s ({a['speedup_vs_plain']:.2f}x)  "
+            f"step {a['step_s']:.3f} s  MFU {pct(a['mfu_vs_peak'])} of {r['peak_tflops']:.0f} TF, "
+            f"{a['mfu_vs_ceiling']:.1%} of the matmul  peak {a['peak_mem_gib']:.2f} GiB "
+            f"({a['memory_vs_plain']:.2f}x)  final loss {a['final_loss']:.4f} "
+            f"({a['final_loss_rel_diff']:.2%} from plain; guard {'ok' if a['learning_guard_ok'] else 'FAILED'})"
+            f"  [{a['attn_implementation']}, liger {a['liger']}, grad ckpt {a['gradient_checkpointing']}, "
+            f"{a['micro_batch']} x {a['accumulation']}]"
+        )
     lines += [f"  note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
@@ -516,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="keep the model, data, configs and logs here (default: temp)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "reports/bench")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per arm")
-    parser.add_argument("--table", action="store_true", help="print the Markdown table of --out-dir/*.json, run nothing")
+    parser.add_argument(
+        "--table", action="store_true", help="print the Markdown table of --out-dir/*.json, run nothing"
+    )
     parser.add_argument("--readme", type=Path, help="write that table into this file between the bench markers")
     parser.add_argument("--export-tokenizer", type=Path, help="copy the tokenizer files here (for gpu/run.sh), exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -550,8 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     args.shape = args.shape if args.shape != "auto" else ("llama2-7b" if cuda else "tiny")
     shape_name = args.shape
     args.cutoff_len = args.cutoff_len or (2048 if cuda else 256)
-    args.steps, args.warmup = args.steps or (35 if cuda else 8), args.warmup if args.warmup is not None else (
-        5 if cuda else 2)
+    args.steps, args.warmup = (
+        args.steps or (35 if cuda else 8),
+        args.warmup if args.warmup is not None else (5 if cuda else 2),
+    )
     arms = (args.arms or ("plain,fast,fast-gc" if cuda else "plain,fast")).split(",")
     if arms[0] != "plain" or not set(arms) <= {"plain", "fast", "fast-gc"}:
         sys.exit("--arms: plain first, then any of fast, fast-gc")
@@ -573,14 +706,26 @@ def main(argv: list[str] | None = None) -> int:
     build_model(shape, tok, model_dir, cuda)
     (work / "shape").write_text(shape_name)  # for gpu/run.sh's label of the eval benchmark
     per_step = args.batch * args.accum
-    lengths = make_data(enc, data_dir, steps=args.steps, per_step=per_step, per_pack=args.per_pack,
-                        cutoff_len=args.cutoff_len, seed=args.seed)
-    step_tokens = [sum(lengths[i:i + per_step]) for i in range(0, len(lengths), per_step)]
-    step_flops = [sum(flops_per_example(shape, args.lora_rank, n) for n in lengths[i:i + per_step])
-                  for i in range(0, len(lengths), per_step)]
+    lengths = make_data(
+        enc,
+        data_dir,
+        steps=args.steps,
+        per_step=per_step,
+        per_pack=args.per_pack,
+        cutoff_len=args.cutoff_len,
+        seed=args.seed,
+    )
+    step_tokens = [sum(lengths[i : i + per_step]) for i in range(0, len(lengths), per_step)]
+    step_flops = [
+        sum(flops_per_example(shape, args.lora_rank, n) for n in lengths[i : i + per_step])
+        for i in range(0, len(lengths), per_step)
+    ]
     ceiling, matmul = matmul_ceiling(cuda)
-    print(f"setup {time.perf_counter() - t0:.0f} s: model, {len(lengths)} examples ({min(lengths)}-{max(lengths)} "
-          f"tokens, median {statistics.median(lengths):.0f}), matmul {ceiling:.1f} TFLOP/s", file=sys.stderr)
+    print(
+        f"setup {time.perf_counter() - t0:.0f} s: model, {len(lengths)} examples ({min(lengths)}-{max(lengths)} "
+        f"tokens, median {statistics.median(lengths):.0f}), matmul {ceiling:.1f} TFLOP/s",
+        file=sys.stderr,
+    )
 
     kernels = set()
     if cuda:
@@ -592,44 +737,84 @@ def main(argv: list[str] | None = None) -> int:
         else:
             kernels.add("liger_kernel")
     runtime = Runtime(
-        cuda=cuda, gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
-        kernels=frozenset(kernels), cpu_count=len(os.sched_getaffinity(0)), model_config=shape,
-        weights_bytes=sum(f.stat().st_size for f in model_dir.glob("*.safetensors")), example_tokens=tuple(lengths))
+        cuda=cuda,
+        gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
+        kernels=frozenset(kernels),
+        cpu_count=len(os.sched_getaffinity(0)),
+        model_config=shape,
+        weights_bytes=sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
+        example_tokens=tuple(lengths),
+    )
 
     results = {}
     for arm in arms:
         sections, plan = arm_sections(arm, args, model_dir, data_dir, work / arm, precision, runtime, args.steps)
         print(f"arm {arm}: {'; '.join(plan.notes)}", file=sys.stderr)
         raw = run_arm(arm, sections, work, args.timeout)
-        results[arm] = summarize(arm, raw, warmup=args.warmup, step_tokens=step_tokens, step_flops=step_flops,
-                                 peak_tflops=args.peak_tflops, ceiling_tflops=ceiling)
-        results[arm] |= {"config": lf_config.flat(sections), "profile_notes": plan.notes,
-                         "estimate_gib": plan.estimate_gib}
-        print(f"arm {arm}: {results[arm]['tokens_per_s']:,.0f} real tokens/s, {results[arm]['wall_s']} s in all",
-              file=sys.stderr)
+        results[arm] = summarize(
+            arm,
+            raw,
+            warmup=args.warmup,
+            step_tokens=step_tokens,
+            step_flops=step_flops,
+            peak_tflops=args.peak_tflops,
+            ceiling_tflops=ceiling,
+        )
+        results[arm] |= {
+            "config": lf_config.flat(sections),
+            "profile_notes": plan.notes,
+            "estimate_gib": plan.estimate_gib,
+        }
+        print(
+            f"arm {arm}: {results[arm]['tokens_per_s']:,.0f} real tokens/s, {results[arm]['wall_s']} s in all",
+            file=sys.stderr,
+        )
     compare(results)
     goals = None  # the issue's goals are for a GPU, one arm against plain, from this one run
     if cuda:
-        goals = {name: {"speedup": a["speedup_vs_plain"] >= GOALS["speedup"],
-                        "memory": a["memory_vs_plain"] <= GOALS["memory"], "mfu": a["mfu_vs_peak"] >= GOALS["mfu"]}
-                 for name, a in results.items() if name != "plain"}
+        goals = {
+            name: {
+                "speedup": a["speedup_vs_plain"] >= GOALS["speedup"],
+                "memory": a["memory_vs_plain"] <= GOALS["memory"],
+                "mfu": a["mfu_vs_peak"] >= GOALS["mfu"],
+            }
+            for name, a in results.items()
+            if name != "plain"
+        }
     linear, lora = linear_params(shape, args.lora_rank)
     n_params = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) // (2 if cuda else 4)
     import llamafactory
     import transformers
 
     out = {
-        "kind": "train", "device": device_name(cuda), "shape": shape_name, "dtype": precision,
+        "kind": "train",
+        "device": device_name(cuda),
+        "shape": shape_name,
+        "dtype": precision,
         "model": shape | {"params": n_params, "linear_params": linear, "lora_params": lora},
-        "lora_rank": args.lora_rank, "cutoff_len": args.cutoff_len,
-        "data": {"examples_per_step": per_step, "examples_per_pack": args.per_pack,
-                 "real_tokens_per_step": step_tokens[0], "length_min": min(lengths), "length_max": max(lengths),
-                 "length_median": statistics.median(lengths), "seed": args.seed},
+        "lora_rank": args.lora_rank,
+        "cutoff_len": args.cutoff_len,
+        "data": {
+            "examples_per_step": per_step,
+            "examples_per_pack": args.per_pack,
+            "real_tokens_per_step": step_tokens[0],
+            "length_min": min(lengths),
+            "length_max": max(lengths),
+            "length_median": statistics.median(lengths),
+            "seed": args.seed,
+        },
         "steps": {"total": args.steps, "warmup": args.warmup, "timed": args.steps - args.warmup},
-        "peak_tflops": args.peak_tflops, "matmul_ceiling_tflops": ceiling, "matmul": matmul,
-        "arms": results, "goals": goals, "notes": notes,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "llamafactory": llamafactory.__version__},
+        "peak_tflops": args.peak_tflops,
+        "matmul_ceiling_tflops": ceiling,
+        "matmul": matmul,
+        "arms": results,
+        "goals": goals,
+        "notes": notes,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "llamafactory": llamafactory.__version__,
+        },
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
     }
@@ -637,8 +822,10 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(path, out)
     print(report(out))
     for name, met in (goals or {}).items():
-        print(f"  goals, {name} vs plain (>= {GOALS['speedup']}x tokens/s, <= {GOALS['memory']}x memory, MFU >= "
-              f"{GOALS['mfu']:.0%}): " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+        print(
+            f"  goals, {name} vs plain (>= {GOALS['speedup']}x tokens/s, <= {GOALS['memory']}x memory, MFU >= "
+            f"{GOALS['mfu']:.0%}): " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items())
+        )
     print(f"wrote {path}")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)

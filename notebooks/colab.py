@@ -70,8 +70,12 @@ SMOKE = os.environ.get("LLMFT_SMOKE", "1" if SMOKE else "0") == "1"
 
 def sh(cmd: str) -> None:
     """Run `cmd` with the repo's .venv first on PATH, show its output as it comes, stop the notebook on failure."""
-    env = os.environ | {"PATH": f"{WORKDIR}/.venv/bin:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-                        "PYTHONUTF8": "1", "TQDM_MININTERVAL": "20"}  # a progress line every 20 s, not a flood
+    env = os.environ | {
+        "PATH": f"{WORKDIR}/.venv/bin:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUTF8": "1",
+        "TQDM_MININTERVAL": "20",
+    }  # a progress line every 20 s, not a flood
     proc = subprocess.Popen(cmd, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         print(line, end="")
@@ -141,19 +145,32 @@ if not Path("checkpoints").is_symlink():
 print(f"checkpoints -> {os.readlink('checkpoints')}")
 
 # %%
-overrides = {"model.name_or_path": MODEL, "data.input": DATA,
-             "train.max_samples": None,  # the repo's default, 160, is sized for a CPU; a GPU takes them all
-             "train.save_steps": 50}  # a checkpoint every 50 steps: at most that much lost on a disconnect
+overrides = {
+    "model.name_or_path": MODEL,
+    "data.input": DATA,
+    "train.max_samples": None,  # the repo's default, 160, is sized for a CPU; a GPU takes them all
+    "train.save_steps": 50,
+}  # a checkpoint every 50 steps: at most that much lost on a disconnect
 if QLORA:
     overrides["train.quantization_bit"] = 4
     sh("python -m pip install -q bitsandbytes==0.50.2")  # QLoRA's kernels; not in the pins (CUDA only)
 if DATA != "data/raw/idioms.csv":
     overrides["data.templates"] = []  # the default templates fit only the idiom table; map columns by name
 if SMOKE:
-    overrides |= {"data.val_size": 4, "train.max_steps": 2, "train.max_samples": 8, "train.cutoff_len": 64,
-                  "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1,
-                  "train.logging_steps": 1, "train.save_steps": 1, "train.eval_steps": 1,
-                  "eval.max_examples": 2, "eval.max_new_tokens": 8, "eval.num_threads": 1}
+    overrides |= {
+        "data.val_size": 4,
+        "train.max_steps": 2,
+        "train.max_samples": 8,
+        "train.cutoff_len": 64,
+        "train.per_device_train_batch_size": 2,
+        "train.gradient_accumulation_steps": 1,
+        "train.logging_steps": 1,
+        "train.save_steps": 1,
+        "train.eval_steps": 1,
+        "eval.max_examples": 2,
+        "eval.max_new_tokens": 8,
+        "eval.num_threads": 1,
+    }
 set_params("params.yaml", overrides)
 sh("python -m llmft.params")  # the schema check every stage does first
 sh("git diff --stat params.yaml; git diff -U0 params.yaml | grep '^[-+] ' || true")

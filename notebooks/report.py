@@ -51,21 +51,33 @@ params = load_params(PARAMS)
 prep, train, evals = read_json(PREPARE), read_json(TRAIN), read_json(EVAL)
 info = read_model_info(MODEL_DIR) if (Path(MODEL_DIR) / "model_info.json").exists() else {}
 t = params.train
-display(Markdown(
-    f"**Model** `{info.get('source', params.model.name_or_path)}` (template `{info.get('template', '?')}`), "
-    f"**data** `{params.data.input}`, **method** {t.finetuning_type}"
-    + (f" (rank {t.lora_rank}, alpha {t.lora_alpha})" if t.finetuning_type == "lora" else "")
-    + f", {train.get('global_step', '?')} optimizer steps in {rd.fmt(train.get('train_runtime_s'))} s "
-    f"at {rd.fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}."))
+display(
+    Markdown(
+        f"**Model** `{info.get('source', params.model.name_or_path)}` (template `{info.get('template', '?')}`), "
+        f"**data** `{params.data.input}`, **method** {t.finetuning_type}"
+        + (f" (rank {t.lora_rank}, alpha {t.lora_alpha})" if t.finetuning_type == "lora" else "")
+        + f", {train.get('global_step', '?')} optimizer steps in {rd.fmt(train.get('train_runtime_s'))} s "
+        f"at {rd.fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}."
+    )
+)
 
 # %% [markdown]
 # ## Data
 
 # %%
-display(rd.kv_table({"source rows": prep["rows_in"], "examples built": prep["examples_in"], "kept": prep["kept"],
-                     **{f"dropped: {reason}": n for reason, n in prep.get("dropped", {}).items()},
-                     "dropped in total": prep["dropped_total"],
-                     **{f"split: {name}": n for name, n in prep["splits"].items()}}, [PREPARE, "count"]))
+display(
+    rd.kv_table(
+        {
+            "source rows": prep["rows_in"],
+            "examples built": prep["examples_in"],
+            "kept": prep["kept"],
+            **{f"dropped: {reason}": n for reason, n in prep.get("dropped", {}).items()},
+            "dropped in total": prep["dropped_total"],
+            **{f"split: {name}": n for name, n in prep["splits"].items()},
+        },
+        [PREPARE, "count"],
+    )
+)
 
 # %%
 lengths, unit = rd.example_lengths(Path(DATA_DIR) / "train.json", MODEL_DIR)
@@ -79,16 +91,22 @@ if unit == "tokens" and cutoff <= 2 * longest:
     ax.axvline(cutoff, color="#C44E52", linestyle="--", label=f"train.cutoff_len = {cutoff} tokens")
     ax.legend()
 else:
-    ax.set_title(f"train.cutoff_len = {cutoff} tokens" + (" (off the right edge)" if unit == "tokens" else ""),
-                 loc="right", fontsize=10)
+    ax.set_title(
+        f"train.cutoff_len = {cutoff} tokens" + (" (off the right edge)" if unit == "tokens" else ""),
+        loc="right",
+        fontsize=10,
+    )
 ax.set_title(f"Train split: {len(lengths)} examples, longest {longest} {unit}", loc="left", fontsize=10)
 rd.show(fig, f"Histogram of the lengths of {len(lengths)} training examples in {unit}; cutoff_len {cutoff}")
-display(Markdown(
-    f"{over} of {len(lengths)} training examples ({100 * over / len(lengths):.1f}%) are longer than "
-    f"`train.cutoff_len` = {cutoff} tokens and get truncated; the chat template adds a few tokens per example."
-    if unit == "tokens" else
-    f"No tokenizer on disk in `{MODEL_DIR}`, so lengths are in characters; `train.cutoff_len` = {cutoff} counts "
-    "tokens (for Chinese, roughly one token per 1-1.5 characters)."))
+display(
+    Markdown(
+        f"{over} of {len(lengths)} training examples ({100 * over / len(lengths):.1f}%) are longer than "
+        f"`train.cutoff_len` = {cutoff} tokens and get truncated; the chat template adds a few tokens per example."
+        if unit == "tokens"
+        else f"No tokenizer on disk in `{MODEL_DIR}`, so lengths are in characters; `train.cutoff_len` = {cutoff} counts "
+        "tokens (for Chinese, roughly one token per 1-1.5 characters)."
+    )
+)
 
 # %% [markdown]
 # ## Training curves

@@ -41,8 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.metrics, metrics)
     write_environment(args.env, "evaluate")
     for s in metrics["examples"]:
-        log.info("%s: %s", s, ", ".join(f"{k} {metrics['base'][s][k]:.2f} -> {metrics['tuned'][s][k]:.2f}"
-                                         for k in ("bleu4", "rougeL", "exact_match", "loss")))
+        log.info(
+            "%s: %s",
+            s,
+            ", ".join(
+                f"{k} {metrics['base'][s][k]:.2f} -> {metrics['tuned'][s][k]:.2f}"
+                for k in ("bleu4", "rougeL", "exact_match", "loss")
+            ),
+        )
     return 0
 
 

@@ -37,8 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     m = export(Path(args.base), Path(args.adapter), Path(args.out), p.export, p.train, Path(args.data), Path(args.eval))
     atomic_write_json(args.metrics, m)
     write_environment(args.env, "export")
-    log.info("wrote %s: %d shard(s), %.1f MB %s, in %.1f s", args.out, m["num_shards"], m["size_mb"], m["dtype"],
-             m["seconds"])
+    log.info(
+        "wrote %s: %d shard(s), %.1f MB %s, in %.1f s",
+        args.out,
+        m["num_shards"],
+        m["size_mb"],
+        m["dtype"],
+        m["seconds"],
+    )
     return 0
 
 

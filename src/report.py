@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", default="reports/metrics/eval.json", type=Path)
     parser.add_argument("--export", default="reports/metrics/export.json", type=Path, help="optional")
     parser.add_argument("--predictions", default="reports/predictions.jsonl", type=Path)
-    parser.add_argument("--plots", default="dvclive/train/plots/metrics", type=Path,
-                        help="the train stage's DVCLive series (*.tsv)")
+    parser.add_argument(
+        "--plots", default="dvclive/train/plots/metrics", type=Path, help="the train stage's DVCLive series (*.tsv)"
+    )
     parser.add_argument("--data-dir", default="data/processed", type=Path, help="train.json: the length histogram")
     parser.add_argument("--model-dir", default="models/base", type=Path, help="model_info.json and the tokenizer")
     parser.add_argument("--lock", default="dvc.lock", type=Path, help="DVC hashes of data and models")
@@ -48,16 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures.parent.resolve() != args.md.parent.resolve():
         raise UserError(f"--figures {args.figures} must sit beside --md {args.md}: report.md links to it relatively")
     check_inputs(args)
-    values = {"PARAMS": args.params, "EXPORT": str(args.export),
-              "LOCK": str(args.lock), "ENV": str(args.env)}
+    values = {"PARAMS": args.params, "EXPORT": str(args.export), "LOCK": str(args.lock), "ENV": str(args.env)}
     values |= {name: str(path) for name, (path, _) in inputs(args).items()}
     values |= {"DATA_DIR": str(args.data_dir), "MODEL_DIR": str(args.model_dir)}
     nb = execute(args.notebook, values, args.timeout)
     # Three renames, html last: a crash before it leaves the previous report.html in place.
     with atomic_path(args.html) as html, atomic_path(args.md) as md, atomic_path(args.figures) as figures:
         convert(nb, html, md, figures)
-    log.info("wrote %s (%.0f kB), %s and %s/ in %.1f s", args.html, args.html.stat().st_size / 1024, args.md,
-             args.figures, time.perf_counter() - start)
+    log.info(
+        "wrote %s (%.0f kB), %s and %s/ in %.1f s",
+        args.html,
+        args.html.stat().st_size / 1024,
+        args.md,
+        args.figures,
+        time.perf_counter() - start,
+    )
     return 0
 
 

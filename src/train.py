@@ -33,12 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default=d.metrics, type=Path)
     parser.add_argument("--env", default="reports/env/train.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
-    paths = TrainPaths(args.params, args.model_dir, args.data_dir, args.out, args.checkpoints, args.live_dir,
-                       args.metrics)
+    paths = TrainPaths(
+        args.params, args.model_dir, args.data_dir, args.out, args.checkpoints, args.live_dir, args.metrics
+    )
     outcome = train(load_params(args.params), paths)
     if outcome.returncode:
-        print(f"error: llamafactory-cli train exited with code {outcome.returncode}; its messages are above",
-              file=sys.stderr)
+        print(
+            f"error: llamafactory-cli train exited with code {outcome.returncode}; its messages are above",
+            file=sys.stderr,
+        )
         return outcome.returncode
     write_environment(args.env, "train")
     return 0

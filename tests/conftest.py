@@ -50,17 +50,38 @@ def tiny_model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:
     for f in smol_tokenizer_dir.iterdir():
         shutil.copy(f, out / f.name)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model.save_pretrained(out)
-    write_json(out / "model_info.json", {
-        "source": "tiny-random-llama", "path": str(out), "template": "smollm2",
-        "num_parameters": model.num_parameters(), "eos_token": IM_END, "pad_token": IM_END,
-        "sha256": None, "revision": None, "model_type": "llama", "dtype": "float32", "weights_written": True,
-    })
+    write_json(
+        out / "model_info.json",
+        {
+            "source": "tiny-random-llama",
+            "path": str(out),
+            "template": "smollm2",
+            "num_parameters": model.num_parameters(),
+            "eos_token": IM_END,
+            "pad_token": IM_END,
+            "sha256": None,
+            "revision": None,
+            "model_type": "llama",
+            "dtype": "float32",
+            "weights_written": True,
+        },
+    )
     return out
 
 
@@ -102,8 +123,9 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     torch.manual_seed(0)  # lora_A's init draws from the global generator: the same adapter whatever ran before
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                  task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.3)  # lora_B starts at zero: an untrained adapter would change nothing

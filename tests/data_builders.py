@@ -1,5 +1,4 @@
-"""Small tables and params for the data tests: write a CSV/JSONL, build examples, make Q&A rows.
-"""
+"""Small tables and params for the data tests: write a CSV/JSONL, build examples, make Q&A rows."""
 
 from __future__ import annotations
 

@@ -12,10 +12,21 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-OUTPUTS = ("data/processed", "models/", "reports/metrics/", "reports/env/", "reports/predictions", "checkpoints/",
-           "dvclive/")
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
+OUTPUTS = (
+    "data/processed",
+    "models/",
+    "reports/metrics/",
+    "reports/env/",
+    "reports/predictions",
+    "checkpoints/",
+    "dvclive/",
+)
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:

@@ -1,5 +1,4 @@
-"""Val/test rows and params for the evaluate and inference tests, and how to write them as a prepared split.
-"""
+"""Val/test rows and params for the evaluate and inference tests, and how to write them as a prepared split."""
 
 from __future__ import annotations
 
@@ -9,8 +8,12 @@ from pathlib import Path
 VAL = [
     {"instruction": "解释成语「冰寒于水」的意思。", "input": "", "output": "冰比水冷。指后来居上。"},
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
-    {"instruction": "Translate to English", "input": "你好，世界", "output": "Hello, world!",
-     "history": [["Hi", "Hello! How can I help?"]]},
+    {
+        "instruction": "Translate to English",
+        "input": "你好，世界",
+        "output": "Hello, world!",
+        "history": [["Hi", "Hello! How can I help?"]],
+    },
     {"instruction": "成语「板板六十四」怎么读？", "input": "", "output": "bǎn bǎn liù shí sì", "system": "Be brief."},
     {"instruction": "Count to three.", "input": "", "output": "1, 2, 3"},
 ]

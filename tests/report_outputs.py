@@ -17,53 +17,124 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
     m = repo / "reports/metrics"
     m.mkdir(parents=True)
-    write_json(m / "prepare.json", {
-        "rows_in": 500, "examples_in": 1000, "kept": 990, "dropped": {"empty_output": 4, "duplicate": 6},
-        "dropped_total": 10, "splits": {"train": 940, "val": 50},
-        "prompt_chars": {"p50": 18, "p90": 18, "p99": 21, "max": 22},
-        "output_chars": {"p50": 16, "p90": 29, "p99": 47, "max": 58}})
-    write_json(m / "train.json", {"train_loss": 1.23, "eval_loss": 1.45, "global_step": steps, "epoch": 3.0,
-                                  "train_runtime_s": 321.5, "tokens_per_sec": 456.7, "resumed_from_step": 0,
-                                  "oom_retries": 0, "precision": "fp32", "per_device_train_batch_size": 4,
-                                  "gradient_accumulation_steps": 4})
+    write_json(
+        m / "prepare.json",
+        {
+            "rows_in": 500,
+            "examples_in": 1000,
+            "kept": 990,
+            "dropped": {"empty_output": 4, "duplicate": 6},
+            "dropped_total": 10,
+            "splits": {"train": 940, "val": 50},
+            "prompt_chars": {"p50": 18, "p90": 18, "p99": 21, "max": 22},
+            "output_chars": {"p50": 16, "p90": 29, "p99": 47, "max": 58},
+        },
+    )
+    write_json(
+        m / "train.json",
+        {
+            "train_loss": 1.23,
+            "eval_loss": 1.45,
+            "global_step": steps,
+            "epoch": 3.0,
+            "train_runtime_s": 321.5,
+            "tokens_per_sec": 456.7,
+            "resumed_from_step": 0,
+            "oom_retries": 0,
+            "precision": "fp32",
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 4,
+        },
+    )
 
     def scores(shift: float) -> dict:
-        return {"val": {"bleu4": 10.0 + shift, "rouge1": 30.0 + shift, "rougeL": 28.0 + shift,
-                        "exact_match": 2.0 + shift, "loss": 2.5 - shift / 10, "perplexity": 12.2 - shift,
-                        "answer_tokens": 20.5, "stopped": 98.0,
-                        "llamafactory": {"bleu-4": 11.0 + shift, "rouge-l": 27.0 + shift}}}
+        return {
+            "val": {
+                "bleu4": 10.0 + shift,
+                "rouge1": 30.0 + shift,
+                "rougeL": 28.0 + shift,
+                "exact_match": 2.0 + shift,
+                "loss": 2.5 - shift / 10,
+                "perplexity": 12.2 - shift,
+                "answer_tokens": 20.5,
+                "stopped": 98.0,
+                "llamafactory": {"bleu-4": 11.0 + shift, "rouge-l": 27.0 + shift},
+            }
+        }
 
     base, tuned = scores(0), scores(5)
-    write_json(m / "eval.json", {"base": base, "tuned": tuned,
-                                 "delta": {"val": {k: (v - base["val"][k] if not isinstance(v, dict) else
-                                                       {kk: vv - base["val"][k][kk] for kk, vv in v.items()})
-                                                   for k, v in tuned["val"].items()}},
-                                 "examples": {"val": 50}, "method": "tokens: jieba words; all scores in percent"})
-    write_json(m / "export.json", {"merge_check": {"max_abs_diff": 3.1e-6, "atol": 1e-4, "greedy_match": True,
-                                                   "prompts": 2, "tokens": 40}, "dtype": "float32", "seconds": 12.3})
-    rows = [{"split": "val", "index": i, "prompt": PROMPTS[i % 3], "label": f"比喻做了多余的事，反而不恰当。{i}",
-             "base": "I am not sure.\nSecond line", "tuned": f"比喻多此一举。{i}"} for i in range(50)]
+    write_json(
+        m / "eval.json",
+        {
+            "base": base,
+            "tuned": tuned,
+            "delta": {
+                "val": {
+                    k: (
+                        v - base["val"][k]
+                        if not isinstance(v, dict)
+                        else {kk: vv - base["val"][k][kk] for kk, vv in v.items()}
+                    )
+                    for k, v in tuned["val"].items()
+                }
+            },
+            "examples": {"val": 50},
+            "method": "tokens: jieba words; all scores in percent",
+        },
+    )
+    write_json(
+        m / "export.json",
+        {
+            "merge_check": {"max_abs_diff": 3.1e-6, "atol": 1e-4, "greedy_match": True, "prompts": 2, "tokens": 40},
+            "dtype": "float32",
+            "seconds": 12.3,
+        },
+    )
+    rows = [
+        {
+            "split": "val",
+            "index": i,
+            "prompt": PROMPTS[i % 3],
+            "label": f"比喻做了多余的事，反而不恰当。{i}",
+            "base": "I am not sure.\nSecond line",
+            "tuned": f"比喻多此一举。{i}",
+        }
+        for i in range(50)
+    ]
     (repo / "reports/predictions.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     live = repo / "dvclive/train/plots/metrics"
     (live / "eval").mkdir(parents=True)
-    (live / "loss.tsv").write_text("step\tloss\n" + "".join(f"{s}\t{3 / s ** 0.3:.4f}\n" for s in range(1, steps + 1)))
-    (live / "eval/loss.tsv").write_text("step\tloss\n" + "".join(f"{s}\t{3.2 / s ** 0.25:.4f}\n"
-                                                                 for s in range(10, steps + 1, 10)))
-    (live / "learning_rate.tsv").write_text("timestamp\tstep\tlearning_rate\n" + "".join(
-        f"{1700000000 + s}\t{s}\t{5e-5 * (1 - s / steps):.3e}\n" for s in range(1, steps + 1)))
+    (live / "loss.tsv").write_text("step\tloss\n" + "".join(f"{s}\t{3 / s**0.3:.4f}\n" for s in range(1, steps + 1)))
+    (live / "eval/loss.tsv").write_text(
+        "step\tloss\n" + "".join(f"{s}\t{3.2 / s**0.25:.4f}\n" for s in range(10, steps + 1, 10))
+    )
+    (live / "learning_rate.tsv").write_text(
+        "timestamp\tstep\tlearning_rate\n"
+        + "".join(f"{1700000000 + s}\t{s}\t{5e-5 * (1 - s / steps):.3e}\n" for s in range(1, steps + 1))
+    )
     (repo / "data/processed").mkdir(parents=True)
-    write_json(repo / "data/processed/train.json",
-               [{"instruction": PROMPTS[i % 3], "input": "", "output": "答" * (5 + i % 40)} for i in range(120)])
+    write_json(
+        repo / "data/processed/train.json",
+        [{"instruction": PROMPTS[i % 3], "input": "", "output": "答" * (5 + i % 40)} for i in range(120)],
+    )
     (repo / "models/base").mkdir(parents=True)
-    write_json(repo / "models/base/model_info.json", {"source": "embedded:smollm2.gguf", "template": "smollm2",
-                                                      "path": "models/base"})
-    (repo / "dvc.yaml").write_text("stages:\n" + "".join(
-        f"  {stage}:\n    cmd: 'true'\n    params: [{section}]\n" for stage, section in
-        (("prepare", "data"), ("model", "model"), ("train", "train"))))
+    write_json(
+        repo / "models/base/model_info.json",
+        {"source": "embedded:smollm2.gguf", "template": "smollm2", "path": "models/base"},
+    )
+    (repo / "dvc.yaml").write_text(
+        "stages:\n"
+        + "".join(
+            f"  {stage}:\n    cmd: 'true'\n    params: [{section}]\n"
+            for stage, section in (("prepare", "data"), ("model", "model"), ("train", "train"))
+        )
+    )
     (repo / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  prepare:\n    cmd: 'true'\n    outs:\n    - path: data/processed\n"
         "      hash: md5\n      md5: d1f464002a45e418017ea7df34ee7483.dir\n      size: 155018\n      nfiles: 3\n"
         "    - path: reports/metrics/prepare.json\n      hash: md5\n      md5: 36d5dd503e15398de660635e6e770914\n"
         "      size: 492\n  model:\n    cmd: 'true'\n    outs:\n    - path: models/base\n      hash: md5\n"
-        "      md5: 0123456789abcdef0123456789abcdef.dir\n      size: 1000\n      nfiles: 2\n")
+        "      md5: 0123456789abcdef0123456789abcdef.dir\n      size: 1000\n      nfiles: 2\n"
+    )

@@ -19,9 +19,24 @@ bench_train = load_script("benchmarks/bench_train.py")
 def bench(smol_tokenizer_dir, tmp_path_factory) -> dict:
     """One tiny CPU run: plain and fast, 3 steps each (1 warm-up)."""
     tmp = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--shape", "tiny", "--steps", "3", "--warmup",
-           "1", "--arms", "plain,fast", "--tokenizer", str(smol_tokenizer_dir), "--work-dir", str(tmp / "work"),
-           "--out-dir", str(tmp / "out")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks/bench_train.py"),
+        "--shape",
+        "tiny",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--arms",
+        "plain,fast",
+        "--tokenizer",
+        str(smol_tokenizer_dir),
+        "--work-dir",
+        str(tmp / "work"),
+        "--out-dir",
+        str(tmp / "out"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     files = list((tmp / "out").glob("*.json"))
@@ -47,7 +62,9 @@ def test_cpu_smoke_run_measures_both_arms_on_equal_work(bench):
     assert plain["config"].get("neat_packing") is None and plain["gradient_checkpointing"] is True
     assert fast["config"]["neat_packing"] is True and fast["gradient_checkpointing"] is False
     assert (fast["micro_batch"], fast["accumulation"]) == (4, 1) and (plain["micro_batch"], plain["accumulation"]) == (
-        4, 4)
+        4,
+        4,
+    )
     assert r["goals"] is None and "CPU: a smoke test" in r["notes"][0]
     assert "fast " in bench["stdout"] and "guard ok" in bench["stdout"]
 
@@ -57,8 +74,20 @@ def test_cpu_smoke_run_measures_both_arms_on_equal_work(bench):
 def test_readme_table_from_the_smoke_run(bench, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n{bench_train.README_START}\nold table\n{bench_train.README_END}\nafter\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--out-dir", str(bench["out"]),
-                           "--readme", str(readme)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/bench_train.py"),
+            "--out-dir",
+            str(bench["out"]),
+            "--readme",
+            str(readme),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
     assert text.startswith("# Title\n\nbefore\n<!-- bench:start -->\n| device | model | run |")
@@ -68,25 +97,47 @@ def test_readme_table_from_the_smoke_run(bench, tmp_path):
 
 
 def fake_result(device: str, speedup: float) -> dict:
-    arm = {"tokens_per_s": 1000.0, "speedup_vs_plain": 1.0, "mfu_vs_peak": 0.2, "mfu_vs_ceiling": 0.25,
-           "peak_mem_gib": 20.0, "memory_vs_plain": 1.0, "final_loss": 9.5, "timed_steps": 30}
+    arm = {
+        "tokens_per_s": 1000.0,
+        "speedup_vs_plain": 1.0,
+        "mfu_vs_peak": 0.2,
+        "mfu_vs_ceiling": 0.25,
+        "peak_mem_gib": 20.0,
+        "memory_vs_plain": 1.0,
+        "final_loss": 9.5,
+        "timed_steps": 30,
+    }
     fast = arm | {"tokens_per_s": 1000.0 * speedup, "speedup_vs_plain": speedup, "memory_vs_plain": 0.6}
     return {"kind": "train", "device": device, "shape": "llama2-7b", "arms": {"plain": arm, "fast": fast}}
 
 
 def test_table_has_one_row_per_arm_and_the_eval_rows_apart(tmp_path):
     (tmp_path / "h100-llama2-7b.json").write_text(json.dumps(fake_result("NVIDIA H100 80GB HBM3", 2.5)))
-    (tmp_path / "h100-eval.json").write_text(json.dumps({
-        "kind": "eval", "device": "NVIDIA H100 80GB HBM3", "model": "llama2-7b random-init + fast LoRA",
-        "examples": 32, "max_new_tokens": 64, "batch_size": 16, "ours_tokens_per_s": 900.0,
-        "lf_tokens_per_s": 300.0, "speedup": 3.0}))
+    (tmp_path / "h100-eval.json").write_text(
+        json.dumps(
+            {
+                "kind": "eval",
+                "device": "NVIDIA H100 80GB HBM3",
+                "model": "llama2-7b random-init + fast LoRA",
+                "examples": 32,
+                "max_new_tokens": 64,
+                "batch_size": 16,
+                "ours_tokens_per_s": 900.0,
+                "lf_tokens_per_s": 300.0,
+                "speedup": 3.0,
+            }
+        )
+    )
     table = bench_train.render_table(sorted(tmp_path.glob("*.json")))
     lines = table.splitlines()
-    assert lines[2] == ("| NVIDIA H100 80GB HBM3 | llama2-7b | plain | 1,000 | 1.00x | 20.0% | 25.0% | 20.0 GiB | "
-                        "1.00x | 9.5000 | 30 |")
+    assert lines[2] == (
+        "| NVIDIA H100 80GB HBM3 | llama2-7b | plain | 1,000 | 1.00x | 20.0% | 25.0% | 20.0 GiB | 1.00x | 9.5000 | 30 |"
+    )
     assert lines[3].startswith("| NVIDIA H100 80GB HBM3 | llama2-7b | fast | 2,500 | 2.50x |") and "0.60x" in lines[3]
-    assert lines[-1] == ("| NVIDIA H100 80GB HBM3 | llama2-7b random-init + fast LoRA | 32 prompts x 64 new tokens, "
-                         "batch 16 | 900 | 300 | 3.00x |")
+    assert lines[-1] == (
+        "| NVIDIA H100 80GB HBM3 | llama2-7b random-init + fast LoRA | 32 prompts x 64 new tokens, "
+        "batch 16 | 900 | 300 | 3.00x |"
+    )
 
 
 def test_readme_without_markers_is_a_clear_error(tmp_path):
@@ -98,8 +149,15 @@ def test_readme_without_markers_is_a_clear_error(tmp_path):
 
 
 def test_model_flops_of_llama2_7b_follow_the_lora_formula():
-    shape = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008, "num_attention_heads": 32,
-             "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000}
+    shape = {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "vocab_size": 32000,
+    }
     linear, lora = bench_train.linear_params(shape, 8)
     assert linear == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000  # 6.61 B: all but embeddings and norms
     assert lora == 32 * 8 * (4 * 2 * 4096 + 3 * (4096 + 11008))  # ~20 M
@@ -110,12 +168,17 @@ def test_model_flops_of_llama2_7b_follow_the_lora_formula():
 
 def test_data_blocks_fill_one_pack_each_with_exact_llamafactory_lengths(smol_tokenizer_dir, tmp_path):
     enc = bench_train.Encoder(smol_tokenizer_dir, 512)
-    lengths = bench_train.make_data(enc, tmp_path, steps=2, per_step=8, per_pack=4, cutoff_len=512, seed=1,
-                                    val_examples=4)
+    lengths = bench_train.make_data(
+        enc, tmp_path, steps=2, per_step=8, per_pack=4, cutoff_len=512, seed=1, val_examples=4
+    )
     rows = json.loads((tmp_path / "train.json").read_text())
     assert len(rows) == len(lengths) == 16 and len(json.loads((tmp_path / "val.json").read_text())) == 4
-    assert [sum(lengths[i:i + 4]) for i in range(0, 16, 4)] == [511] * 4  # cutoff_len - 1: one full pack
+    assert [sum(lengths[i : i + 4]) for i in range(0, 16, 4)] == [511] * 4  # cutoff_len - 1: one full pack
     assert [enc.length(r["instruction"], r["output"]) for r in rows] == lengths
     assert min(lengths) >= enc.overhead + 8 and max(lengths) <= 511 * 3 // 4
-    assert bench_train.make_data(enc, tmp_path / "again", steps=2, per_step=8, per_pack=4, cutoff_len=512,
-                                 seed=1, val_examples=4) == lengths  # seeded
+    assert (
+        bench_train.make_data(
+            enc, tmp_path / "again", steps=2, per_step=8, per_pack=4, cutoff_len=512, seed=1, val_examples=4
+        )
+        == lengths
+    )  # seeded

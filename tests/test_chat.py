@@ -45,8 +45,13 @@ def test_answer_is_written_piece_by_piece_as_it_is_generated(loaded):
     assert "".join(out.pieces).strip() == answer
 
 
-def test_history_carries_over_turns_and_clear_forgets_it(loaded, tiny_model_dir, tiny_lora_dir, monkeypatch,  # noqa: F811
-                                                         capsys):
+def test_history_carries_over_turns_and_clear_forgets_it(
+    loaded,
+    tiny_model_dir,
+    tiny_lora_dir,
+    monkeypatch,  # noqa: F811
+    capsys,
+):
     prompts: list[str] = []
 
     def fake_reply(model, fmt, prompt_ids, args, out=sys.stdout):
@@ -55,8 +60,9 @@ def test_history_carries_over_turns_and_clear_forgets_it(loaded, tiny_model_dir,
 
     monkeypatch.setattr(chat, "load", lambda model_dir, adapter: loaded)
     monkeypatch.setattr(chat, "reply", fake_reply)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n/clear\nthird question\n/exit\n"
-                                                  "never read\n"))
+    monkeypatch.setattr(
+        sys, "stdin", io.StringIO("first question\nsecond question\n/clear\nthird question\n/exit\nnever read\n")
+    )
     assert chat.main(["--model", str(tiny_model_dir), "--adapter", str(tiny_lora_dir)]) == 0
     assert len(prompts) == 3
     assert "first question" in prompts[1] and "answer 1" in prompts[1] and "second question" in prompts[1]
@@ -93,10 +99,30 @@ def read_until(fd: int, pattern: str, timeout: float, chunks: list[str] | None =
 @pytest.mark.slow
 def test_terminal_session_question_clear_and_ctrl_d(tiny_model_dir, tiny_lora_dir):  # noqa: F811
     main_fd, child_fd = os.openpty()
-    cmd = [sys.executable, "-m", "llmft.tools.chat", "--model", str(tiny_model_dir), "--adapter",
-           str(tiny_lora_dir), "--max-new-tokens", "24", "--temperature", "1.0", "--seed", "0"]
-    proc = subprocess.Popen(cmd, stdin=child_fd, stdout=child_fd, stderr=child_fd, cwd=ROOT, close_fds=True,
-                            env={**os.environ, "TERM": "dumb", "LOG_LEVEL": "WARNING"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmft.tools.chat",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(tiny_lora_dir),
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=child_fd,
+        stdout=child_fd,
+        stderr=child_fd,
+        cwd=ROOT,
+        close_fds=True,
+        env={**os.environ, "TERM": "dumb", "LOG_LEVEL": "WARNING"},
+    )
     os.close(child_fd)
     try:
         read_until(main_fd, ">>> ", timeout=180)

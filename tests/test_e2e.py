@@ -22,8 +22,18 @@ pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or ma
 def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: Path):
     repo = copy_repo(tmp_path / "repo")
     edit_params(repo, "data", val_size=6)
-    edit_params(repo, "train", max_steps=3, max_samples=24, cutoff_len=128, per_device_train_batch_size=2,
-                gradient_accumulation_steps=2, logging_steps=1, save_steps=2, eval_steps=2)
+    edit_params(
+        repo,
+        "train",
+        max_steps=3,
+        max_samples=24,
+        cutoff_len=128,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        save_steps=2,
+        eval_steps=2,
+    )
     edit_params(repo, "eval", max_examples=6, max_new_tokens=16)
     run(["git", "commit", "-qam", "smoke-sized params"], repo)
 

@@ -1,5 +1,4 @@
-"""Stage `evaluate` (src/evaluate.py, src/llmft/evaluation.py) on the tiny random Llama with a real LoRA adapter.
-"""
+"""Stage `evaluate` (src/evaluate.py, src/llmft/evaluation.py) on the tiny random Llama with a real LoRA adapter."""
 
 from __future__ import annotations
 
@@ -20,9 +19,20 @@ from scripts import ROOT
 def test_evaluate_writes_both_models_answers_and_metrics(tiny_model_dir, adapter_dir, tmp_path, stage):
     data = write_data(tmp_path / "data", VAL, test=VAL[:2])
     metrics_path, predictions_path = tmp_path / "out/eval.json", tmp_path / "out/predictions.jsonl"
-    argv = ["--params", str(write_params(tmp_path / "params.yaml")), "--data-dir", str(data), "--base",
-            str(tiny_model_dir), "--adapter", str(adapter_dir), "--metrics", str(metrics_path),
-            "--predictions", str(predictions_path)]
+    argv = [
+        "--params",
+        str(write_params(tmp_path / "params.yaml")),
+        "--data-dir",
+        str(data),
+        "--base",
+        str(tiny_model_dir),
+        "--adapter",
+        str(adapter_dir),
+        "--metrics",
+        str(metrics_path),
+        "--predictions",
+        str(predictions_path),
+    ]
     assert stage("evaluate").main(argv) == 0
 
     rows = [json.loads(line) for line in predictions_path.read_text(encoding="utf-8").splitlines()]
@@ -47,9 +57,22 @@ def test_evaluate_writes_both_models_answers_and_metrics(tiny_model_dir, adapter
 def run_cli(tmp_path: Path, base: Path, adapter: Path, data: Path, **eval_params) -> subprocess.CompletedProcess:
     out = tmp_path / "out"
     params = write_params(tmp_path / "p.yaml", **eval_params)
-    cmd = [sys.executable, str(ROOT / "src/evaluate.py"), "--params", str(params), "--data-dir", str(data),
-           "--base", str(base), "--adapter", str(adapter), "--metrics", str(out / "eval.json"),
-           "--predictions", str(out / "predictions.jsonl")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "src/evaluate.py"),
+        "--params",
+        str(params),
+        "--data-dir",
+        str(data),
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--metrics",
+        str(out / "eval.json"),
+        "--predictions",
+        str(out / "predictions.jsonl"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -59,11 +82,17 @@ def run_cli(tmp_path: Path, base: Path, adapter: Path, data: Path, **eval_params
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("val, message", [
-    ("[]", "non-empty JSON list"),
-    ("{oops", "not valid UTF-8 JSON"),
-    ('[{"instruction": "hi", "input": "", "output": "ok"}, {"instruction": "no answer"}]', "example 2 is not a valid"),
-])
+@pytest.mark.parametrize(
+    "val, message",
+    [
+        ("[]", "non-empty JSON list"),
+        ("{oops", "not valid UTF-8 JSON"),
+        (
+            '[{"instruction": "hi", "input": "", "output": "ok"}, {"instruction": "no answer"}]',
+            "example 2 is not a valid",
+        ),
+    ],
+)
 def test_bad_or_empty_val_split_is_one_error_line(tiny_model_dir, adapter_dir, tmp_path, val, message):
     result = run_cli(tmp_path, tiny_model_dir, adapter_dir, write_data(tmp_path / "data", val))
     assert message in result.stderr.splitlines()[-1]
@@ -98,14 +127,29 @@ def test_vllm_backend_without_vllm_is_one_error_line(tiny_model_dir, adapter_dir
 
 
 def test_sharegpt_split_is_read_as_llamafactory_reads_it(fmt, tmp_path):
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "冰寒于水？"},
-                    {"role": "assistant", "content": "冰比水冷。"}]
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "冰寒于水？"},
+        {"role": "assistant", "content": "冰比水冷。"},
+    ]
     (tmp_path / "val.json").write_text(json.dumps([{"conversations": conversation}], ensure_ascii=False))
-    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-            "system_tag": "system"}
-    info = {"val": {"file_name": "val.json", "formatting": "sharegpt", "columns": {"messages": "conversations"},
-                    "tags": tags}}
+    tags = {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "system_tag": "system",
+    }
+    info = {
+        "val": {
+            "file_name": "val.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "conversations"},
+            "tags": tags,
+        }
+    }
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     [example] = evaluate.encode_split(tmp_path, "val", evaluate.load_rows(tmp_path, "val", None), fmt)
     assert (example["prompt"], example["label"]) == ("冰寒于水？", "冰比水冷。")

@@ -33,8 +33,19 @@ def baseline(tmp_path_factory, tiny_model_dir) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("exp") / "repo")
     edit_params(repo, "model", name_or_path=str(tiny_model_dir))
     edit_params(repo, "data", val_size=4)
-    edit_params(repo, "train", max_steps=2, max_samples=8, cutoff_len=64, per_device_train_batch_size=2,
-                gradient_accumulation_steps=1, logging_steps=1, save_steps=1, eval_steps=1, learning_rate=1.0e-3)
+    edit_params(
+        repo,
+        "train",
+        max_steps=2,
+        max_samples=8,
+        cutoff_len=64,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        logging_steps=1,
+        save_steps=1,
+        eval_steps=1,
+        learning_rate=1.0e-3,
+    )
     edit_params(repo, "eval", max_examples=4, max_new_tokens=8, num_threads=1)
     out = run(["dvc", "repro"], repo, timeout=1800).stdout
     assert "Running stage 'report'" in out
@@ -103,8 +114,14 @@ def test_make_sweep_runs_the_grid_from_the_queue_and_compare_reports_the_differe
     assert "2 success" in out and "lora_rank" in out and "eval_loss" in out
     ranks = {}
     for name in names:
-        text = run([str(BIN / "python"), "-c", f"import dvc.api; print(dvc.api.params_show(rev={name!r})"
-                    f"['train']['lora_rank'])"], repo).stdout
+        text = run(
+            [
+                str(BIN / "python"),
+                "-c",
+                f"import dvc.api; print(dvc.api.params_show(rev={name!r})['train']['lora_rank'])",
+            ],
+            repo,
+        ).stdout
         ranks[name] = int(text)
     assert sorted(ranks.values()) == [4, 8]
     a, b = sorted(names, key=ranks.get)
@@ -123,8 +140,14 @@ def test_a_second_repro_while_one_runs_gets_a_lock_error_and_changes_nothing(bas
     repo = clone(baseline, "lock")
     run(["rm", "-rf", "checkpoints"], repo)  # so that train really trains, for a while
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1"}
-    first = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=repo, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "train"],
+        cwd=repo,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 300
     while not (repo / "checkpoints/fingerprint.json").exists():  # written by train.py, inside the first repro
         assert first.poll() is None and time.time() < deadline, "the first repro ended before training started"
@@ -136,22 +159,31 @@ def test_a_second_repro_while_one_runs_gets_a_lock_error_and_changes_nothing(bas
     # runs: the second one meets either, and its message says which process holds it.
     assert second.returncode != 0, second.stdout
     assert "Unable to acquire lock" in second.stderr or (
-        "is busy, it is being blocked by" in second.stderr and "dvc repro train" in second.stderr), second.stderr
+        "is busy, it is being blocked by" in second.stderr and "dvc repro train" in second.stderr
+    ), second.stderr
     assert "Running stage" not in second.stdout
     assert {f: (repo / f).read_bytes() for f in before} == before
     out, _ = first.communicate(timeout=900)
     assert first.returncode == 0, out
     assert "train" not in run(["dvc", "status", "train"], repo).stdout  # the first finished intact
     from safetensors.torch import load_file
+
     assert load_file(repo / ADAPTER)
 
 
 def test_compare_ranks_the_examples_whose_answer_lost_most():
     key = lambda prompt, label: ("val", prompt, label)  # noqa: E731
-    a = {key("p1", "画蛇添足"): {"tuned": "画蛇添足"}, key("p2", "the cat sat"): {"tuned": "the cat sat"},
-         key("p3", "x y"): {"tuned": "z"}, key("only-a", "q"): {"tuned": "q"}}
-    b = {key("p1", "画蛇添足"): {"tuned": "他画蛇添足了"}, key("p2", "the cat sat"): {"tuned": "a dog"},
-         key("p3", "x y"): {"tuned": "x y"}}
+    a = {
+        key("p1", "画蛇添足"): {"tuned": "画蛇添足"},
+        key("p2", "the cat sat"): {"tuned": "the cat sat"},
+        key("p3", "x y"): {"tuned": "z"},
+        key("only-a", "q"): {"tuned": "q"},
+    }
+    b = {
+        key("p1", "画蛇添足"): {"tuned": "他画蛇添足了"},
+        key("p2", "the cat sat"): {"tuned": "a dog"},
+        key("p3", "x y"): {"tuned": "x y"},
+    }
     worst, matched = compare.dropped(a, b, top=5)
     assert matched == 3
     assert [r["prompt"] for r in worst] == ["p2", "p1"]  # 100 -> 0, then 100 -> 50 (jieba: 他/画蛇添足/了)

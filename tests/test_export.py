@@ -19,15 +19,30 @@ PROMPT = "Hello! Who are you?"
 
 
 def run_export(tmp: Path, base: Path, adapter: Path, **export_params) -> tuple[int, Path]:
-    params = {"data": {"input": "unused.csv"}, "export": {"check_prompts": [PROMPT], "check_new_tokens": 8,
-                                                          **export_params}}
+    params = {
+        "data": {"input": "unused.csv"},
+        "export": {"check_prompts": [PROMPT], "check_new_tokens": 8, **export_params},
+    }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     data = tmp / "data"
     data.mkdir(exist_ok=True)
     (data / "train.json").write_text('[{"instruction": "hi", "output": "hello"}]\n', encoding="utf-8")
-    argv = ["--params", str(tmp / "params.yaml"), "--base", str(base), "--adapter", str(adapter),
-            "--out", str(tmp / "merged"), "--data", str(data), "--eval", str(tmp / "eval.json"),
-            "--metrics", str(tmp / "export.json")]
+    argv = [
+        "--params",
+        str(tmp / "params.yaml"),
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--out",
+        str(tmp / "merged"),
+        "--data",
+        str(data),
+        "--eval",
+        str(tmp / "eval.json"),
+        "--metrics",
+        str(tmp / "export.json"),
+    ]
     return run_main(load_script("src/export.py").main, argv), tmp / "merged"
 
 
@@ -43,8 +58,9 @@ def exported(tiny_model_dir, tiny_lora_dir, tmp_path_factory):  # noqa: F811
 def logits_and_greedy(model, tokenizer, prompt: str):
     import torch
 
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
@@ -114,8 +130,14 @@ def _perturb_one_layer(model):  # the merged weights are off in one layer
 
 
 @pytest.mark.parametrize("corrupt", [_drop_adapter, _perturb_one_layer])
-def test_broken_merge_fails_and_writes_nothing(corrupt, tiny_model_dir, tiny_lora_dir, tmp_path, monkeypatch,  # noqa: F811
-                                               capsys):
+def test_broken_merge_fails_and_writes_nothing(
+    corrupt,
+    tiny_model_dir,
+    tiny_lora_dir,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+    capsys,
+):
     monkeypatch.setattr(export, "merge", corrupt)
     rc, out = run_export(tmp_path, tiny_model_dir, tiny_lora_dir)
     err = capsys.readouterr().err

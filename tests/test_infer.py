@@ -14,8 +14,12 @@ from llmft.infer import decode, kv_cache, loading, mkl
 
 
 def test_prompts_match_the_tokenizer_chat_template(fmt):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "成语「冰寒于水」？"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "成语「冰寒于水」？"},
+    ]
     prompt_ids, answer_ids = fmt.encode(messages[1:] + [{"role": "assistant", "content": "冰比水冷。"}], "Be brief.")
     text = fmt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert fmt.tokenizer.decode(prompt_ids) == text
@@ -27,21 +31,27 @@ def test_prompts_match_the_tokenizer_chat_template(fmt):
 def test_prompts_match_llamafactory_do_predict_encoding(fmt):
     from llamafactory.data.processor.unsupervised import UnsupervisedDatasetProcessor
 
-    processor = UnsupervisedDatasetProcessor(template=fmt.template, tokenizer=fmt.tokenizer, processor=None,
-                                             data_args=fmt.data_args)
-    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-              {"role": "user", "content": "你好\n世界"}]
+    processor = UnsupervisedDatasetProcessor(
+        template=fmt.template, tokenizer=fmt.tokenizer, processor=None, data_args=fmt.data_args
+    )
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "你好\n世界"},
+    ]
     response = [{"role": "assistant", "content": "Hello, world!"}]
-    expected = processor._encode_data_example(prompt=prompt, response=response, system="", tools="", images=[],
-                                              videos=[], audios=[])
+    expected = processor._encode_data_example(
+        prompt=prompt, response=response, system="", tools="", images=[], videos=[], audios=[]
+    )
     assert fmt.encode(prompt + response, "", "") == expected
 
 
 def test_merged_model_gives_the_logits_of_base_plus_adapter(fmt, adapter_dir):
     from peft import PeftModel
 
-    ids = torch.tensor([fmt.encode([{"role": "user", "content": "Hello there"},
-                                    {"role": "assistant", "content": "Hi!"}])[0]])
+    ids = torch.tensor(
+        [fmt.encode([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}])[0]]
+    )
     with torch.inference_mode():
         base = loading.load_model(fmt)
         base_logits = base(ids).logits
@@ -81,26 +91,37 @@ def test_mkl_packed_weights_give_the_same_logits_and_are_unpacked_after(fmt):
 
 def test_batched_greedy_equals_one_by_one_and_hf_generate(fmt, adapter_dir):
     model = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
-    prompts = [fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
-               for ex in VAL]
+    prompts = [
+        fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
+        for ex in VAL
+    ]
     assert len({len(p) for p in prompts}) > 2  # different lengths: left padding is exercised
     batched = decode.greedy_generate(model, prompts, [2], 2, max_new_tokens=8, batch_size=3)
     single = [decode.greedy_generate(model, [p], [2], 2, max_new_tokens=8)[0] for p in prompts]
     assert batched == single
     with torch.inference_mode():
-        hf = [model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=2,
-                             pad_token_id=2)[0, len(p):].tolist() for p in prompts]
+        hf = [
+            model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=2)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
     assert single == hf
 
 
 def test_continuous_batching_refills_finished_rows_and_matches_one_by_one(fmt, adapter_dir, monkeypatch):
     model = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
-    prompts = [fmt.encode([{"role": "user", "content": f"{ex['instruction']} {'!' * n}"},
-                           {"role": "assistant", "content": ""}])[0] for n in range(6) for ex in VAL]
+    prompts = [
+        fmt.encode(
+            [{"role": "user", "content": f"{ex['instruction']} {'!' * n}"}, {"role": "assistant", "content": ""}]
+        )[0]
+        for n in range(6)
+        for ex in VAL
+    ]
     free = [decode.greedy_generate(model, [p], [-1], 2, max_new_tokens=6)[0] for p in prompts]  # -1 never comes
 
     def cut(answer, stops):
-        return next((answer[:i + 1] for i, t in enumerate(answer) if t in stops), answer)
+        return next((answer[: i + 1] for i, t in enumerate(answer) if t in stops), answer)
 
     # Stop at a token the model really produces, chosen so that rows finish after different numbers of steps.
     stops = [max(sorted({t for a in free for t in a}), key=lambda t: len({len(cut(a, [t])) for a in free}))]
@@ -112,6 +133,7 @@ def test_continuous_batching_refills_finished_rows_and_matches_one_by_one(fmt, a
         def counted(self, *args):
             calls[name] += 1
             return original(self, *args)
+
         return counted
 
     for name in ("keep_rows", "drop_columns"):
@@ -127,8 +149,16 @@ def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(2)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, rope_theta=1e6, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(cfg).eval()
     for name, param in model.named_parameters():
         if name.endswith("bias"):
@@ -142,8 +172,10 @@ def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch)
 
     if arch == "llama":
         model = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
-        prompts = [fmt.encode([{"role": "user", "content": ex["instruction"]},
-                               {"role": "assistant", "content": ""}])[0] for ex in VAL]
+        prompts = [
+            fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
+            for ex in VAL
+        ]
     else:
         model, prompts = tiny_qwen2(), [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
     lean = LeanDecoder.build(model, rows=len(prompts))
@@ -151,15 +183,17 @@ def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch)
     seen, step = [], lean.step
     lean.step = lambda *args: seen.append(step(*args)) or seen[-1]
     with torch.inference_mode():
-        decoder = decode._Decoder(model, prompts, [-1], 0, max_new_tokens=4, batch_size=len(prompts), full_rows=True,
-                               lean=lean)
+        decoder = decode._Decoder(
+            model, prompts, [-1], 0, max_new_tokens=4, batch_size=len(prompts), full_rows=True, lean=lean
+        )
         decoder.refill(list(range(len(prompts))))
         for _ in range(3):  # the later steps attend to keys and values the lean path wrote
             decoder.step()
         for i, logits in enumerate(seen):  # HF's forward on the whole text so far, without a cache
-            ids, mask = decode._left_pad([p + a[:i + 1] for p, a in zip(prompts, decoder.answers)], 0, "cpu")
-            expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                             logits_to_keep=1).logits[:, -1]
+            ids, mask = decode._left_pad([p + a[: i + 1] for p, a in zip(prompts, decoder.answers)], 0, "cpu")
+            expected = model(
+                input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1
+            ).logits[:, -1]
             torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     assert len(seen) == 3
 
@@ -168,8 +202,13 @@ def test_greedy_with_the_lean_path_equals_hf_generate(fmt, adapter_dir, monkeypa
     from llmft.infer.fast_decode import LeanDecoder
 
     model = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
-    prompts = [fmt.encode([{"role": "user", "content": f"{ex['instruction']} {'?' * n}"},
-                           {"role": "assistant", "content": ""}])[0] for n in range(2) for ex in VAL]
+    prompts = [
+        fmt.encode(
+            [{"role": "user", "content": f"{ex['instruction']} {'?' * n}"}, {"role": "assistant", "content": ""}]
+        )[0]
+        for n in range(2)
+        for ex in VAL
+    ]
     steps = collections.Counter()
     step = LeanDecoder.step
     monkeypatch.setattr(LeanDecoder, "step", lambda self, *args: steps.update(["lean"]) or step(self, *args))
@@ -177,8 +216,12 @@ def test_greedy_with_the_lean_path_equals_hf_generate(fmt, adapter_dir, monkeypa
     assert steps["lean"] > 0
     assert lean == decode.greedy_generate(model, prompts, [2], 2, max_new_tokens=10, batch_size=4, use_lean=False)
     with torch.inference_mode():
-        hf = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=2,
-                             pad_token_id=2)[0, len(p):].tolist() for p in prompts]
+        hf = [
+            model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=2)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
     assert lean == hf
 
 
@@ -188,23 +231,38 @@ def test_unsupported_models_fall_back_to_hf_forward(monkeypatch):
     from llmft.infer.fast_decode import LeanDecoder, unsupported_reason
 
     torch.manual_seed(3)
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    qwen3 = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+    ).eval()
     assert "model_type 'qwen3'" in unsupported_reason(qwen3)  # q/k norms: not the llama layer
     assert "CPU, fp32" in unsupported_reason(tiny_qwen2().double())
     monkeypatch.setattr(LeanDecoder, "step", lambda *args: pytest.fail("the lean path ran on an unsupported model"))
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     got = decode.greedy_generate(qwen3, prompts, [-1], 0, max_new_tokens=5, batch_size=2)
     with torch.inference_mode():
-        hf = [qwen3.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        hf = [
+            qwen3.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
     assert got == hf
 
 
 def test_answer_nll_scores_only_the_answer_tokens(fmt, adapter_dir):
     model = loading.load_model(fmt)
-    pairs = [fmt.encode([{"role": "user", "content": ex["instruction"]},
-                         {"role": "assistant", "content": ex["output"]}]) for ex in VAL]
+    pairs = [
+        fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ex["output"]}])
+        for ex in VAL
+    ]
     total, count = decode.answer_nll(model, [p for p, _ in pairs], [a for _, a in pairs], fmt.pad_id, batch_size=2)
     expected_total = 0.0
     with torch.inference_mode():

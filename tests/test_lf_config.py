@@ -1,5 +1,4 @@
-"""params.train -> LLaMA-Factory config (src/llmft/lf/config.py): house-style YAML, validation, precision, launch.
-"""
+"""params.train -> LLaMA-Factory config (src/llmft/lf/config.py): house-style YAML, validation, precision, launch."""
 
 from __future__ import annotations
 
@@ -34,7 +33,14 @@ def test_config_is_llamafactory_house_style_yaml():
     text = lf_config.to_yaml(sections, ["llamafactory-cli train models/lora/train_config.yaml"])
     assert text.startswith("# llamafactory-cli train models/lora/train_config.yaml\n")
     assert [line for line in text.splitlines() if line.startswith("###")] == [
-        "### model", "### method", "### dataset", "### output", "### train", "### eval", "### extra"]
+        "### model",
+        "### method",
+        "### dataset",
+        "### output",
+        "### train",
+        "### eval",
+        "### extra",
+    ]
     cfg = yaml.safe_load(text)
     assert cfg == lf_config.flat(sections)
     assert cfg["use_dora"] is True and cfg["quantization_bit"] == 4 and cfg["gradient_checkpointing"] is True
@@ -65,7 +71,11 @@ def test_deepspeed_and_multinode_launches_force_torchrun_and_keep_the_rendezvous
     nodes = {"PATH": "/usr/bin", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
     _, env = lf_config.launch_command("c.yaml", nodes, deepspeed=None, bin_dir="/venv/bin")
     assert env["FORCE_TORCHRUN"] == "1" and {k: env[k] for k in nodes if k != "PATH"} == {
-        "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+        "NNODES": "2",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     for z in ("z2", "z3"):
         ds = json.loads((ROOT / lf_config.DEEPSPEED_CONFIGS[z]).read_text())
         assert ds["zero_optimization"]["stage"] == int(z[1]) and ds["train_micro_batch_size_per_gpu"] == "auto"

@@ -25,18 +25,28 @@ def test_auto_on_a_cpu_changes_nothing():
     plain = config(profile="plain")
     assert config() == plain and "profile" not in plain
     # whatever the CPU machine has installed or the data look like
-    assert config(Runtime(kernels=frozenset({"liger_kernel", "flash_attn"}), cpu_count=64,
-                          example_tokens=(40,) * 100)) == plain
+    assert (
+        config(Runtime(kernels=frozenset({"liger_kernel", "flash_attn"}), cpu_count=64, example_tokens=(40,) * 100))
+        == plain
+    )
     plan = lf_config.plan_profile(TrainParams(), Runtime(), "fp32")
     assert plan.name == "plain" and plan.keys == {} and plan.batch is None
 
 
 def test_auto_on_cuda_is_fast_sdpa_liger_packing_no_checkpointing():
     sections = gpu_config()
-    assert sections["profile"] == {"flash_attn": "sdpa", "enable_liger_kernel": True, "dataloader_num_workers": 2,
-                                   "neat_packing": True, "disable_gradient_checkpointing": True}
+    assert sections["profile"] == {
+        "flash_attn": "sdpa",
+        "enable_liger_kernel": True,
+        "dataloader_num_workers": 2,
+        "neat_packing": True,
+        "disable_gradient_checkpointing": True,
+    }
     # 4 x 4 examples per step, 4 examples per pack -> 4 packs per step, one 2048-token pack per micro-batch
-    assert (sections["train"]["per_device_train_batch_size"], sections["train"]["gradient_accumulation_steps"]) == (1, 4)
+    assert (sections["train"]["per_device_train_batch_size"], sections["train"]["gradient_accumulation_steps"]) == (
+        1,
+        4,
+    )
     plain = gpu_config(profile="plain")  # LLaMA-Factory's defaults on the same GPU
     assert "profile" not in plain and plain["train"]["per_device_train_batch_size"] == 4
 
@@ -47,7 +57,10 @@ def test_flash_attention_2_is_used_where_it_imports_and_packs_one_sequence_per_m
     sections = gpu_config(fa2, cutoff_len=512)
     assert sections["profile"]["flash_attn"] == "fa2"
     # LLaMA-Factory asserts batch size 1 for neat packing with FlashAttention-2
-    assert (sections["train"]["per_device_train_batch_size"], sections["train"]["gradient_accumulation_steps"]) == (1, 4)
+    assert (sections["train"]["per_device_train_batch_size"], sections["train"]["gradient_accumulation_steps"]) == (
+        1,
+        4,
+    )
     sdpa = gpu_config(Runtime(**{**H100.__dict__, "example_tokens": short}), cutoff_len=512)
     # SDPA takes a packed batch: 2048-token micro-batches keep the GPU busy, so 4 packs of 512 at once
     assert sdpa["profile"]["flash_attn"] == "sdpa"
@@ -60,13 +73,19 @@ def test_gradient_checkpointing_stays_on_when_the_estimate_does_not_fit():
     assert "disable_gradient_checkpointing" not in plan.keys
     assert any(n.startswith("gradient checkpointing on: ~") and "over 80% of 22 GiB" in n for n in plan.notes)
     unknown = Runtime(**{**H100.__dict__, "model_config": None})  # a hub id: no config.json to estimate from
-    assert "disable_gradient_checkpointing" not in lf_config.plan_profile(TrainParams(cutoff_len=2048), unknown,
-                                                                          "bf16").keys
+    assert (
+        "disable_gradient_checkpointing"
+        not in lf_config.plan_profile(TrainParams(cutoff_len=2048), unknown, "bf16").keys
+    )
 
 
 def test_keys_set_in_train_extra_win_over_the_profile():
-    extra = {"flash_attn": "disabled", "enable_liger_kernel": False, "disable_gradient_checkpointing": False,
-             "dataloader_num_workers": 0}
+    extra = {
+        "flash_attn": "disabled",
+        "enable_liger_kernel": False,
+        "disable_gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+    }
     sections = gpu_config(extra=extra)
     assert sections["profile"] == {"neat_packing": True}
     assert sections["extra"] == extra
@@ -93,7 +112,10 @@ def test_packing_is_skipped_where_it_would_change_what_is_learned():
 def test_fast_forced_on_a_cpu_only_packs():
     sections = config(Runtime(example_tokens=(60, 50, 70, 74) * 40), profile="fast", cutoff_len=256)
     assert sections["profile"] == {"neat_packing": True}
-    assert (sections["train"]["per_device_train_batch_size"], sections["train"]["gradient_accumulation_steps"]) == (4, 1)
+    assert (sections["train"]["per_device_train_batch_size"], sections["train"]["gradient_accumulation_steps"]) == (
+        4,
+        1,
+    )
 
 
 def test_pack_count_matches_llamafactory_greedy_knapsack():
@@ -138,15 +160,16 @@ def test_fast_profile_yaml_is_accepted_by_llamafactory_parser():
 @pytest.mark.slow
 def test_train_stage_with_profile_fast_on_a_cpu_packs_and_trains(tiny_model_dir, tmp_path):
     # All 18 train examples (max_samples None) and save_steps at its default: train_project.TRAIN overridden.
-    make_project(tmp_path, profile="fast", max_steps=3, max_samples=None, cutoff_len=256, save_steps=1000,
-                 eval_steps=3)
+    make_project(tmp_path, profile="fast", max_steps=3, max_samples=None, cutoff_len=256, save_steps=1000, eval_steps=3)
     proc = run_stage(tmp_path, tiny_model_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train.profile fast: neat_packing=True" in proc.stderr
     cfg = yaml.safe_load((tmp_path / "models" / "lora" / "train_config.yaml").read_text())
     # ~5 examples of ~50 tokens fill a 256-token pack: 2 x 2 examples per step -> 1 pack per step
     assert cfg["neat_packing"] is True and (cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]) == (
-        1, 1)
+        1,
+        1,
+    )
     assert cfg["disable_gradient_checkpointing"] is True  # fp32 on a CPU, as without the profile
     metrics = json.loads((tmp_path / "reports" / "metrics" / "train.json").read_text())
     assert metrics["global_step"] == 3 and metrics["train_loss"] > 0 and metrics["eval_loss"] > 0

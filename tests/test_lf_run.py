@@ -16,12 +16,14 @@ from llmft.lf import run as lf_run
 
 def fake_launcher(oom_above: int, calls: list):
     """Stands in for llamafactory-cli: OOMs like CUDA does while the per-device batch is above `oom_above`."""
+
     def launch(sections):
         batch = sections["train"]["per_device_train_batch_size"]
         calls.append((batch, sections["train"]["gradient_accumulation_steps"]))
         if batch > oom_above:
             return 1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
         return 0, ""
+
     return launch
 
 

@@ -23,8 +23,24 @@ def test_help_lists_every_target_once_with_a_description():
     out = make("help").stdout
     listed = re.findall(r"^\s+(?:\x1b\[36m)?([a-z-]+)", out, flags=re.M)
     assert sorted(listed) == sorted(set(DOCUMENTED))
-    for name in ("setup", "all", "test", "data", "model", "train", "eval", "export", "report", "push", "pull",
-                 "chat", "serve", "notebook", "bench", "bench-data"):
+    for name in (
+        "setup",
+        "all",
+        "test",
+        "data",
+        "model",
+        "train",
+        "eval",
+        "export",
+        "report",
+        "push",
+        "pull",
+        "chat",
+        "serve",
+        "notebook",
+        "bench",
+        "bench-data",
+    ):
         assert name in listed, f"make help does not list {name}"
 
 

@@ -1,5 +1,4 @@
-"""Columns -> Alpaca/ShareGPT examples (src/llmft/data/mapping.py): aliases, templates, cleaning, drop counts.
-"""
+"""Columns -> Alpaca/ShareGPT examples (src/llmft/data/mapping.py): aliases, templates, cleaning, drop counts."""
 
 from __future__ import annotations
 
@@ -20,13 +19,16 @@ def test_direct_columns_map_to_alpaca(tmp_path):
     assert built.examples == [{"instruction": "你好", "input": "上下文", "output": "您好"}]
 
 
-@pytest.mark.parametrize(("prompt", "context", "answer"), [
-    ("prompt", "context", "response"),
-    ("question", "context", "answer"),
-    ("query", "context", "completion"),
-    ("Prompt", "Context", "Target"),
-    ("问题", "上下文", "答案"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "context", "answer"),
+    [
+        ("prompt", "context", "response"),
+        ("question", "context", "answer"),
+        ("query", "context", "completion"),
+        ("Prompt", "Context", "Target"),
+        ("问题", "上下文", "答案"),
+    ],
+)
 def test_alias_columns_map_to_instruction_input_output(tmp_path, prompt, context, answer):
     built = build(csv(tmp_path, {prompt: ["q"], context: ["c"], answer: ["a"], "other": ["x"]}))
     assert built.examples == [{"instruction": "q", "input": "c", "output": "a"}]
@@ -60,8 +62,15 @@ def test_unmappable_columns_error_lists_columns_found_and_aliases_tried(tmp_path
 
 
 def test_templates_build_one_example_per_template_per_row(tmp_path):
-    path = csv(tmp_path, {"word": ["画蛇添足", "守株待兔"], "pinyin": ["huà shé tiān zú", "shǒu zhū dài tù"],
-                          "explanation": ["比喻多此一举。", "比喻死守经验。"], "example": ["", ""]})
+    path = csv(
+        tmp_path,
+        {
+            "word": ["画蛇添足", "守株待兔"],
+            "pinyin": ["huà shé tiān zú", "shǒu zhū dài tù"],
+            "explanation": ["比喻多此一举。", "比喻死守经验。"],
+            "example": ["", ""],
+        },
+    )
     built = build(path, templates=IDIOM_TEMPLATES)
     assert built.examples_in == 4
     assert built.examples == [
@@ -98,8 +107,15 @@ def test_template_with_an_unbalanced_brace_is_a_user_error(tmp_path):
 
 
 def test_system_and_history_columns_pass_through(tmp_path):
-    path = csv(tmp_path, {"instruction": ["q2", "q1", "q3"], "output": ["a2", "a1", "a3"], "system": ["s", "", "s"],
-                          "history": ['[["q1", "a1"]]', "", "not json"]})
+    path = csv(
+        tmp_path,
+        {
+            "instruction": ["q2", "q1", "q3"],
+            "output": ["a2", "a1", "a3"],
+            "system": ["s", "", "s"],
+            "history": ['[["q1", "a1"]]', "", "not json"],
+        },
+    )
     built = build(path)
     assert built.fields == {"system", "history"}
     assert built.examples == [
@@ -122,8 +138,10 @@ def test_sharegpt_messages_as_json_text_in_csv_cells_pass_through(tmp_path):
     path = csv(tmp_path, {"messages": [json.dumps(c, ensure_ascii=False) for c in convs], "system": ["你是助手", ""]})
     built = build(path)
     assert built.kind == "sharegpt"
-    assert built.examples == [{"conversations": convs[0], "system": "你是助手"},
-                              {"conversations": convs[1], "system": ""}]
+    assert built.examples == [
+        {"conversations": convs[0], "system": "你是助手"},
+        {"conversations": convs[1], "system": ""},
+    ]
     assert (built.tags["role_tag"], built.tags["content_tag"], built.tags["user_tag"]) == ("role", "content", "user")
     assert built.fields == {"system"}
 
@@ -191,9 +209,17 @@ def test_whitespace_is_trimmed(tmp_path):
 
 
 def test_rows_with_empty_instruction_or_output_are_dropped_and_counted(tmp_path):
-    path = jsonl(tmp_path, [{"instruction": "q", "output": "a"}, {"instruction": "  ", "output": "a"},
-                            {"instruction": "q2", "output": ""}, {"instruction": "q3"}, {"output": "a"},
-                            {"instruction": "q4", "output": None}])
+    path = jsonl(
+        tmp_path,
+        [
+            {"instruction": "q", "output": "a"},
+            {"instruction": "  ", "output": "a"},
+            {"instruction": "q2", "output": ""},
+            {"instruction": "q3"},
+            {"output": "a"},
+            {"instruction": "q4", "output": None},
+        ],
+    )
     built = build(path)
     assert built.examples == [{"instruction": "q", "input": "", "output": "a"}]
     assert built.dropped == {"empty_instruction": 2, "empty_output": 3}
@@ -208,8 +234,14 @@ def test_exact_duplicates_are_dropped_but_same_prompt_with_other_output_is_kept(
 
 
 def test_length_limits_drop_and_count(tmp_path):
-    path = csv(tmp_path, {"instruction": ["短", "这个问题太长了", "问", "问题"], "input": ["", "", "", "上下文"],
-                          "output": ["答", "答", "这个答案太长了", "答"]})
+    path = csv(
+        tmp_path,
+        {
+            "instruction": ["短", "这个问题太长了", "问", "问题"],
+            "input": ["", "", "", "上下文"],
+            "output": ["答", "答", "这个答案太长了", "答"],
+        },
+    )
     built = build(path, max_prompt_chars=4, max_output_chars=5)
     assert [e["instruction"] for e in built.examples] == ["短"]
     assert built.dropped == {"prompt_too_long": 2, "output_too_long": 1}
@@ -217,12 +249,19 @@ def test_length_limits_drop_and_count(tmp_path):
 
 
 def test_every_example_is_kept_or_counted_in_the_stats(tmp_path):
-    rows = {"instruction": ["q1", "", "q2", "q2", "q3", "q4" * 50, "q5", "q6", "q7", "q1"],
-            "output": ["a1", "a", "", "x", "x", "a", "a" * 90, "a6", "a7", "a1"]}
+    rows = {
+        "instruction": ["q1", "", "q2", "q2", "q3", "q4" * 50, "q5", "q6", "q7", "q1"],
+        "output": ["a1", "a", "", "x", "x", "a", "a" * 90, "a6", "a7", "a1"],
+    }
     _, _, stats = prepare(params(csv(tmp_path, rows), val_size=1, max_prompt_chars=40, max_output_chars=50))
     assert stats["rows_in"] == stats["examples_in"] == 10
     assert stats["examples_in"] == stats["kept"] + sum(stats["dropped"].values())
     assert stats["dropped"] == {r: 0 for r in DROP_REASONS} | {
-        "empty_instruction": 1, "empty_output": 1, "prompt_too_long": 1, "output_too_long": 1, "duplicate": 1}
+        "empty_instruction": 1,
+        "empty_output": 1,
+        "prompt_too_long": 1,
+        "output_too_long": 1,
+        "duplicate": 1,
+    }
     assert stats["dropped_total"] == 5 and stats["kept"] == 5
     assert sum(stats["splits"].values()) == stats["kept"]

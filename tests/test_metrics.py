@@ -31,8 +31,16 @@ def test_english_scores_match_hand_computed_values():
     # Corpus BLEU: p1 = 9/10, p2 = 6/8, p3 = 4/6, p4 = 2/4; lengths 10 = 10 -> BP = 1
     #   BLEU = (0.9 * 0.75 * 2/3 * 0.5) ** 0.25 = 0.225 ** 0.25 = 0.688725
     got = text_metrics(["the cat sat on the mat", "Hello, world!"], ["the cat sat on a mat", "Hello,  world! "])
-    assert got == pytest.approx({"bleu4": 68.8725, "rouge1": (500 / 6 + 100) / 2, "rouge2": (60 + 100) / 2,
-                                 "rougeL": (500 / 6 + 100) / 2, "exact_match": 50.0}, abs=1e-4)
+    assert got == pytest.approx(
+        {
+            "bleu4": 68.8725,
+            "rouge1": (500 / 6 + 100) / 2,
+            "rouge2": (60 + 100) / 2,
+            "rougeL": (500 / 6 + 100) / 2,
+            "exact_match": 50.0,
+        },
+        abs=1e-4,
+    )
 
 
 def test_bleu_brevity_penalty_and_zero_matches():
@@ -51,8 +59,16 @@ def test_chinese_scores_match_hand_computed_values():
     # Corpus BLEU: p1 = 10/10, p2 = 7/8, p3 = 4/6, p4 = 2/4; lengths 10 vs 11 -> BP = exp(1 - 11/10)
     #   BLEU = exp(-0.1) * (7/24) ** 0.25 = 0.904837 * 0.734889 = 0.664955
     got = text_metrics(["冰比水冷。后来居上。", "比喻学生胜过老师。"], ["冰比水冷。指后来居上。", "比喻学生胜过老师。"])
-    assert got == pytest.approx({"bleu4": 66.4955, "rouge1": (1000 / 11 + 100) / 2, "rouge2": (200 / 3 + 100) / 2,
-                                 "rougeL": (1000 / 11 + 100) / 2, "exact_match": 50.0}, abs=1e-4)
+    assert got == pytest.approx(
+        {
+            "bleu4": 66.4955,
+            "rouge1": (1000 / 11 + 100) / 2,
+            "rouge2": (200 / 3 + 100) / 2,
+            "rougeL": (1000 / 11 + 100) / 2,
+            "exact_match": 50.0,
+        },
+        abs=1e-4,
+    )
 
 
 class CharTokenizer:
@@ -87,4 +103,5 @@ def test_llamafactory_scores_equal_llamafactory_compute_similarity():
 def test_llamafactory_char_bleu_of_an_exact_answer_is_100():
     # nltk sentence BLEU on characters; identical strings of >= 4 characters score 1.0, ROUGE F1 also 1.0
     assert llamafactory_metrics(["比喻学生胜过老师。"], ["比喻学生胜过老师。"]) == pytest.approx(
-        {"bleu-4": 100.0, "rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0}, abs=1e-3)
+        {"bleu-4": 100.0, "rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0}, abs=1e-3
+    )

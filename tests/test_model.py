@@ -27,7 +27,10 @@ def write_params(tmp_path: Path, **model) -> Path:
 
 def run_stage(tmp_path: Path, **model) -> tuple[Path, dict]:
     out = tmp_path / "models" / "base"
-    assert load_script("src/prepare_model.py").main(["--params", str(write_params(tmp_path, **model)), "--out", str(out)]) == 0
+    assert (
+        load_script("src/prepare_model.py").main(["--params", str(write_params(tmp_path, **model)), "--out", str(out)])
+        == 0
+    )
     return out, json.loads((out / "model_info.json").read_text(encoding="utf-8"))
 
 
@@ -37,15 +40,17 @@ def greedy(model_dir: Path, prompt: str, max_new_tokens: int = 48) -> tuple[list
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    inputs = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                     return_tensors="pt", return_dict=True)
+    inputs = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
     return new, tok.decode(new, skip_special_tokens=True)
 
 
 # --- the embedded SmolLM2 (slow: dequantizes 135M parameters once for the module) ---
+
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory) -> tuple[Path, dict]:
@@ -57,7 +62,8 @@ def test_embedded_writes_safetensors_and_the_contract(embedded):
     out, info = embedded
     assert (out / "model.safetensors").is_file()
     assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= {
-        f.name for f in out.iterdir()}
+        f.name for f in out.iterdir()
+    }
     assert CONTRACT <= info.keys()
     assert info["source"] == "embedded:SmolLM2-135M-Instruct.Q4_1.gguf"
     assert info["path"] == str(out)
@@ -88,14 +94,19 @@ def test_embedded_answers_paris_and_stops_at_im_end(embedded):
 
 # --- a local directory ---
 
+
 def test_local_dir_without_copy_writes_only_a_pointer(tmp_path, tiny_model_dir):
     out, info = run_stage(tmp_path, name_or_path=str(tiny_model_dir), template="smollm2")
     assert [f.name for f in out.iterdir()] == ["model_info.json"]
     assert CONTRACT <= info.keys()
     assert info["source"] == info["path"] == str(tiny_model_dir.resolve())
     assert info["num_parameters"] == json.loads((tiny_model_dir / "model_info.json").read_text())["num_parameters"]
-    assert (info["template"], info["eos_token"], info["sha256"], info["weights_written"]) == ("smollm2", "<|im_end|>",
-                                                                                          None, False)
+    assert (info["template"], info["eos_token"], info["sha256"], info["weights_written"]) == (
+        "smollm2",
+        "<|im_end|>",
+        None,
+        False,
+    )
 
 
 def test_local_dir_with_copy_weights_is_loadable_from_models_base(tmp_path, tiny_model_dir):
@@ -124,13 +135,20 @@ def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path):
 
 # --- a Hub id with no Hub in reach ---
 
+
 @pytest.mark.integration
 def test_unreachable_hub_id_fails_in_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "models" / "base"
     params = write_params(tmp_path, name_or_path="HuggingFaceTB/SmolLM2-360M-Instruct")
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # empty cache: nothing to fall back on
-    proc = subprocess.run([sys.executable, "src/prepare_model.py", "--params", str(params), "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "src/prepare_model.py", "--params", str(params), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -142,15 +160,19 @@ def test_unreachable_hub_id_fails_in_one_line_and_writes_nothing(tmp_path):
 
 # --- templates ---
 
-@pytest.mark.parametrize("name, model_type, has_chat_template, expected", [
-    ("embedded", "llama", True, "smollm2"),
-    ("HuggingFaceTB/SmolLM2-360M-Instruct", "llama", True, "smollm2"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2", True, "qwen"),
-    ("Meta-Llama-3.1-8B-Instruct", "llama", True, "llama3"),
-    ("my-finetune", "gemma2", True, "gemma2"),
-    ("Qwen/Qwen2.5-0.5B", "qwen2", False, "alpaca"),  # no chat template of its own: the original guide's alpaca
-    ("some-org/unknown-model", "llama", True, "alpaca"),
-])
+
+@pytest.mark.parametrize(
+    "name, model_type, has_chat_template, expected",
+    [
+        ("embedded", "llama", True, "smollm2"),
+        ("HuggingFaceTB/SmolLM2-360M-Instruct", "llama", True, "smollm2"),
+        ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2", True, "qwen"),
+        ("Meta-Llama-3.1-8B-Instruct", "llama", True, "llama3"),
+        ("my-finetune", "gemma2", True, "gemma2"),
+        ("Qwen/Qwen2.5-0.5B", "qwen2", False, "alpaca"),  # no chat template of its own: the original guide's alpaca
+        ("some-org/unknown-model", "llama", True, "alpaca"),
+    ],
+)
 def test_auto_template_follows_the_model(name, model_type, has_chat_template, expected):
     assert resolve_template("auto", name, model_type, has_chat_template) == expected
 

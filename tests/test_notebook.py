@@ -28,8 +28,11 @@ def cells(nb) -> list[tuple]:
 
 def test_committed_ipynb_is_what_make_notebook_builds_from_the_py(tmp_path):
     out = tmp_path / "colab.ipynb"
-    subprocess.run([Path(sys.executable).parent / "jupytext", "--to", "ipynb", "--output", out,
-                    ROOT / "notebooks/colab.py"], check=True, capture_output=True)
+    subprocess.run(
+        [Path(sys.executable).parent / "jupytext", "--to", "ipynb", "--output", out, ROOT / "notebooks/colab.py"],
+        check=True,
+        capture_output=True,
+    )
     built, committed = nbformat.read(out, as_version=4), nbformat.read(NOTEBOOK, as_version=4)
     assert cells(committed) == cells(built), "notebooks/colab.ipynb is stale: run `make notebook` and commit it"
     assert committed.metadata == built.metadata
@@ -59,8 +62,14 @@ def run_portable_cells(tmp_path: Path, session: str, model: Path, target: str) -
     run(["git", "clone", "-q", str(origin), str(repo)], tmp_path)
     if not (repo / ".venv").exists():  # copy_repo's .venv link is committed: `/.venv/` ignores only a directory
         (repo / ".venv").symlink_to(ROOT / ".venv")
-    settings = {"REPO_URL": origin, "WORKDIR": repo, "DRIVE_DIR": tmp_path / "drive", "MODEL": model, "SMOKE": "1",
-                "TARGET": target}
+    settings = {
+        "REPO_URL": origin,
+        "WORKDIR": repo,
+        "DRIVE_DIR": tmp_path / "drive",
+        "MODEL": model,
+        "SMOKE": "1",
+        "TARGET": target,
+    }
     nb = nbformat.read(NOTEBOOK, as_version=4)
     for cell in list(nb.cells):
         reasons = [SKIP[t] for t in cell.metadata.get("tags", []) if t in SKIP]
@@ -70,8 +79,9 @@ def run_portable_cells(tmp_path: Path, session: str, model: Path, target: str) -
     with pytest.MonkeyPatch.context() as env:  # the kernel inherits these
         for name, value in settings.items():
             env.setenv(f"LLMFT_{name}", str(value))
-        NotebookClient(nb, timeout=900, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     return repo, "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
 
 
@@ -96,8 +106,9 @@ def test_whole_pipeline_then_a_rerun_after_a_disconnect_retrains_nothing(tmp_pat
     for stage in ("prepare", "model", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out1 and f"Stage '{stage}' is cached - skipping run" in out2, stage
     assert "nothing to train" in out2  # train.py found the finished run in the checkpoints on Drive
-    assert (second / "models/lora/adapter_model.safetensors").read_bytes() == \
-        (first / "models/lora/adapter_model.safetensors").read_bytes()
+    assert (second / "models/lora/adapter_model.safetensors").read_bytes() == (
+        first / "models/lora/adapter_model.safetensors"
+    ).read_bytes()
     # The report's outputs are in git (cache: false), so DVC keeps no run-cache for it: rebuilt, identically.
     assert "Running stage 'report'" in out2
     for name in ("report.html", "report.md"):

@@ -67,25 +67,28 @@ def test_only_the_data_section_is_required():
     assert (params.train.finetuning_type, params.data.val_size, params.data.test_size) == ("lora", 0.1, 0)
 
 
-@pytest.mark.parametrize(("section", "key", "value", "allowed"), [
-    ("train", "learning_rate", -1e-5, "greater than 0"),
-    ("train", "lora_rank", 0, "greater than or equal to 1"),
-    ("data", "val_size", 1.5, "a split ratio must be between 0 and 1"),
-    ("data", "val_size", 0, "a split count must be >= 1"),
-    ("data", "test_size", -1, "a split count must be >= 0"),
-    ("train", "finetuning_type", "qlora", "Input should be 'lora', 'full' or 'freeze'"),
-    ("train", "lr_scheduler_type", "step", "'cosine', 'linear'"),
-    ("train", "precision", "int8", "'auto', 'bf16', 'fp16' or 'fp32'"),
-    ("train", "quantization_bit", 3, "Input should be 4 or 8"),
-    ("train", "warmup_ratio", 1.0, "less than 1"),
-    ("train", "lora_rank", "eight", "valid integer"),
-    ("train", "num_train_epochs", [3], "valid number"),
-    ("data", "dedup", "maybe", "valid boolean"),
-    ("data", "format", "xls", "'parquet' or 'xlsx'"),
-    ("data", "encoding", "klingon", "use auto, utf-8, utf-8-sig, gbk or gb18030"),
-    ("data", "max_prompt_chars", 0, "greater than or equal to 1"),
-    ("export", "max_shard_size", "2 gigs", "use a size like 500MB or 2GB"),
-])
+@pytest.mark.parametrize(
+    ("section", "key", "value", "allowed"),
+    [
+        ("train", "learning_rate", -1e-5, "greater than 0"),
+        ("train", "lora_rank", 0, "greater than or equal to 1"),
+        ("data", "val_size", 1.5, "a split ratio must be between 0 and 1"),
+        ("data", "val_size", 0, "a split count must be >= 1"),
+        ("data", "test_size", -1, "a split count must be >= 0"),
+        ("train", "finetuning_type", "qlora", "Input should be 'lora', 'full' or 'freeze'"),
+        ("train", "lr_scheduler_type", "step", "'cosine', 'linear'"),
+        ("train", "precision", "int8", "'auto', 'bf16', 'fp16' or 'fp32'"),
+        ("train", "quantization_bit", 3, "Input should be 4 or 8"),
+        ("train", "warmup_ratio", 1.0, "less than 1"),
+        ("train", "lora_rank", "eight", "valid integer"),
+        ("train", "num_train_epochs", [3], "valid number"),
+        ("data", "dedup", "maybe", "valid boolean"),
+        ("data", "format", "xls", "'parquet' or 'xlsx'"),
+        ("data", "encoding", "klingon", "use auto, utf-8, utf-8-sig, gbk or gb18030"),
+        ("data", "max_prompt_chars", 0, "greater than or equal to 1"),
+        ("export", "max_shard_size", "2 gigs", "use a size like 500MB or 2GB"),
+    ],
+)
 def test_bad_value_names_key_value_and_what_is_allowed(section, key, value, allowed):
     msg = error_of(with_value(section, key, value))
     assert msg.startswith(f"params.yaml: {section}.{key} = {value!r} is not allowed: ")
@@ -93,11 +96,23 @@ def test_bad_value_names_key_value_and_what_is_allowed(section, key, value, allo
     assert "\n" not in msg
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ({**REPO_PARAMS, "trian": {}}, "unknown key 'trian'; allowed keys here: data, model, train, eval, export, report"),
-    (with_value("train", "lora_rnak", 8), "unknown key 'train.lora_rnak'; allowed keys here: finetuning_type, lora_"),
-    (with_value("data", "shuffle", True), "unknown key 'data.shuffle'; allowed keys here: input, format, encoding,"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {**REPO_PARAMS, "trian": {}},
+            "unknown key 'trian'; allowed keys here: data, model, train, eval, export, report",
+        ),
+        (
+            with_value("train", "lora_rnak", 8),
+            "unknown key 'train.lora_rnak'; allowed keys here: finetuning_type, lora_",
+        ),
+        (
+            with_value("data", "shuffle", True),
+            "unknown key 'data.shuffle'; allowed keys here: input, format, encoding,",
+        ),
+    ],
+)
 def test_unknown_key_is_named_with_the_allowed_keys(raw, expected):
     assert expected in error_of(raw)
 
@@ -111,12 +126,15 @@ def test_every_bad_key_is_named_in_one_line():
     assert "data.val_size = 1.5" in msg and "train.lora_rank = 0" in msg and "unknown key 'eval.bogus'" in msg
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ({"train": {}}, "params.yaml: data is required"),
-    ({"data": {}}, "params.yaml: data.input is required"),
-    (["data"], "expected a mapping of sections (data, model, train, ...), got list"),
-    (None, "got NoneType"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"train": {}}, "params.yaml: data is required"),
+        ({"data": {}}, "params.yaml: data.input is required"),
+        (["data"], "expected a mapping of sections (data, model, train, ...), got list"),
+        (None, "got NoneType"),
+    ],
+)
 def test_missing_or_malformed_sections_are_named(raw, expected):
     assert expected in error_of(raw)
 
@@ -139,17 +157,26 @@ def test_load_params_reports_a_missing_file_and_bad_yaml(tmp_path):
 
 def run_validator(path: Path) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "llmft.params", "--file", str(path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmft.params", "--file", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return proc, time.monotonic() - start
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("text", "expected"), [
-    ("data:\n  input: x.csv\ntrain:\n  learning_rate: -0.1\n", "train.learning_rate = -0.1 is not allowed"),
-    ("data:\n  input: x.csv\n  val_size: 1.5\n", "data.val_size = 1.5 is not allowed"),
-    ("data:\n  input: x.csv\n  typo: 1\n", "unknown key 'data.typo'"),
-], ids=["negative_lr", "val_ratio_over_1", "unknown_key"])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("data:\n  input: x.csv\ntrain:\n  learning_rate: -0.1\n", "train.learning_rate = -0.1 is not allowed"),
+        ("data:\n  input: x.csv\n  val_size: 1.5\n", "data.val_size = 1.5 is not allowed"),
+        ("data:\n  input: x.csv\n  typo: 1\n", "unknown key 'data.typo'"),
+    ],
+    ids=["negative_lr", "val_ratio_over_1", "unknown_key"],
+)
 def test_validator_cli_exits_2_in_under_two_seconds(tmp_path, text, expected):
     path = tmp_path / "p.yaml"
     path.write_text(text, encoding="utf-8")

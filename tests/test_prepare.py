@@ -48,7 +48,7 @@ def test_same_instruction_and_input_never_appear_in_two_splits(tmp_path, val_siz
     prompts = {name: {prompt_of(e) for e in rows} for name, rows in splits.items()}
     names = list(prompts)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not prompts[a] & prompts[b], (a, b)
     assert sorted(names) == (["test", "train", "val"] if test_size else ["train", "val"])
     assert all(splits.values())
@@ -117,13 +117,20 @@ def test_val_and_test_larger_than_the_data_is_a_user_error(tmp_path):
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real command, in a fresh interpreter."""
-    return subprocess.run([sys.executable, str(PREPARE), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, env=os.environ | (env or {}))
+    return subprocess.run(
+        [sys.executable, str(PREPARE), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | (env or {}),
+    )
 
 
 @pytest.fixture
 def run_here(monkeypatch, capsys):
     """The same command through run_main in this process (no interpreter start-up): returns (exit code, stderr)."""
+
     def run(*args: str, cwd: Path) -> tuple[int, str]:
         monkeypatch.chdir(cwd)
         capsys.readouterr()
@@ -140,8 +147,11 @@ def pipeline(tmp_path, data: dict) -> Path:
 
 
 def idioms_csv(tmp_path) -> Path:
-    rows = {"word": [f"成语{i}" for i in range(30)], "pinyin": [f"chéng yǔ {i}" for i in range(30)],
-            "explanation": [f"第{i}个成语的解释。" for i in range(30)]}
+    rows = {
+        "word": [f"成语{i}" for i in range(30)],
+        "pinyin": [f"chéng yǔ {i}" for i in range(30)],
+        "explanation": [f"第{i}个成语的解释。" for i in range(30)],
+    }
     rows["pinyin"][3] = ""  # one example dropped as empty_output
     return csv(tmp_path, rows, "idioms.csv")
 
@@ -149,8 +159,9 @@ def idioms_csv(tmp_path) -> Path:
 @pytest.mark.integration
 def test_pipeline_writes_readable_utf8_splits_dataset_info_and_stats(tmp_path):
     idioms_csv(tmp_path)
-    proc = run_cli(cwd=pipeline(tmp_path, {"input": "idioms.csv", "templates": IDIOM_TEMPLATES, "val_size": 6,
-                                           "test_size": 0.1}))
+    proc = run_cli(
+        cwd=pipeline(tmp_path, {"input": "idioms.csv", "templates": IDIOM_TEMPLATES, "val_size": 6, "test_size": 0.1})
+    )
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "data" / "processed"
     assert sorted(p.name for p in out.iterdir()) == ["dataset_info.json", "test.json", "train.json", "val.json"]
@@ -194,7 +205,8 @@ def test_legacy_command_without_split_writes_every_example_in_input_order(tmp_pa
     csv(tmp_path, qa(5))
     assert run_here("--input", "d.csv", "--output", "out.json", cwd=tmp_path)[0] == 0
     assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == [
-        {"instruction": f"问题{i}", "input": "", "output": f"答案{i}"} for i in range(5)]
+        {"instruction": f"问题{i}", "input": "", "output": f"答案{i}"} for i in range(5)
+    ]
     assert not (tmp_path / "data").exists()
 
 
@@ -221,8 +233,10 @@ def llamafactory_load():
         data_args = DataArguments(dataset_dir=str(dataset_dir))
         model_args = SimpleNamespace(cache_dir=str(cache), hf_hub_token=None)
         training_args = SimpleNamespace(local_process_index=0, dataloader_num_workers=0)
-        return {attr.dataset_name: list(_load_single_dataset(attr, model_args, data_args, training_args))
-                for attr in get_dataset_list(names, str(dataset_dir))}
+        return {
+            attr.dataset_name: list(_load_single_dataset(attr, model_args, data_args, training_args))
+            for attr in get_dataset_list(names, str(dataset_dir))
+        }
 
     return load
 
@@ -236,9 +250,13 @@ def assistant(content: str) -> dict:
 
 
 def test_llamafactory_loads_alpaca_output_with_system_and_history(tmp_path, llamafactory_load, run_here):
-    rows = {"instruction": [f"问题{i}" for i in range(8)], "input": ["", "补充"] * 4,
-            "output": [f"答案{i}" for i in range(8)], "system": ["你是老师"] * 8,
-            "history": [json.dumps([["前问", "前答"]], ensure_ascii=False), ""] * 4}
+    rows = {
+        "instruction": [f"问题{i}" for i in range(8)],
+        "input": ["", "补充"] * 4,
+        "output": [f"答案{i}" for i in range(8)],
+        "system": ["你是老师"] * 8,
+        "history": [json.dumps([["前问", "前答"]], ensure_ascii=False), ""] * 4,
+    }
     csv(tmp_path, rows)
     assert run_here(cwd=pipeline(tmp_path, {"input": "d.csv", "val_size": 2}))[0] == 0
     out = tmp_path / "data" / "processed"
@@ -292,8 +310,9 @@ def _unmappable(tmp_path):
 
 
 def _bad_json_line(tmp_path):
-    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"\n',
-                                      encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"\n', encoding="utf-8"
+    )
     return {"input": "d.jsonl"}
 
 
@@ -313,18 +332,31 @@ def _no_train_left(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("make", "expected"), [
-    (lambda tmp_path: {"input": "missing.csv"}, "missing.csv: file not found; set data.input in params.yaml"),
-    (_empty, "d.csv: file is empty"),
-    (_binary, "d.csv: looks like a binary file"),
-    (_unknown_format, "d.dat: unknown format (extension '.dat'); set data.format"),
-    (_unmappable, "columns found: 标题, 正文; aliases tried: instruction <- instruction/prompt"),
-    (_bad_json_line, "d.jsonl: line 2 is not valid JSON"),
-    (_template_missing_column, "data.templates[2].output uses column {pinyin}, which is not in the table"),
-    (_all_dropped, "d.csv: all 3 examples were dropped (empty_instruction=1, empty_output=1, output_too_long=1)"),
-    (_no_train_left, "data.val_size=2 and data.test_size=1 leave no training examples out of 3 kept"),
-], ids=["missing", "empty", "binary", "unknown_format", "unmappable", "bad_json_line", "template_column",
-        "all_dropped", "no_train_left"])
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda tmp_path: {"input": "missing.csv"}, "missing.csv: file not found; set data.input in params.yaml"),
+        (_empty, "d.csv: file is empty"),
+        (_binary, "d.csv: looks like a binary file"),
+        (_unknown_format, "d.dat: unknown format (extension '.dat'); set data.format"),
+        (_unmappable, "columns found: 标题, 正文; aliases tried: instruction <- instruction/prompt"),
+        (_bad_json_line, "d.jsonl: line 2 is not valid JSON"),
+        (_template_missing_column, "data.templates[2].output uses column {pinyin}, which is not in the table"),
+        (_all_dropped, "d.csv: all 3 examples were dropped (empty_instruction=1, empty_output=1, output_too_long=1)"),
+        (_no_train_left, "data.val_size=2 and data.test_size=1 leave no training examples out of 3 kept"),
+    ],
+    ids=[
+        "missing",
+        "empty",
+        "binary",
+        "unknown_format",
+        "unmappable",
+        "bad_json_line",
+        "template_column",
+        "all_dropped",
+        "no_train_left",
+    ],
+)
 def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path, make, expected):
     project = pipeline(tmp_path, make(tmp_path))
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -360,5 +392,6 @@ def test_bad_params_file_fails_before_reading_data(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: params.yaml: data.val_size = 1.5 is not allowed: a split ratio must be between 0 and 1 (exclusive), "
-        "or an integer count >= 1; got 1.5"]
+        "or an integer count >= 1; got 1.5"
+    ]
     assert not (tmp_path / "data").exists()

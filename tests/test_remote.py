@@ -41,8 +41,10 @@ def lock_outs(repo: Path) -> dict[str, str]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     outs = [out for stage in lock["stages"].values() for out in stage.get("outs", [])]
     for dvcfile in (p for p in repo.rglob("*.dvc") if p.is_file() and ".venv" not in p.parts):
-        outs += [out | {"path": str(dvcfile.parent.relative_to(repo) / out["path"])}
-                 for out in yaml.safe_load(dvcfile.read_text())["outs"]]
+        outs += [
+            out | {"path": str(dvcfile.parent.relative_to(repo) / out["path"])}
+            for out in yaml.safe_load(dvcfile.read_text())["outs"]
+        ]
     files = {}
     for out in outs:
         if out["md5"].endswith(".dir"):
@@ -156,8 +158,13 @@ class S3:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
 
     def count(self, bucket: str) -> int:
         """Objects stored, read from moto's in-process backend (no HTTP, so it works while the server is down)."""
@@ -227,7 +234,7 @@ def test_push_killed_midway_resumes_and_sends_only_the_rest(tmp_path: Path, buil
 
 def test_corrupted_cache_object_fails_push_and_checkout(tmp_path: Path, built: Path):
     run(["dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "store")], built)
-    victim = (built / "data/raw/shards/part-007.txt")
+    victim = built / "data/raw/shards/part-007.txt"
     h = md5(victim)
     obj = built / ".dvc/cache/files/md5" / h[:2] / h[2:]
     obj.chmod(0o644)
@@ -242,12 +249,22 @@ def test_corrupted_cache_object_fails_push_and_checkout(tmp_path: Path, built: P
 
 def test_no_credentials_in_tracked_files():
     tracked = run(["git", "ls-files"], ROOT).stdout.splitlines()
-    patterns = ("AKIA", "aws_secret_access_key", "secret_access_key =", "access_key_id =", "gdrive_client_secret",
-                "password =", "BEGIN RSA PRIVATE KEY", "BEGIN OPENSSH PRIVATE KEY")
+    patterns = (
+        "AKIA",
+        "aws_secret_access_key",
+        "secret_access_key =",
+        "access_key_id =",
+        "gdrive_client_secret",
+        "password =",
+        "BEGIN RSA PRIVATE KEY",
+        "BEGIN OPENSSH PRIVATE KEY",
+    )
     for name in tracked:
         path = ROOT / name
         if path.is_file() and path.stat().st_size < 2_000_000 and not name.startswith("tests/"):
             text = path.read_text(encoding="utf-8", errors="ignore")
             for pat in patterns:
-                assert pat not in text, f"{name} contains {pat!r}: credentials belong in .dvc/config.local or the environment"
+                assert pat not in text, (
+                    f"{name} contains {pat!r}: credentials belong in .dvc/config.local or the environment"
+                )
     assert ".dvc/config.local" not in tracked and "config.local" in (ROOT / ".dvc/.gitignore").read_text()

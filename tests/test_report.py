@@ -19,8 +19,14 @@ pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or ma
 
 
 def build(repo: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "src/report.py"), "--notebook", str(ROOT / "notebooks/report.py"),
-                           *extra], cwd=repo, capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src/report.py"), "--notebook", str(ROOT / "notebooks/report.py"), *extra],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,8 @@ def test_report_before_train_names_the_stage_to_run(tmp_path):
     proc = build(tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: reports/metrics/train.json is missing: run `make train` (dvc repro train) first"]
+        "error: reports/metrics/train.json is missing: run `make train` (dvc repro train) first"
+    ]
     assert not (tmp_path / "reports/report.html").exists()
 
 
@@ -60,8 +67,15 @@ def test_broken_predictions_are_reported_in_one_line(tmp_path):
 def test_report_has_every_section_and_embeds_its_images(built):
     repo, seconds = built
     html = (repo / "reports/report.html").read_text(encoding="utf-8")
-    for heading in ("Data", "Training curves", "Base vs fine-tuned", "Sample predictions", "Export (merge check)",
-                    "Parameters", "Environment"):
+    for heading in (
+        "Data",
+        "Training curves",
+        "Base vs fine-tuned",
+        "Sample predictions",
+        "Export (merge check)",
+        "Parameters",
+        "Environment",
+    ):
         assert f">{heading}<" in html
     assert not re.search(r"<script[^>]+src=", html), "no script may come from a CDN"
     assert "import report_data" not in html  # code cells are hidden
@@ -105,9 +119,17 @@ PROBE = """<script>window.addEventListener('load', () => {
 
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -121,7 +143,14 @@ def test_report_opens_in_headless_chromium_with_images_decoded(built, tmp_path):
     title = re.search(r"<title>(.*?)</title>", dom.stdout)
     assert title and title.group(1) == "probe images=2 decoded=2 metric_rows=10", dom.stderr[-2000:]
     shot = repo / "reports/report-screenshot.png"  # left in the module's tmp dir, for a look by eye
-    chromium([f"--screenshot={shot}", "--window-size=1280,4000", "--hide-scrollbars",
-              (repo / "reports/report.html").as_uri()], tmp_path / "profile")
+    chromium(
+        [
+            f"--screenshot={shot}",
+            "--window-size=1280,4000",
+            "--hide-scrollbars",
+            (repo / "reports/report.html").as_uri(),
+        ],
+        tmp_path / "profile",
+    )
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 50_000
     print(f"screenshot: {shot}")

@@ -12,12 +12,17 @@ from report_outputs import write_outputs
 
 
 def test_metrics_table_flattens_splits_and_marks_direction():
-    evals = {"base": {"val": {"bleu4": 10.0, "loss": 2.0, "llamafactory": {"rouge-l": 5.0}}},
-             "tuned": {"val": {"bleu4": 15.0, "loss": 1.5, "llamafactory": {"rouge-l": 7.0}}},
-             "delta": {"val": {"bleu4": 5.0, "loss": -0.5, "llamafactory": {"rouge-l": 2.0}}}}
+    evals = {
+        "base": {"val": {"bleu4": 10.0, "loss": 2.0, "llamafactory": {"rouge-l": 5.0}}},
+        "tuned": {"val": {"bleu4": 15.0, "loss": 1.5, "llamafactory": {"rouge-l": 7.0}}},
+        "delta": {"val": {"bleu4": 5.0, "loss": -0.5, "llamafactory": {"rouge-l": 2.0}}},
+    }
     rows = rd.metrics_table(evals).rows
-    assert rows == [["val", "bleu4 ↑", "10", "15", "+5"], ["val", "loss ↓", "2", "1.5", "-0.5"],
-                    ["val", "llamafactory.rouge-l ↑", "5", "7", "+2"]]
+    assert rows == [
+        ["val", "bleu4 ↑", "10", "15", "+5"],
+        ["val", "loss ↓", "2", "1.5", "-0.5"],
+        ["val", "llamafactory.rouge-l ↑", "5", "7", "+2"],
+    ]
 
 
 def test_table_escapes_html_and_markdown():

@@ -10,8 +10,10 @@ import pytest
 from llmft.common import UserError
 from llmft.data.tables import read_table
 
-ROWS = {"instruction": ["解释成语「画蛇添足」", "什么是 GBK？"],
-        "output": ["比喻多此一举。", "一种中文编码，兼容 GB2312。"]}
+ROWS = {
+    "instruction": ["解释成语「画蛇添足」", "什么是 GBK？"],
+    "output": ["比喻多此一举。", "一种中文编码，兼容 GB2312。"],
+}
 CSV = "instruction,output\n" + "".join(f"{i},{o}\n" for i, o in zip(ROWS["instruction"], ROWS["output"], strict=True))
 
 
@@ -99,10 +101,13 @@ def test_na_like_cells_and_leading_zeros_stay_text(tmp_path):
     assert table.columns == {"instruction": ["NA", "null", ""], "output": ["0012", "无", "None"]}
 
 
-@pytest.mark.parametrize(("name", "data", "fmt"), [
-    ("d", b'[{"instruction": "a", "output": "b"}]', "json"),
-    ("d.txt", b'\xef\xbb\xbf  {"instruction": "a", "output": "b"}\n', "jsonl"),
-])
+@pytest.mark.parametrize(
+    ("name", "data", "fmt"),
+    [
+        ("d", b'[{"instruction": "a", "output": "b"}]', "json"),
+        ("d.txt", b'\xef\xbb\xbf  {"instruction": "a", "output": "b"}\n', "jsonl"),
+    ],
+)
 def test_text_format_is_sniffed_without_a_known_extension(tmp_path, name, data, fmt):
     table = read_table(write(tmp_path, name, data))
     assert table.format == fmt
@@ -183,11 +188,14 @@ def test_empty_file_is_a_user_error(tmp_path, data):
         read_table(write(tmp_path, "d.csv", data))
 
 
-@pytest.mark.parametrize(("name", "data"), [
-    ("d.csv", "instruction,output\n"),
-    ("d.json", "[]"),
-    ("d.jsonl", "\n{}\n"),
-])
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("d.csv", "instruction,output\n"),
+        ("d.json", "[]"),
+        ("d.jsonl", "\n{}\n"),
+    ],
+)
 def test_table_without_data_rows_is_a_user_error(tmp_path, name, data):
     with pytest.raises(UserError, match="no data rows"):
         read_table(write(tmp_path, name, data))

@@ -54,9 +54,16 @@ def test_adapter_loads_with_plain_peft_and_llamafactory_chat(trained, tiny_model
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained / "models" / "lora")
     assert any("lora_A" in name for name, _ in model.named_parameters())
-    chat = ChatModel({"model_name_or_path": str(tiny_model_dir), "template": "smollm2",
-                      "adapter_name_or_path": str(trained / "models" / "lora"), "finetuning_type": "lora",
-                      "max_new_tokens": 3, "do_sample": False})
+    chat = ChatModel(
+        {
+            "model_name_or_path": str(tiny_model_dir),
+            "template": "smollm2",
+            "adapter_name_or_path": str(trained / "models" / "lora"),
+            "finetuning_type": "lora",
+            "max_new_tokens": 3,
+            "do_sample": False,
+        }
+    )
     responses = chat.chat([{"role": "user", "content": "解释成语「成语1」的意思。"}])
     assert len(responses) == 1 and isinstance(responses[0].response_text, str)
 
@@ -65,8 +72,14 @@ def test_adapter_loads_with_plain_peft_and_llamafactory_chat(trained, tiny_model
 def test_saved_config_reruns_with_plain_llamafactory_cli(trained, tmp_path):
     """Plain LLaMA-Factory resumes from checkpoints in output_dir by itself, so the rerun gets a fresh one."""
     cli = Path(sys.executable).parent / "llamafactory-cli"
-    proc = subprocess.run([str(cli), "train", "models/lora/train_config.yaml", f"output_dir={tmp_path}/rerun"],
-                          cwd=trained, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [str(cli), "train", "models/lora/train_config.yaml", f"output_dir={tmp_path}/rerun"],
+        cwd=trained,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 
@@ -76,8 +89,13 @@ def test_saved_config_reruns_with_plain_llamafactory_cli(trained, tmp_path):
 @pytest.mark.slow
 def test_rerun_after_kill_9_resumes_from_newest_complete_checkpoint_and_matches(trained, tiny_model_dir, tmp_path):
     root = make_project(tmp_path)
-    proc = subprocess.Popen(stage_cmd(tiny_model_dir), cwd=root, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        stage_cmd(tiny_model_dir),
+        cwd=root,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = root / "checkpoints" / "checkpoint-2"
     deadline = time.time() + 300
     while not (first.exists() and lf_run.checkpoint_problem(first) is None):
@@ -109,7 +127,8 @@ def test_rerun_of_a_finished_run_trains_nothing_and_keeps_its_metrics(trained, t
     proc = run_stage(root, tiny_model_dir)
     assert proc.returncode == 0 and "holds a finished run of these inputs: nothing to train" in proc.stderr
     assert (root / "reports" / "metrics" / "train.json").read_text() == (
-        trained / "reports" / "metrics" / "train.json").read_text()
+        trained / "reports" / "metrics" / "train.json"
+    ).read_text()
     assert_same_adapter(adapter(root), adapter(trained))
 
 
@@ -130,8 +149,9 @@ def test_unknown_extra_key_fails_before_the_model_loads(tmp_path):
     root = make_project(tmp_path, extra={"lora_rnak": 4})
     proc = run_stage(root, no_weights(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("error: train.extra.lora_rnak: not a LLaMA-Factory training "
-                                                    "argument; did you mean 'lora_rank'?")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: train.extra.lora_rnak: not a LLaMA-Factory training argument; did you mean 'lora_rank'?"
+    )
     assert not (root / "checkpoints" / "fingerprint.json").exists()
 
 
@@ -143,5 +163,8 @@ def test_qlora_on_a_cpu_is_a_clear_error_before_anything_loads(tmp_path):
         pytest.skip("this machine has a GPU")
     proc = run_stage(make_project(tmp_path, quantization_bit=4), no_weights(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: train.quantization_bit=4 (QLoRA, bitsandbytes) "
-                                                           "needs a CUDA GPU")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: train.quantization_bit=4 (QLoRA, bitsandbytes) needs a CUDA GPU")
+    )

@@ -1,7 +1,7 @@
 """A tiny train-stage project (params.yaml + data/processed) and how to run the real stage on it.
 
-    root = make_project(tmp_path, max_steps=3)     # params: TRAIN | overrides
-    proc = run_stage(root, tiny_model_dir)         # python src/train.py in a fresh interpreter
+root = make_project(tmp_path, max_steps=3)     # params: TRAIN | overrides
+proc = run_stage(root, tiny_model_dir)         # python src/train.py in a fresh interpreter
 """
 
 from __future__ import annotations
@@ -15,13 +15,23 @@ import yaml
 
 from scripts import ROOT
 
-TRAIN = {"max_steps": 6, "max_samples": 16, "cutoff_len": 64, "per_device_train_batch_size": 2,
-         "gradient_accumulation_steps": 2, "learning_rate": 1.0e-3, "logging_steps": 1, "save_steps": 2,
-         "eval_steps": 2}
+TRAIN = {
+    "max_steps": 6,
+    "max_samples": 16,
+    "cutoff_len": 64,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 1.0e-3,
+    "logging_steps": 1,
+    "save_steps": 2,
+    "eval_steps": 2,
+}
 
 
-ROWS = [{"instruction": f"解释成语「成语{i}」的意思。", "input": "", "output": f"第{i}个成语：比喻做事认真。"}
-        for i in range(24)]
+ROWS = [
+    {"instruction": f"解释成语「成语{i}」的意思。", "input": "", "output": f"第{i}个成语：比喻做事认真。"}
+    for i in range(24)
+]
 
 
 def make_project(root: Path, **train) -> Path:
@@ -30,8 +40,9 @@ def make_project(root: Path, **train) -> Path:
     (data / "train.json").write_text(json.dumps(ROWS[:18], ensure_ascii=False), encoding="utf-8")
     (data / "val.json").write_text(json.dumps(ROWS[18:], ensure_ascii=False), encoding="utf-8")
     cols = {"prompt": "instruction", "query": "input", "response": "output"}
-    (data / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json", "columns": cols}
-                                                        for n in ("train", "val")}))
+    (data / "dataset_info.json").write_text(
+        json.dumps({n: {"file_name": f"{n}.json", "columns": cols} for n in ("train", "val")})
+    )
     set_train(root, **train)
     return root
 

@@ -1,6 +1,6 @@
 """Helpers shared by every stage: user-facing errors, logging, atomic writes, seeding.
 
-    from llmft.common import UserError, atomic_write_json, get_logger, run_main
+from llmft.common import UserError, atomic_write_json, get_logger, run_main
 """
 
 from __future__ import annotations

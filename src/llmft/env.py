@@ -1,8 +1,8 @@
 """Where a result came from: git commit, machine, packages; and the one way this repo runs DVC.
 
-    from llmft.env import dvc, write_environment
-    write_environment("reports/env/train.json", "train")   # the stage's environment manifest
-    dvc("params", "diff", "HEAD~1", "--md")               # stdout, or a UserError with DVC's message
+from llmft.env import dvc, write_environment
+write_environment("reports/env/train.json", "train")   # the stage's environment manifest
+dvc("params", "diff", "HEAD~1", "--md")               # stdout, or a UserError with DVC's message
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from llmft.common import ROOT, UserError, atomic_write_json
 
 def run_dvc(*args: str, cwd: str | os.PathLike = ROOT, timeout: float | None = None) -> subprocess.CompletedProcess:
     """`dvc <args>` with this interpreter's DVC (the venv's, whatever PATH says), output captured."""
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def dvc(*args: str, cwd: str | os.PathLike = ROOT) -> str:
@@ -35,16 +36,20 @@ def dvc(*args: str, cwd: str | os.PathLike = ROOT) -> str:
 
 def git_commit(cwd: str | os.PathLike = ROOT) -> str:
     """`git describe --always --dirty` of the repo (a trailing -dirty: uncommitted changes), or "unknown"."""
-    proc = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=cwd,
-                          check=False)
+    proc = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=cwd, check=False
+    )
     return proc.stdout.strip() or "unknown"
 
 
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
     try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine() or "unknown"
 
@@ -68,21 +73,32 @@ def package_version(name: str) -> str:
 def environment() -> dict[str, Any]:
     """What produced a result: Python, every installed package, torch/CUDA, the device, the git commit."""
     env: dict[str, Any] = {
-        "git_commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "git_commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
     }
     env["device"] = f"cpu: {cpu_name()}"
     if "torch" in sys.modules:  # stages that never load torch (prepare) don't pay its import for this
         torch = sys.modules["torch"]
 
-        env["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
-                        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-                        "num_threads": torch.get_num_threads()}
+        env["torch"] = {
+            "version": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "num_threads": torch.get_num_threads(),
+        }
         if torch.cuda.is_available():
             names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             env["device"] = f"cuda: {len(names)} x {names[0]}" if len(set(names)) == 1 else "cuda: " + ", ".join(names)
-    env["packages"] = dict(sorted({d.metadata["Name"].lower(): d.version
-                                   for d in importlib.metadata.distributions() if d.metadata["Name"]}.items()))
+    env["packages"] = dict(
+        sorted(
+            {
+                d.metadata["Name"].lower(): d.version for d in importlib.metadata.distributions() if d.metadata["Name"]
+            }.items()
+        )
+    )
     return env
 
 

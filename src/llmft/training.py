@@ -66,8 +66,10 @@ def device_checks(t: TrainParams) -> str:
 
     cuda = torch.cuda.is_available()
     if t.quantization_bit and not cuda:
-        raise UserError(f"train.quantization_bit={t.quantization_bit} (QLoRA, bitsandbytes) needs a CUDA GPU; set it "
-                        "to null on this machine (plain LoRA), or run on a GPU")
+        raise UserError(
+            f"train.quantization_bit={t.quantization_bit} (QLoRA, bitsandbytes) needs a CUDA GPU; set it "
+            "to null on this machine (plain LoRA), or run on a GPU"
+        )
     if t.deepspeed and not cuda:
         raise UserError(f"train.deepspeed={t.deepspeed} needs CUDA GPUs; set it to null on this machine")
     for key, pkg in (("quantization_bit", "bitsandbytes"), ("deepspeed", "deepspeed")):
@@ -82,13 +84,26 @@ def log_estimate(model_path: str, sections: dict, t: TrainParams, precision: str
     batch = sections["train"]["per_device_train_batch_size"]
     est = estimate_peak_gib(
         read_json(Path(model_path) / "config.json"),
-        sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")), finetuning_type=t.finetuning_type,
-        lora_rank=t.lora_rank, quantization_bit=t.quantization_bit, precision=precision, batch=batch, seq=t.cutoff_len,
+        sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")),
+        finetuning_type=t.finetuning_type,
+        lora_rank=t.lora_rank,
+        quantization_bit=t.quantization_bit,
+        precision=precision,
+        batch=batch,
+        seq=t.cutoff_len,
         grad_checkpointing=not any(s.get("disable_gradient_checkpointing") for s in sections.values()),
-        lora_dropout=t.lora_dropout, liger=any(s.get("enable_liger_kernel") for s in sections.values()))
-    log.info("estimated peak GPU memory ~%.1f GiB = %s GiB (%s, %s, batch %d x %d tokens; see lf/memory.py)",
-             est.pop("total"), " + ".join(f"{k} {v:.2f}" for k, v in est.items()), t.finetuning_type, precision,
-             batch, t.cutoff_len)
+        lora_dropout=t.lora_dropout,
+        liger=any(s.get("enable_liger_kernel") for s in sections.values()),
+    )
+    log.info(
+        "estimated peak GPU memory ~%.1f GiB = %s GiB (%s, %s, batch %d x %d tokens; see lf/memory.py)",
+        est.pop("total"),
+        " + ".join(f"{k} {v:.2f}" for k, v in est.items()),
+        t.finetuning_type,
+        precision,
+        batch,
+        t.cutoff_len,
+    )
 
 
 class Launcher:
@@ -129,11 +144,18 @@ def build_sections(params: Params, paths: TrainPaths, info: dict, precision: str
     t = params.train
     model_path = info["path"]
     sections = lf_config.build_config(
-        t, model_path=model_path, template=info["template"], data_dir=str(paths.data_dir),
-        trust_remote_code=params.model.trust_remote_code, output_dir=str(paths.checkpoints), precision=precision,
+        t,
+        model_path=model_path,
+        template=info["template"],
+        data_dir=str(paths.data_dir),
+        trust_remote_code=params.model.trust_remote_code,
+        output_dir=str(paths.checkpoints),
+        precision=precision,
         deepspeed_config=os.path.relpath(ROOT / lf_config.DEEPSPEED_CONFIGS[t.deepspeed]) if t.deepspeed else None,
-        runtime=probe_runtime(t, model_path, info["template"], paths.data_dir, precision,
-                              params.model.trust_remote_code))
+        runtime=probe_runtime(
+            t, model_path, info["template"], paths.data_dir, precision, params.model.trust_remote_code
+        ),
+    )
     if precision == "fp32" and "disable_gradient_checkpointing" not in t.extra:
         # fp32 means a CPU (or a forced choice): RAM is not the limit there, and recomputing activations costs ~30%.
         sections["train"]["disable_gradient_checkpointing"] = True
@@ -147,8 +169,14 @@ def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed)
     tps = results["effective_tokens_per_sec"] * (epoch - resumed.epoch) / epoch  # LF assumes all epochs ran now
     # LF's train_loss averages over this launch only (wrong after a resume): report the last logged loss
     last_loss = next((e["loss"] for e in reversed(history) if "loss" in e), results["train_loss"])
-    return {"train_loss": last_loss, "eval_loss": results["eval_loss"], "global_step": step, "epoch": epoch,
-            "train_runtime_s": results["train_runtime"], "tokens_per_sec": round(tps, 1) if tps else None}
+    return {
+        "train_loss": last_loss,
+        "eval_loss": results["eval_loss"],
+        "global_step": step,
+        "epoch": epoch,
+        "train_runtime_s": results["train_runtime"],
+        "tokens_per_sec": round(tps, 1) if tps else None,
+    }
 
 
 def collect(paths: TrainPaths, sections: dict, header: list[str], outcome: TrainOutcome, resumed: Resumed) -> None:
@@ -179,8 +207,14 @@ def collect(paths: TrainPaths, sections: dict, header: list[str], outcome: Train
         outcome.metrics = run_metrics(results, history, step, resumed) | outcome.metrics
         atomic_write_json(ckpt / RUN_METRICS, outcome.metrics)
     atomic_write_json(paths.metrics, outcome.metrics)
-    log.info("wrote %s and %s: train loss %.4f, eval loss %.4f after %d steps", paths.out, paths.metrics,
-             outcome.metrics["train_loss"], outcome.metrics["eval_loss"], step)
+    log.info(
+        "wrote %s and %s: train loss %.4f, eval loss %.4f after %d steps",
+        paths.out,
+        paths.metrics,
+        outcome.metrics["train_loss"],
+        outcome.metrics["eval_loss"],
+        step,
+    )
 
 
 def train(params: Params, paths: TrainPaths) -> TrainOutcome:
@@ -193,13 +227,18 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
     precision = device_checks(t)
     sections = build_sections(params, paths, info, precision)
     lf_run.sync_checkpoints(paths.checkpoints, lf_run.fingerprint(paths.data_dir, paths.model_dir, sections))
-    header = [f"llamafactory-cli train {paths.out / 'train_config.yaml'}",
-              (f"Written by the train stage from {paths.params} (model.trust_remote_code, train) and "
-               f"{paths.model_dir}/model_info.json: change those, not this file."),
-              f"git {git_commit()}; paths are relative to where the stage ran (the repo root)."]
+    header = [
+        f"llamafactory-cli train {paths.out / 'train_config.yaml'}",
+        (
+            f"Written by the train stage from {paths.params} (model.trust_remote_code, train) and "
+            f"{paths.model_dir}/model_info.json: change those, not this file."
+        ),
+        f"git {git_commit()}; paths are relative to where the stage ran (the repo root).",
+    ]
     if (paths.checkpoints / RUN_METRICS).exists():
-        log.info("%s holds a finished run of these inputs: nothing to train (delete it to train again)",
-                 paths.checkpoints)
+        log.info(
+            "%s holds a finished run of these inputs: nothing to train (delete it to train again)", paths.checkpoints
+        )
         outcome = TrainOutcome(sections, read_json(paths.checkpoints / RUN_METRICS), trained_now=False)
         resumed = Resumed()
     else:
@@ -209,8 +248,12 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         finally:
             launcher.close()
         resumed = launcher.resumed
-        outcome = TrainOutcome(sections, {"resumed_from_step": resumed.step, "oom_retries": retries,
-                                          "precision": precision}, trained_now=True, returncode=rc)
+        outcome = TrainOutcome(
+            sections,
+            {"resumed_from_step": resumed.step, "oom_retries": retries, "precision": precision},
+            trained_now=True,
+            returncode=rc,
+        )
         if rc != 0:
             return outcome
     train_section = outcome.sections["train"]

@@ -22,14 +22,31 @@ ALIASES = {
     "history": ("history",),
     "messages": ("conversations", "messages"),
 }
-DROP_REASONS = ("empty_instruction", "empty_output", "bad_history", "bad_conversation", "prompt_too_long",
-                "output_too_long", "duplicate")
+DROP_REASONS = (
+    "empty_instruction",
+    "empty_output",
+    "bad_history",
+    "bad_conversation",
+    "prompt_too_long",
+    "output_too_long",
+    "duplicate",
+)
 _TOOL_TAGS = {"observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 SHAREGPT_TAGS = {
-    ("from", "value"): {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                        **_TOOL_TAGS},
-    ("role", "content"): {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                          "assistant_tag": "assistant", **_TOOL_TAGS},
+    ("from", "value"): {
+        "role_tag": "from",
+        "content_tag": "value",
+        "user_tag": "human",
+        "assistant_tag": "gpt",
+        **_TOOL_TAGS,
+    },
+    ("role", "content"): {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        **_TOOL_TAGS,
+    },
 }
 
 
@@ -59,7 +76,9 @@ def resolve_columns(names: list[str], explicit: dict[str, str]) -> dict[str, str
     """
     for fld, col in explicit.items():
         if col not in names:
-            raise UserError(f"data.columns.{fld} names column {col!r}, which is not in the table; columns found: {', '.join(names)}")
+            raise UserError(
+                f"data.columns.{fld} names column {col!r}, which is not in the table; columns found: {', '.join(names)}"
+            )
     lower = {n.strip().lower(): n for n in names}
     found = dict(explicit)
     for fld, aliases in ALIASES.items():  # a column named in data.columns is not taken again by an alias
@@ -71,8 +90,10 @@ def resolve_columns(names: list[str], explicit: dict[str, str]) -> dict[str, str
     missing = [f for f in ("instruction", "output") if f not in found]
     if missing:
         tried = "; ".join(f"{f} <- {'/'.join(ALIASES[f])}" for f in missing)
-        raise UserError(f"cannot map columns to {' and '.join(missing)}: columns found: {', '.join(names)}; aliases "
-                        f"tried: {tried}; set data.columns (e.g. {{instruction: my_col}}) or data.templates")
+        raise UserError(
+            f"cannot map columns to {' and '.join(missing)}: columns found: {', '.join(names)}; aliases "
+            f"tried: {tried}; set data.columns (e.g. {{instruction: my_col}}) or data.templates"
+        )
     return found
 
 
@@ -88,8 +109,10 @@ def _check_templates(p: DataParams, names: list[str]) -> list[dict[str, tuple[st
                 raise UserError(f"data.templates[{n}].{fld}: bad template {fmt!r}: {exc}") from None
             unknown = [name for name in used if name not in names]
             if unknown:
-                raise UserError(f"data.templates[{n}].{fld} uses column {{{unknown[0]}}}, which is not in the table; "
-                                f"columns found: {', '.join(names)}")
+                raise UserError(
+                    f"data.templates[{n}].{fld} uses column {{{unknown[0]}}}, which is not in the table; "
+                    f"columns found: {', '.join(names)}"
+                )
             templates[-1][fld] = (fmt, used)
     return templates
 
@@ -110,9 +133,15 @@ def _keep(built: Built, p: DataParams, seen: set, ex: dict, key: str, prompt_len
     """Keep the example, or count it under the first reason to drop it."""
     # Keys come in a fixed order per dataset; plain strings hash as they are (json.dumps each is 3x slower).
     ident = tuple(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in ex.values())
-    reason = reason or ("prompt_too_long" if p.max_prompt_chars and prompt_len > p.max_prompt_chars
-                        else "output_too_long" if p.max_output_chars and output_len > p.max_output_chars
-                        else "duplicate" if p.dedup and ident in seen else None)
+    reason = reason or (
+        "prompt_too_long"
+        if p.max_prompt_chars and prompt_len > p.max_prompt_chars
+        else "output_too_long"
+        if p.max_output_chars and output_len > p.max_output_chars
+        else "duplicate"
+        if p.dedup and ident in seen
+        else None
+    )
     if reason:
         built.dropped[reason] += 1
         return
@@ -134,20 +163,35 @@ def _alpaca(columns: dict[str, list], p: DataParams, built: Built, mapping: dict
         if templates:
             cells = {k: text(v) for k, v in row.items()}
             # "解释成语「」的意思。" (empty {word}) is no instruction: a field whose columns are all empty is empty
-            candidates = [{f: fmt.format_map(cells).strip() if not used or any(cells[c] for c in used) else ""
-                           for f, (fmt, used) in t.items()} for t in templates]
+            candidates = [
+                {
+                    f: fmt.format_map(cells).strip() if not used or any(cells[c] for c in used) else ""
+                    for f, (fmt, used) in t.items()
+                }
+                for t in templates
+            ]
         else:
             candidates = [{f: row[c] for f, c in mapping.items() if f != "messages"}]
         for cand in candidates:
             built.examples_in += 1
-            ex = {"instruction": text(cand.get("instruction")), "input": text(cand.get("input")),
-                  "output": text(cand.get("output"))}
+            ex = {
+                "instruction": text(cand.get("instruction")),
+                "input": text(cand.get("input")),
+                "output": text(cand.get("output")),
+            }
             if "system" in built.fields:
                 ex["system"] = text(cand.get("system"))
             if "history" in built.fields:
                 ex["history"] = _history(cand.get("history"))
-            reason = ("empty_instruction" if not ex["instruction"] else "empty_output" if not ex["output"]
-                      else "bad_history" if ex.get("history", []) is None else None)
+            reason = (
+                "empty_instruction"
+                if not ex["instruction"]
+                else "empty_output"
+                if not ex["output"]
+                else "bad_history"
+                if ex.get("history", []) is None
+                else None
+            )
             key = ex["instruction"] + "\x1f" + ex["input"]
             _keep(built, p, seen, ex, key, len(ex["instruction"]) + len(ex["input"]), len(ex["output"]), reason)
 
@@ -160,8 +204,11 @@ def _conversation(conv, tags: dict[str, str]) -> tuple | str:
         return "bad_conversation"
     ok = isinstance(conv, list) and conv and all(isinstance(m, dict) for m in conv)
     style = next((s for s in SHAREGPT_TAGS if set(s) <= conv[0].keys()), None) if ok else None
-    if style is None or any(not set(style) <= m.keys() for m in conv) or (
-            tags and style != (tags["role_tag"], tags["content_tag"])):
+    if (
+        style is None
+        or any(not set(style) <= m.keys() for m in conv)
+        or (tags and style != (tags["role_tag"], tags["content_tag"]))
+    ):
         return "bad_conversation"
     tags = tags or SHAREGPT_TAGS[style]  # the first good conversation fixes the tags of the dataset
     role, content = style

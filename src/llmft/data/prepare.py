@@ -1,7 +1,7 @@
 """The prepare stage's work: read the table, build examples, split them, write what LLaMA-Factory reads.
 
-    splits, info, stats = prepare(params.data)
-    write_outputs(splits, info, stats, Path("data/processed"), Path("reports/metrics/prepare.json"))
+splits, info, stats = prepare(params.data)
+write_outputs(splits, info, stats, Path("data/processed"), Path("reports/metrics/prepare.json"))
 """
 
 from __future__ import annotations
@@ -36,15 +36,19 @@ def split_examples(examples: list[dict], keys: list[str], p: DataParams) -> dict
     total = len(examples)
     want = {"val": _split_count(p.val_size, total), "test": _split_count(p.test_size, total) if p.test_size else 0}
     if want["val"] + want["test"] >= total:
-        raise UserError(f"data.val_size={p.val_size} and data.test_size={p.test_size} leave no training examples "
-                        f"out of {total} kept; lower them")
+        raise UserError(
+            f"data.val_size={p.val_size} and data.test_size={p.test_size} leave no training examples "
+            f"out of {total} kept; lower them"
+        )
     chosen: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for key in order:
         name = next((n for n in ("val", "test") if len(chosen[n]) < want[n]), "train")
         chosen[name].extend(groups[key])
     if not chosen["train"]:  # repeated prompts filled val/test before train got any
-        raise UserError(f"data.val_size={p.val_size} and data.test_size={p.test_size} leave no training examples: "
-                        f"the {total} kept examples have only {len(groups)} distinct prompts; lower them or add data")
+        raise UserError(
+            f"data.val_size={p.val_size} and data.test_size={p.test_size} leave no training examples: "
+            f"the {total} kept examples have only {len(groups)} distinct prompts; lower them or add data"
+        )
     splits = {name: [examples[i] for i in sorted(idx)] for name, idx in chosen.items()}
     return {name: rows for name, rows in splits.items() if rows or name != "test"}
 
@@ -61,7 +65,9 @@ def dataset_info(kind: str, names: list[str], present: set[str], tags: dict[str,
     """The dataset_info.json entries LLaMA-Factory reads to find and parse each split."""
     if kind == "sharegpt":
         columns = {"messages": "conversations"} | ({"system": "system"} if "system" in present else {})
-        return {n: {"file_name": f"{n}.json", "formatting": "sharegpt", "columns": columns, "tags": tags} for n in names}
+        return {
+            n: {"file_name": f"{n}.json", "formatting": "sharegpt", "columns": columns, "tags": tags} for n in names
+        }
     columns = {"prompt": "instruction", "query": "input", "response": "output"}
     columns |= {f: f for f in ("system", "history") if f in present}
     return {n: {"file_name": f"{n}.json", "columns": columns} for n in names}
@@ -73,8 +79,10 @@ def prepare(p: DataParams, do_split: bool = True) -> tuple[dict[str, list[dict]]
     built = build_examples(table.columns, p)
     if not built.examples:
         dropped = {reason: built.dropped[reason] for reason in DROP_REASONS}
-        raise UserError(f"{p.input}: all {built.examples_in} examples were dropped ({_fmt(dropped)}); "
-                        "check data.columns/data.templates and the length limits")
+        raise UserError(
+            f"{p.input}: all {built.examples_in} examples were dropped ({_fmt(dropped)}); "
+            "check data.columns/data.templates and the length limits"
+        )
     splits = split_examples(built.examples, built.keys, p) if do_split else {"all": built.examples}
     info = dataset_info(built.kind, list(splits), built.fields, built.tags)
     dropped = {reason: built.dropped.get(reason, 0) for reason in DROP_REASONS}
@@ -89,9 +97,18 @@ def prepare(p: DataParams, do_split: bool = True) -> tuple[dict[str, list[dict]]
         "output_chars": _percentiles(built.output_chars),
     }
     assert stats["examples_in"] == stats["kept"] + stats["dropped_total"], stats  # nothing lost silently
-    log.info("read %s (%s, %s): %d rows -> %d examples (%s); kept %d; dropped %s; splits %s",
-             p.input, table.format, table.encoding or "binary", table.num_rows, built.examples_in, built.kind,
-             stats["kept"], _fmt(built.dropped) or "none", _fmt(stats["splits"]))
+    log.info(
+        "read %s (%s, %s): %d rows -> %d examples (%s); kept %d; dropped %s; splits %s",
+        p.input,
+        table.format,
+        table.encoding or "binary",
+        table.num_rows,
+        built.examples_in,
+        built.kind,
+        stats["kept"],
+        _fmt(built.dropped) or "none",
+        _fmt(stats["splits"]),
+    )
     return splits, info, stats
 
 

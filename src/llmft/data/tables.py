@@ -17,8 +17,16 @@ from pathlib import Path
 from llmft.common import UserError
 
 EXTENSIONS = {
-    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".parquet": "parquet", ".pq": "parquet", ".xlsx": "xlsx", ".xlsm": "xlsx",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".xlsx": "xlsx",
+    ".xlsm": "xlsx",
 }
 AUTO_ENCODINGS = ("utf-8-sig", "gb18030")  # utf-8-sig also reads plain UTF-8; GB18030 is a superset of GBK
 
@@ -46,7 +54,9 @@ def sniff_format(path: Path, head: bytes) -> str:
         return "json"
     if text.startswith(b"{"):
         return "jsonl"
-    raise UserError(f"{path}: unknown format (extension {path.suffix!r}); set data.format to one of {sorted(set(EXTENSIONS.values()))}")
+    raise UserError(
+        f"{path}: unknown format (extension {path.suffix!r}); set data.format to one of {sorted(set(EXTENSIONS.values()))}"
+    )
 
 
 def decode(path: Path, raw: bytes, encoding: str) -> tuple[str, str]:
@@ -55,15 +65,21 @@ def decode(path: Path, raw: bytes, encoding: str) -> tuple[str, str]:
         encoding = "utf-16"  # Excel's "Unicode Text" export; its NUL bytes would look binary below
     wide = encoding != "auto" and codecs.lookup(encoding).name.startswith("utf-16")
     if b"\x00" in raw[:8192] and not wide:
-        raise UserError(f"{path}: looks like a binary file, not text; expected CSV/TSV/JSON/JSONL, or a .parquet/.xlsx extension")
+        raise UserError(
+            f"{path}: looks like a binary file, not text; expected CSV/TSV/JSON/JSONL, or a .parquet/.xlsx extension"
+        )
     for enc in AUTO_ENCODINGS if encoding == "auto" else (encoding,):
         try:
             text = raw.decode(enc)
         except UnicodeDecodeError as exc:
             if encoding != "auto":
-                raise UserError(f"{path}: cannot be decoded as {encoding} (byte {exc.start}); set data.encoding: auto") from None
+                raise UserError(
+                    f"{path}: cannot be decoded as {encoding} (byte {exc.start}); set data.encoding: auto"
+                ) from None
             continue
-        return text.removeprefix("\ufeff"), "utf-8" if enc == "utf-8-sig" and not raw.startswith(b"\xef\xbb\xbf") else enc
+        return text.removeprefix("\ufeff"), "utf-8" if enc == "utf-8-sig" and not raw.startswith(
+            b"\xef\xbb\xbf"
+        ) else enc
     raise UserError(f"{path}: not UTF-8 or GB18030 text; set data.encoding to the file's encoding")
 
 
@@ -140,7 +156,9 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "auto", shee
         if fmt == "parquet":
             columns = _frame_to_columns(pd.read_parquet(io.BytesIO(raw)))
         elif fmt == "xlsx":
-            columns = _frame_to_columns(pd.read_excel(io.BytesIO(raw), sheet_name=sheet, dtype=str, keep_default_na=False))
+            columns = _frame_to_columns(
+                pd.read_excel(io.BytesIO(raw), sheet_name=sheet, dtype=str, keep_default_na=False)
+            )
         else:
             text, used = decode(path, raw, encoding)
             if fmt == "json":
@@ -148,13 +166,20 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "auto", shee
             elif fmt == "jsonl":
                 columns = _read_jsonl(path, text)
             else:
-                frame = pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",", dtype=str,
-                                    keep_default_na=False, na_filter=False)
+                frame = pd.read_csv(
+                    io.StringIO(text),
+                    sep="\t" if fmt == "tsv" else ",",
+                    dtype=str,
+                    keep_default_na=False,
+                    na_filter=False,
+                )
                 columns = {str(c): frame[c].tolist() for c in frame.columns}
     except UserError:
         raise
     except Exception as exc:  # a parser's own error: keep its words, name the file and format
-        raise UserError(f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UserError(
+            f"{path}: cannot be read as {fmt}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     table = Table(columns, fmt, used)
     if not columns or table.num_rows == 0:
         raise UserError(f"{path}: no data rows (read as {fmt})")

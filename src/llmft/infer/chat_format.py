@@ -1,7 +1,7 @@
 """Prompts formatted exactly as LLaMA-Factory formats them in training: the tokenizer plus its template.
 
-    fmt = load_chat_format("models/base")                 # tokenizer + LLaMA-Factory template
-    prompt_ids, _ = fmt.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}])
+fmt = load_chat_format("models/base")                 # tokenizer + LLaMA-Factory template
+prompt_ids, _ = fmt.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}])
 """
 
 from __future__ import annotations
@@ -57,17 +57,22 @@ def load_chat_format(base_dir: str | Path, cutoff_len: int = 2048) -> ChatFormat
     try:
         tokenizer = AutoTokenizer.from_pretrained(info["path"], trust_remote_code=trust)
     except (OSError, ValueError) as err:
-        raise UserError(f"{base_dir}: cannot load the tokenizer from {info['path']}: "
-                        f"{str(err).strip().splitlines()[0]}") from None
+        raise UserError(
+            f"{base_dir}: cannot load the tokenizer from {info['path']}: {str(err).strip().splitlines()[0]}"
+        ) from None
     if not tokenizer.chat_template:
-        raise UserError(f"{info['path']}: the tokenizer has no chat template, so chat prompts are undefined; "
-                        "use a chat/instruct model or add chat_template to its tokenizer_config.json")
+        raise UserError(
+            f"{info['path']}: the tokenizer has no chat template, so chat prompts are undefined; "
+            "use a chat/instruct model or add chat_template to its tokenizer_config.json"
+        )
     from llamafactory.data.template import TEMPLATES, get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
 
     if info["template"] not in TEMPLATES:
-        raise UserError(f"{base_dir}/model_info.json: template {info['template']!r} is not a LLaMA-Factory "
-                        "template; rerun `dvc repro model` or fix model.template")
+        raise UserError(
+            f"{base_dir}/model_info.json: template {info['template']!r} is not a LLaMA-Factory "
+            "template; rerun `dvc repro model` or fix model.template"
+        )
     data_args = DataArguments(template=info["template"], cutoff_len=cutoff_len)
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     tokenizer.padding_side = "left"

@@ -31,8 +31,8 @@ def _left_pad(batch: list[list[int]], pad_id: int, device):
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, seq in enumerate(batch):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -41,7 +41,7 @@ def shared_prefix(prompts: list[list[int]]) -> list[int]:
     length = min(map(len, prompts)) - 1
     for prompt in prompts[1:]:
         length = next((i for i in range(length) if prompt[i] != prompts[0][i]), length)
-    return prompts[0][:max(length, 0)]
+    return prompts[0][: max(length, 0)]
 
 
 class _Decoder:
@@ -68,8 +68,12 @@ class _Decoder:
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # (rows, state.cur) real-token columns
         if self.prefix:  # the template's system prompt, typically: computed once, copied into each new row
             prefix_cache = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([self.prefix], device=device), past_key_values=prefix_cache,
-                  use_cache=True, logits_to_keep=1)
+            model(
+                input_ids=torch.tensor([self.prefix], device=device),
+                past_key_values=prefix_cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             for layer, computed in zip(self.cache.layers, prefix_cache.layers):
                 layer.prefix = (computed.keys, computed.values)
             self.state.prefix_len = len(self.prefix)
@@ -89,12 +93,18 @@ class _Decoder:
             state.cur, self.mask = mask.shape[1], self.mask.new_zeros((0, mask.shape[1]))
         state.prefill, state.rows = True, (len(self.alive), len(self.alive) + len(new))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
         state.prefill = False
         self.mask = torch.cat([self.mask, torch.nn.functional.pad(mask, (state.cur - mask.shape[1], 0))])
         self.tokens, self.alive = torch.cat([self.tokens, logits.argmax(-1)]), self.alive + new
-        self._record(new, self.tokens[-len(new):])
+        self._record(new, self.tokens[-len(new) :])
 
     def prune(self) -> None:
         """Drop the rows whose answer is complete (stop token or max_new_tokens) from the batch and the cache."""
@@ -129,15 +139,28 @@ class _Decoder:
         if self.lean:
             logits = self.lean.step(tokens[:, 0], mask.bool(), positions[:, 0], self.cache.layers, state.cur)[:n]
         else:
-            logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                past_key_values=self.cache, use_cache=True).logits[:n, -1]
+            logits = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            ).logits[:n, -1]
         state.cur += 1
         self.tokens = logits.argmax(-1)
         self._record(self.alive, self.tokens)
 
 
-def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
-                    batch_size: int = 16, progress=None, use_lean: bool = True) -> list[list[int]]:
+def greedy_generate(
+    model,
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress=None,
+    use_lean: bool = True,
+) -> list[list[int]]:
     """Greedy answers (token ids, ending with the stop token when one was produced) in the order of `prompts`.
 
     Up to `batch_size` answers are decoded together. When a quarter of them have finished, the next prompts
@@ -171,8 +194,14 @@ def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id
     return decoder.answers
 
 
-def answer_nll(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
-               batch_size: int = 16, max_logits: int = 2**28) -> tuple[float, int]:
+def answer_nll(
+    model,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    max_logits: int = 2**28,
+) -> tuple[float, int]:
     """Teacher-forced negative log-likelihood of `answers` given `prompts`: (sum over answer tokens, token count).
 
     Only the answer tokens are scored (the prompt is context), as in LLaMA-Factory's SFT loss. A batch holds
@@ -194,12 +223,21 @@ def answer_nll(model, prompts: list[list[int]], answers: list[list[int]], pad_id
         for rows in batches:
             ids, mask = _left_pad([prompts[i] + answers[i] for i in rows], pad_id, model.device)
             span = len(answers[rows[0]])  # left padding: every answer ends in the last column
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           use_cache=False, logits_to_keep=span + 1).logits[:, :-1].float()
+            logits = (
+                model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=False,
+                    logits_to_keep=span + 1,
+                )
+                .logits[:, :-1]
+                .float()
+            )
             targets = ids[:, -span:]
             scored = torch.zeros_like(targets, dtype=torch.bool)
             for row, i in enumerate(rows):
-                scored[row, span - len(answers[i]):] = True
+                scored[row, span - len(answers[i]) :] = True
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             total += float(nll[scored].sum())
             count += int(scored.sum())

@@ -34,7 +34,7 @@ STATIC_ROPE = ("default", "linear", "llama3")  # cos/sin depend on the position 
 def unsupported_reason(model) -> str | None:
     """Why the lean path cannot run `model` (None = it can)."""
     cfg = model.config
-    rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if cfg.model_type not in SUPPORTED:
         return f"model_type {cfg.model_type!r} is not one of {SUPPORTED}"
     if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkl.is_available():
@@ -45,8 +45,12 @@ def unsupported_reason(model) -> str | None:
         return f"rope type {rope.get('rope_type')!r} depends on the sequence length"
     if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=cfg).layers):
         return "sliding-window attention"  # as HF's own cache reads the config (qwen2 and mistral differ)
-    if {name for name, _ in model.model.layers[0].self_attn.named_children()} != {"q_proj", "k_proj", "v_proj",
-                                                                                   "o_proj"}:
+    if {name for name, _ in model.model.layers[0].self_attn.named_children()} != {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    }:
         return "the attention has extra modules (e.g. q/k norms)"
     return None
 
@@ -57,8 +61,13 @@ class _Packed:
     def __init__(self, linears, rows: int):
         self.weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
         biases = [m.bias for m in linears]
-        self.bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, linears)])
+        self.bias = (
+            None
+            if all(b is None for b in biases)
+            else torch.cat(
+                [b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, linears)]
+            )
+        )
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows)
         self.rows = rows
 
@@ -93,12 +102,17 @@ class LeanDecoder:
         self.rows, self.heads, self.kv_heads = rows, cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling, self.intermediate = attn.scaling, cfg.intermediate_size
-        self.layers = [_Layer(layer.input_layernorm.weight,
-                              _Packed([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], rows),
-                              _Packed([layer.self_attn.o_proj], rows),
-                              layer.post_attention_layernorm.weight,
-                              _Packed([layer.mlp.gate_proj, layer.mlp.up_proj], rows),
-                              _Packed([layer.mlp.down_proj], rows)) for layer in inner.layers]
+        self.layers = [
+            _Layer(
+                layer.input_layernorm.weight,
+                _Packed([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], rows),
+                _Packed([layer.self_attn.o_proj], rows),
+                layer.post_attention_layernorm.weight,
+                _Packed([layer.mlp.gate_proj, layer.mlp.up_proj], rows),
+                _Packed([layer.mlp.down_proj], rows),
+            )
+            for layer in inner.layers
+        ]
         self.embed, self.norm, self.eps = inner.embed_tokens.weight, inner.norm.weight, inner.norm.variance_epsilon
         self.lm_head = _Packed([model.get_output_embeddings()], rows)
         self.rotary, self.cos, self.sin = inner.rotary_emb, None, None
@@ -141,11 +155,13 @@ class LeanDecoder:
             values[:rows, :, column] = qkv[:, qk_width:].view(rows, kv_heads, head_dim)
             # One query per row: the query heads that share a KV head form a (group, head_dim) matrix, so two
             # batched matmuls cover all rows and heads (measured ~10% faster per step than SDPA's kernel here).
-            keys, values = (buffer[:rows, :, :length].reshape(rows * kv_heads, length, head_dim)
-                            for buffer in (keys, values))
-            scores = torch.baddbmm(bias, qk[:, :heads].reshape(rows * kv_heads, group, head_dim), keys.transpose(1, 2),
-                                   alpha=self.scaling)
+            keys, values = (
+                buffer[:rows, :, :length].reshape(rows * kv_heads, length, head_dim) for buffer in (keys, values)
+            )
+            scores = torch.baddbmm(
+                bias, qk[:, :heads].reshape(rows * kv_heads, group, head_dim), keys.transpose(1, 2), alpha=self.scaling
+            )
             x = x + layer.o(torch.bmm(scores.softmax(-1), values).view(rows, heads * head_dim))
             gate_up = layer.gate_up(rms_norm(x, (hidden_size,), layer.norm2, self.eps))
-            x = x + layer.down(silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
+            x = x + layer.down(silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :])
         return self.lm_head(rms_norm(x, (hidden_size,), self.norm, self.eps))

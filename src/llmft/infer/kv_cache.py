@@ -43,15 +43,16 @@ class SlotLayer:
     def update(self, key_states, value_states, *args, **kwargs):
         st = self.state
         if self.buffers is None:
-            self.buffers = [s.new_zeros((st.batch_size, s.shape[1], st.capacity, s.shape[-1]))
-                            for s in (key_states, value_states)]
+            self.buffers = [
+                s.new_zeros((st.batch_size, s.shape[1], st.capacity, s.shape[-1])) for s in (key_states, value_states)
+            ]
             self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         first, last = st.rows
         start = st.cur - key_states.shape[-2] if st.prefill else st.cur
         for i, (buffer, states) in enumerate(zip(self.buffers, (key_states, value_states))):
-            buffer[first:last, :, start:start + states.shape[-2]] = states
+            buffer[first:last, :, start : start + states.shape[-2]] = states
             if st.prefill and self.prefix:
-                buffer[first:last, :, start - st.prefix_len:start] = self.prefix[i]
+                buffer[first:last, :, start - st.prefix_len : start] = self.prefix[i]
         lo, hi = (start - st.prefix_len, st.cur) if st.prefill else (0, st.cur + 1)
         self.keys, self.values = (buffer[first:last, :, lo:hi] for buffer in self.buffers)
         return self.keys, self.values
@@ -67,8 +68,8 @@ class SlotLayer:
 
     def keep_rows(self, rows, cur: int) -> None:
         for buffer in self.buffers or ():
-            buffer[:len(rows), :, :cur] = buffer[rows, :, :cur]
+            buffer[: len(rows), :, :cur] = buffer[rows, :, :cur]
 
     def drop_columns(self, lead: int, cur: int) -> None:
         for buffer in self.buffers or ():
-            buffer[:, :, :cur - lead] = buffer[:, :, lead:cur].clone()
+            buffer[:, :, : cur - lead] = buffer[:, :, lead:cur].clone()

@@ -1,6 +1,6 @@
 """Load the base model for inference, fold a LoRA adapter into it, and size the CPU thread pool.
 
-    model = merge_adapter(load_model(fmt), "models/lora")  # LoRA folded into the weights: no per-layer overhead
+model = merge_adapter(load_model(fmt), "models/lora")  # LoRA folded into the weights: no per-layer overhead
 """
 
 from __future__ import annotations
@@ -27,8 +27,15 @@ def physical_cores() -> int:
     """Physical cores this process may run on (hyperthread siblings counted once)."""
     try:
         cpus = os.sched_getaffinity(0)
-        return len({Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
-                    for c in cpus}) or 1
+        return (
+            len(
+                {
+                    Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+                    for c in cpus
+                }
+            )
+            or 1
+        )
     except (AttributeError, OSError):
         return os.cpu_count() or 1
 
@@ -51,9 +58,16 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     import torch
 
     is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=dropout, scale=scaling, is_causal=is_causal,
-                                                           enable_gqa=query.shape[1] != key.shape[1])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=is_causal,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -65,8 +79,9 @@ def load_model(fmt: ChatFormat, dtype: str = "auto", device: str = "auto"):
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
-        model = AutoModelForCausalLM.from_pretrained(fmt.path, dtype=resolve_dtype(dtype, device),
-                                                     trust_remote_code=fmt.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            fmt.path, dtype=resolve_dtype(dtype, device), trust_remote_code=fmt.trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load base weights from {fmt.path}: {str(err).strip().splitlines()[0]}") from None
     if device == "cpu" and model.config._attn_implementation == "sdpa":
@@ -79,8 +94,10 @@ def load_model(fmt: ChatFormat, dtype: str = "auto", device: str = "auto"):
 def check_adapter(adapter_dir: str | Path) -> Path:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir}: no LoRA adapter here (adapter_config.json missing); "
-                        "run `dvc repro train` (python src/train.py) first")
+        raise UserError(
+            f"{adapter_dir}: no LoRA adapter here (adapter_config.json missing); "
+            "run `dvc repro train` (python src/train.py) first"
+        )
     return adapter_dir
 
 
@@ -92,6 +109,8 @@ def merge_adapter(model, adapter_dir: str | Path):
     try:
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as err:
-        raise UserError(f"{adapter_dir}: the adapter does not fit the base model "
-                        f"({str(err).strip().splitlines()[0][:300]}); retrain it on this base") from None
+        raise UserError(
+            f"{adapter_dir}: the adapter does not fit the base model "
+            f"({str(err).strip().splitlines()[0][:300]}); retrain it on this base"
+        ) from None
     return merged.eval()

@@ -23,8 +23,12 @@ def mkl_packed(model, rows: int):
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     free = available_memory()  # 0 where unknown: then nothing is packed
-    if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkl.is_available() \
-            or 1.5 * size > free:
+    if (
+        model.device.type != "cpu"
+        or model.dtype != torch.float32
+        or not torch.backends.mkl.is_available()
+        or 1.5 * size > free
+    ):
         yield False
         return
 
@@ -34,8 +38,9 @@ def mkl_packed(model, rows: int):
         return torch.ops.mkl._mkl_linear(x, packed, linear.weight, linear.bias, rows)
 
     for linear in linears:
-        linear.forward = functools.partial(packed_forward, linear,
-                                           torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows))
+        linear.forward = functools.partial(
+            packed_forward, linear, torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
+        )
     try:
         yield True
     finally:

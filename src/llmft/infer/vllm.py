@@ -13,12 +13,14 @@ from llmft.infer.chat_format import ChatFormat
 
 def require_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
-        raise UserError("eval.backend=vllm but vllm is not installed; `pip install vllm` on a CUDA machine, "
-                        "or set eval.backend: hf")
+        raise UserError(
+            "eval.backend=vllm but vllm is not installed; `pip install vllm` on a CUDA machine, or set eval.backend: hf"
+        )
 
 
-def vllm_generate(fmt: ChatFormat, adapter_dir: str | Path, prompts: list[list[int]],
-                  max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+def vllm_generate(
+    fmt: ChatFormat, adapter_dir: str | Path, prompts: list[list[int]], max_new_tokens: int
+) -> tuple[list[list[int]], list[list[int]]]:
     """Greedy (base, tuned) answers from one vLLM engine, the adapter applied per request.
 
     Optional GPU backend (eval.backend: vllm). Not covered by the tests: vLLM needs CUDA.
@@ -34,10 +36,15 @@ def vllm_generate(fmt: ChatFormat, adapter_dir: str | Path, prompts: list[list[i
     from vllm.lora.request import LoRARequest
 
     rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"]
-    llm = LLM(model=fmt.path, enable_lora=True, max_lora_rank=max(8, 2 ** math.ceil(math.log2(rank))),
-              trust_remote_code=fmt.trust_remote_code)
-    sampling = SamplingParams(temperature=0, max_tokens=max_new_tokens, stop_token_ids=fmt.stop_ids,
-                              skip_special_tokens=False)
+    llm = LLM(
+        model=fmt.path,
+        enable_lora=True,
+        max_lora_rank=max(8, 2 ** math.ceil(math.log2(rank))),
+        trust_remote_code=fmt.trust_remote_code,
+    )
+    sampling = SamplingParams(
+        temperature=0, max_tokens=max_new_tokens, stop_token_ids=fmt.stop_ids, skip_special_tokens=False
+    )
     requests = [{"prompt_token_ids": ids} for ids in prompts]
     base = llm.generate(requests, sampling)
     tuned = llm.generate(requests, sampling, lora_request=LoRARequest("adapter", 1, str(adapter_dir)))

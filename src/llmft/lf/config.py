@@ -23,12 +23,23 @@ from llmft.lf.profile import CPU, Runtime, plan_profile
 DEEPSPEED_CONFIGS = {"z2": "configs/deepspeed/ds_z2.json", "z3": "configs/deepspeed/ds_z3.json"}
 # Set by the train stage itself: from params they would break resume, outputs or the pipeline graph.
 RESERVED = {
-    "output_dir": "--checkpoints", "overwrite_output_dir": "checkpoints restart by themselves when params change",
-    "resume_from_checkpoint": "the newest complete checkpoint is resumed", "report_to": "always dvclive",
-    "save_only_model": "a checkpoint without optimizer state cannot be resumed", "stage": "sft", "do_train": "true",
-    "model_name_or_path": "models/base", "template": "models/base", "trust_remote_code": "model.trust_remote_code",
-    "dataset": "data/processed", "eval_dataset": "data/processed", "dataset_dir": "data/processed",
-    "deepspeed": "train.deepspeed", "bf16": "train.precision", "fp16": "train.precision", "data_seed": "train.seed",
+    "output_dir": "--checkpoints",
+    "overwrite_output_dir": "checkpoints restart by themselves when params change",
+    "resume_from_checkpoint": "the newest complete checkpoint is resumed",
+    "report_to": "always dvclive",
+    "save_only_model": "a checkpoint without optimizer state cannot be resumed",
+    "stage": "sft",
+    "do_train": "true",
+    "model_name_or_path": "models/base",
+    "template": "models/base",
+    "trust_remote_code": "model.trust_remote_code",
+    "dataset": "data/processed",
+    "eval_dataset": "data/processed",
+    "dataset_dir": "data/processed",
+    "deepspeed": "train.deepspeed",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "data_seed": "train.seed",
     "eval_strategy": "train.eval_steps",
 }
 
@@ -44,15 +55,30 @@ def choose_precision(requested: str, cuda_available: bool, bf16_supported: bool)
     return requested
 
 
-def build_config(t, *, model_path: str, template: str, trust_remote_code: bool, data_dir: str, output_dir: str,
-                 precision: str, deepspeed_config: str | None = None,
-                 runtime: Runtime = CPU) -> dict[str, dict[str, Any]]:
+def build_config(
+    t,
+    *,
+    model_path: str,
+    template: str,
+    trust_remote_code: bool,
+    data_dir: str,
+    output_dir: str,
+    precision: str,
+    deepspeed_config: str | None = None,
+    runtime: Runtime = CPU,
+) -> dict[str, dict[str, Any]]:
     """One LLaMA-Factory SFT config, in the sections of its examples/ files. `t` is a params.TrainParams;
     `runtime` is what train.profile needs to know (see plan_profile): its keys go in a `### profile` section."""
     method: dict[str, Any] = {"stage": "sft", "do_train": True, "finetuning_type": t.finetuning_type}
     if t.finetuning_type == "lora":
-        method |= {"lora_rank": t.lora_rank, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout,
-                   "lora_target": t.lora_target, "use_dora": t.use_dora, "use_rslora": t.use_rslora}
+        method |= {
+            "lora_rank": t.lora_rank,
+            "lora_alpha": t.lora_alpha,
+            "lora_dropout": t.lora_dropout,
+            "lora_target": t.lora_target,
+            "use_dora": t.use_dora,
+            "use_rslora": t.use_rslora,
+        }
     if t.quantization_bit:
         method |= {"quantization_bit": t.quantization_bit, "quantization_method": "bnb"}
     if deepspeed_config:
@@ -60,10 +86,12 @@ def build_config(t, *, model_path: str, template: str, trust_remote_code: bool, 
     train: dict[str, Any] = {
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "learning_rate": t.learning_rate, "num_train_epochs": t.num_train_epochs,
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": t.num_train_epochs,
         "lr_scheduler_type": t.lr_scheduler_type,
         "warmup_steps": t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio; warmup_ratio is deprecated
-        "seed": t.seed, "data_seed": t.seed,
+        "seed": t.seed,
+        "data_seed": t.seed,
     }
     if t.max_steps:
         train["max_steps"] = t.max_steps
@@ -74,9 +102,16 @@ def build_config(t, *, model_path: str, template: str, trust_remote_code: bool, 
         "method": method,
         "dataset": {"dataset_dir": data_dir, "dataset": "train", "eval_dataset": "val", "cutoff_len": t.cutoff_len}
         | ({"max_samples": t.max_samples} if t.max_samples else {}),
-        "output": {"output_dir": output_dir, "overwrite_output_dir": False, "logging_steps": t.logging_steps,
-                   "save_steps": t.save_steps, "save_total_limit": t.save_total_limit, "plot_loss": True,
-                   "report_to": "dvclive", "include_effective_tokens_per_second": True},
+        "output": {
+            "output_dir": output_dir,
+            "overwrite_output_dir": False,
+            "logging_steps": t.logging_steps,
+            "save_steps": t.save_steps,
+            "save_total_limit": t.save_total_limit,
+            "plot_loss": True,
+            "report_to": "dvclive",
+            "include_effective_tokens_per_second": True,
+        },
         "train": train,
         "eval": {"eval_strategy": "steps", "eval_steps": t.eval_steps},
     }
@@ -93,9 +128,11 @@ def build_config(t, *, model_path: str, template: str, trust_remote_code: bool, 
 def absolute_paths(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """A copy where relative paths (*_dir, *_path, deepspeed) that exist from here are absolute, for a child run
     elsewhere; a hub id stays as it is."""
+
     def fix(k: str, v: Any) -> Any:
         is_path = k.endswith(("_dir", "_path", "deepspeed")) and isinstance(v, str) and not os.path.isabs(v)
         return os.path.abspath(v) if is_path and os.path.exists(v) else v
+
     return {name: {k: fix(k, v) for k, v in section.items()} for name, section in sections.items()}
 
 
@@ -107,13 +144,22 @@ def lf_fields() -> set[str]:
     """Every argument `llamafactory-cli train` accepts (imports LLaMA-Factory: ~10 s)."""
     from llamafactory import hparams
 
-    classes = (hparams.ModelArguments, hparams.DataArguments, hparams.TrainingArguments,
-               hparams.FinetuningArguments, hparams.GeneratingArguments)
+    classes = (
+        hparams.ModelArguments,
+        hparams.DataArguments,
+        hparams.TrainingArguments,
+        hparams.FinetuningArguments,
+        hparams.GeneratingArguments,
+    )
     return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
 
 
-def validate(sections: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any], known: set[str] | None = None,
-             typed: set[str] = frozenset()) -> None:
+def validate(
+    sections: Mapping[str, Mapping[str, Any]],
+    extra: Mapping[str, Any],
+    known: set[str] | None = None,
+    typed: set[str] = frozenset(),
+) -> None:
     """Reject an extra key that is reserved, has a typed train.* key, or that LLaMA-Factory doesn't know.
 
     The keys build_config writes itself are checked by tests/test_lf_config.py, so without extra keys this skips
@@ -141,8 +187,9 @@ def to_yaml(sections: Mapping[str, Mapping[str, Any]], header: list[str]) -> str
     return "".join(parts)
 
 
-def launch_command(config_path: str, environ: Mapping[str, str], deepspeed: str | None,
-                   bin_dir: str) -> tuple[list[str], dict[str, str]]:
+def launch_command(
+    config_path: str, environ: Mapping[str, str], deepspeed: str | None, bin_dir: str
+) -> tuple[list[str], dict[str, str]]:
     """`llamafactory-cli train <config>` and its environment.
 
     LLaMA-Factory itself starts torchrun when it sees several GPUs, or FORCE_TORCHRUN; NNODES, NODE_RANK,

@@ -42,8 +42,9 @@ def convert_rows(attr, data_args, rows: list) -> Iterator[dict[str, Any] | None]
             yield None
 
 
-def example_lengths(model_path: str, template: str, data_dir: Path, cutoff_len: int, trust_remote_code: bool = False,
-                    limit: int = 20000) -> tuple[int, ...]:
+def example_lengths(
+    model_path: str, template: str, data_dir: Path, cutoff_len: int, trust_remote_code: bool = False, limit: int = 20000
+) -> tuple[int, ...]:
     """Token length of the first `limit` train examples as LLaMA-Factory encodes them (template included, not cut
     to cutoff_len), in dataset order; () when the tokenizer or the data can't be read. Imports LLaMA-Factory."""
     from llamafactory.data.template import get_template_and_fix_tokenizer
@@ -63,7 +64,8 @@ def example_lengths(model_path: str, template: str, data_dir: Path, cutoff_len: 
     for ex in convert_rows(attr, data_args, rows):
         if ex is None:
             continue
-        prompt_ids, answer_ids = tmpl.encode_oneturn(tokenizer, ex["_prompt"] + ex["_response"], ex["_system"] or None,
-                                                     ex["_tools"] or None)
+        prompt_ids, answer_ids = tmpl.encode_oneturn(
+            tokenizer, ex["_prompt"] + ex["_response"], ex["_system"] or None, ex["_tools"] or None
+        )
         lengths.append(len(prompt_ids) + len(answer_ids) + int(tmpl.efficient_eos))
     return tuple(lengths)

@@ -33,14 +33,26 @@ class ModelDims:
         c = model_config.get("text_config", model_config)  # multimodal configs nest the language model's
         heads = c["num_attention_heads"]
         head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], vocab=c["vocab_size"],
-                   kv_dim=c.get("num_key_value_heads", heads) * head_dim,
-                   intermediate=c.get("intermediate_size", 4 * c["hidden_size"]),
-                   dtype=model_config.get("dtype") or model_config.get("torch_dtype"))
+        return cls(
+            hidden=c["hidden_size"],
+            layers=c["num_hidden_layers"],
+            vocab=c["vocab_size"],
+            kv_dim=c.get("num_key_value_heads", heads) * head_dim,
+            intermediate=c.get("intermediate_size", 4 * c["hidden_size"]),
+            dtype=model_config.get("dtype") or model_config.get("torch_dtype"),
+        )
 
 
-def activation_bytes(dims: ModelDims, tokens: int, *, precision: str, lora: bool, lora_dropout: float, liger: bool,
-                     checkpointing: bool = False) -> dict[str, float]:
+def activation_bytes(
+    dims: ModelDims,
+    tokens: int,
+    *,
+    precision: str,
+    lora: bool,
+    lora_dropout: float,
+    liger: bool,
+    checkpointing: bool = False,
+) -> dict[str, float]:
     """Bytes kept for backward per micro-batch of `tokens`: {"activations": ..., "logits": ...}.
 
     Counted per layer and token, in units of the activation size b (2 bytes in 16-bit, 4 in fp32): RMSNorm 5h
@@ -63,11 +75,26 @@ def activation_bytes(dims: ModelDims, tokens: int, *, precision: str, lora: bool
     return {"activations": tokens * kept, "logits": 0 if liger else tokens * 12 * dims.vocab}
 
 
-def activation_gib(model_config: Mapping[str, Any], tokens: int, *, precision: str, lora: bool, lora_dropout: float,
-                   liger: bool, checkpointing: bool = False) -> float:
+def activation_gib(
+    model_config: Mapping[str, Any],
+    tokens: int,
+    *,
+    precision: str,
+    lora: bool,
+    lora_dropout: float,
+    liger: bool,
+    checkpointing: bool = False,
+) -> float:
     """activation_bytes (activations + logits) for `tokens` tokens, in GiB."""
-    parts = activation_bytes(ModelDims.from_config(model_config), tokens, precision=precision, lora=lora,
-                             lora_dropout=lora_dropout, liger=liger, checkpointing=checkpointing)
+    parts = activation_bytes(
+        ModelDims.from_config(model_config),
+        tokens,
+        precision=precision,
+        lora=lora,
+        lora_dropout=lora_dropout,
+        liger=liger,
+        checkpointing=checkpointing,
+    )
     return sum(parts.values()) / GIB
 
 
@@ -80,10 +107,20 @@ def trainable_parameters(dims: ModelDims, n_params: int, finetuning_type: str, l
     return n_params
 
 
-def estimate_peak_gib(model_config: Mapping[str, Any], weights_bytes: int, *, finetuning_type: str, lora_rank: int,
-                      quantization_bit: int | None, precision: str, batch: int, seq: int,
-                      grad_checkpointing: bool = True, lora_dropout: float = 0.0,
-                      liger: bool = False) -> dict[str, float]:
+def estimate_peak_gib(
+    model_config: Mapping[str, Any],
+    weights_bytes: int,
+    *,
+    finetuning_type: str,
+    lora_rank: int,
+    quantization_bit: int | None,
+    precision: str,
+    batch: int,
+    seq: int,
+    grad_checkpointing: bool = True,
+    lora_dropout: float = 0.0,
+    liger: bool = False,
+) -> dict[str, float]:
     """Rough peak GPU memory per GPU (no ZeRO sharding), in GiB, from config.json and the size of the weight files:
 
     weights      n_params x bytes per weight (4 fp32, 2 bf16/fp16, 1 int8, 0.5 int4)
@@ -94,10 +131,20 @@ def estimate_peak_gib(model_config: Mapping[str, Any], weights_bytes: int, *, fi
     dims = ModelDims.from_config(model_config)
     n_params = weights_bytes // {"bfloat16": 2, "float16": 2}.get(dims.dtype, 4)
     weight_bytes = {4: 0.5, 8: 1}.get(quantization_bit or 0, 4 if precision == "fp32" else 2)
-    act = activation_bytes(dims, batch * seq, precision=precision, lora=finetuning_type == "lora",
-                           lora_dropout=lora_dropout, liger=liger, checkpointing=grad_checkpointing)
-    parts = {"weights": n_params * weight_bytes,
-             "optimizer": 16 * trainable_parameters(dims, n_params, finetuning_type, lora_rank), **act,
-             "cuda": CUDA_OVERHEAD_GIB * GIB}
+    act = activation_bytes(
+        dims,
+        batch * seq,
+        precision=precision,
+        lora=finetuning_type == "lora",
+        lora_dropout=lora_dropout,
+        liger=liger,
+        checkpointing=grad_checkpointing,
+    )
+    parts = {
+        "weights": n_params * weight_bytes,
+        "optimizer": 16 * trainable_parameters(dims, n_params, finetuning_type, lora_rank),
+        **act,
+        "cuda": CUDA_OVERHEAD_GIB * GIB,
+    }
     parts = {k: v / GIB for k, v in parts.items()}
     return parts | {"total": sum(parts.values())}

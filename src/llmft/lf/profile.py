@@ -39,8 +39,23 @@ from llmft.lf.memory import estimate_peak_gib
 log = get_logger("train")
 
 # Model types whose Liger kernels LLaMA-Factory 0.9.5 applies (llamafactory/model/model_utils/liger_kernel.py).
-LIGER_MODELS = {"gemma", "gemma2", "gemma3", "gemma3_text", "glm", "glm4", "granite", "llama", "mistral", "mixtral",
-                "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe"}
+LIGER_MODELS = {
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "glm",
+    "glm4",
+    "granite",
+    "llama",
+    "mistral",
+    "mixtral",
+    "olmo2",
+    "phi3",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+}
 MICRO_BATCH_TOKENS = 2048  # a packed micro-batch this long keeps a GPU's matmuls busy; more only costs memory
 GPU_MEMORY_USE = 0.8  # turn gradient checkpointing off only if the estimate leaves 20% of the GPU free
 # A step of whole packs holds a whole number of packs, so its example count drifts from batch x accumulation;
@@ -97,7 +112,9 @@ def greedy_knapsack_count(lengths: list[int], capacity: int) -> int:
 def count_packs(lengths: tuple[int, ...], cutoff_len: int, chunk: int = 1000) -> int:
     """Packs LLaMA-Factory's neat_packing makes: it packs each preprocessing chunk (preprocessing_batch_size
     examples, in dataset order) on its own, into cutoff_len - 1 tokens per pack."""
-    return sum(greedy_knapsack_count(list(lengths[i:i + chunk]), cutoff_len - 1) for i in range(0, len(lengths), chunk))
+    return sum(
+        greedy_knapsack_count(list(lengths[i : i + chunk]), cutoff_len - 1) for i in range(0, len(lengths), chunk)
+    )
 
 
 def _kernel_keys(runtime: Runtime, notes: list[str]) -> dict[str, Any]:
@@ -115,27 +132,33 @@ def _kernel_keys(runtime: Runtime, notes: list[str]) -> dict[str, Any]:
 
 def _packed_batch(t, runtime: Runtime, flash: str | None, notes: list[str]) -> tuple[int, int] | None:
     """Decision 2: (packs per micro-batch, accumulation) holding one plain optimizer step's examples, or None."""
-    lengths = runtime.example_tokens[:t.max_samples] if t.max_samples else runtime.example_tokens
+    lengths = runtime.example_tokens[: t.max_samples] if t.max_samples else runtime.example_tokens
     if not lengths:
         notes.append("no neat_packing: the examples' token lengths are unknown")
         return None
     if max(lengths) > t.cutoff_len - 1:
-        notes.append(f"no neat_packing: an example has {max(lengths)} tokens; packing would drop it, not "
-                     f"truncate it to train.cutoff_len {t.cutoff_len}")
+        notes.append(
+            f"no neat_packing: an example has {max(lengths)} tokens; packing would drop it, not "
+            f"truncate it to train.cutoff_len {t.cutoff_len}"
+        )
         return None
     step_examples = t.per_device_train_batch_size * t.gradient_accumulation_steps
     per_pack = len(lengths) / count_packs(lengths, t.cutoff_len, t.extra.get("preprocessing_batch_size", 1000))
     step_packs = max(1, round(step_examples / per_pack))
     if abs(step_packs * per_pack / step_examples - 1) > PACK_STEP_TOLERANCE:
-        notes.append(f"no neat_packing: a pack holds {per_pack:.1f} examples, so {step_packs} pack(s) per "
-                     f"optimizer step would be far from its {step_examples} examples and change the batch")
+        notes.append(
+            f"no neat_packing: a pack holds {per_pack:.1f} examples, so {step_packs} pack(s) per "
+            f"optimizer step would be far from its {step_examples} examples and change the batch"
+        )
         return None
     # LLaMA-Factory packs at micro-batch 1 with fa2; otherwise about MICRO_BATCH_TOKENS per micro-batch
     want = 1 if flash == "fa2" else max(1, math.ceil(MICRO_BATCH_TOKENS / t.cutoff_len))
     batch = max(d for d in range(1, min(want, step_packs) + 1) if step_packs % d == 0)  # divides the step evenly
-    notes.append(f"neat_packing: {per_pack:.1f} examples per {t.cutoff_len}-token pack, so "
-                 f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} examples -> "
-                 f"{batch} x {step_packs // batch} packs per optimizer step")
+    notes.append(
+        f"neat_packing: {per_pack:.1f} examples per {t.cutoff_len}-token pack, so "
+        f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} examples -> "
+        f"{batch} x {step_packs // batch} packs per optimizer step"
+    )
     return batch, step_packs // batch
 
 
@@ -145,12 +168,23 @@ def _checkpointing_off(t, runtime: Runtime, precision: str, micro_tokens: int, l
         prof.notes.append("gradient checkpointing on: no local config.json to estimate memory from")
         return False
     prof.estimate_gib = estimate_peak_gib(
-        runtime.model_config, runtime.weights_bytes, finetuning_type=t.finetuning_type, lora_rank=t.lora_rank,
-        quantization_bit=t.quantization_bit, precision=precision, batch=1, seq=micro_tokens,
-        grad_checkpointing=False, lora_dropout=t.lora_dropout, liger=liger)["total"]
+        runtime.model_config,
+        runtime.weights_bytes,
+        finetuning_type=t.finetuning_type,
+        lora_rank=t.lora_rank,
+        quantization_bit=t.quantization_bit,
+        precision=precision,
+        batch=1,
+        seq=micro_tokens,
+        grad_checkpointing=False,
+        lora_dropout=t.lora_dropout,
+        liger=liger,
+    )["total"]
     fits = prof.estimate_gib <= GPU_MEMORY_USE * runtime.gpu_mem_gib
-    prof.notes.append(f"gradient checkpointing {'off' if fits else 'on'}: ~{prof.estimate_gib:.1f} GiB estimated "
-                      f"without it, {'within' if fits else 'over'} {GPU_MEMORY_USE:.0%} of {runtime.gpu_mem_gib:.0f} GiB")
+    prof.notes.append(
+        f"gradient checkpointing {'off' if fits else 'on'}: ~{prof.estimate_gib:.1f} GiB estimated "
+        f"without it, {'within' if fits else 'over'} {GPU_MEMORY_USE:.0%} of {runtime.gpu_mem_gib:.0f} GiB"
+    )
     return fits
 
 
@@ -174,13 +208,17 @@ def plan_profile(t, runtime: Runtime, precision: str) -> Profile:
         if _checkpointing_off(t, runtime, precision, micro_tokens, liger, prof):
             keys["disable_gradient_checkpointing"] = True
     prof.keys = {k: v for k, v in keys.items() if k not in extra}
-    prof.notes.insert(0, f"{prof.name}{' (auto on CUDA)' if t.profile == 'auto' else ''}: "
-                         + (", ".join(f"{k}={v}" for k, v in prof.keys.items()) or "nothing to change"))
+    prof.notes.insert(
+        0,
+        f"{prof.name}{' (auto on CUDA)' if t.profile == 'auto' else ''}: "
+        + (", ".join(f"{k}={v}" for k, v in prof.keys.items()) or "nothing to change"),
+    )
     return prof
 
 
-def probe_runtime(t, model_path: str, template: str, data_dir: Path, precision: str,
-                  trust_remote_code: bool = False) -> Runtime:
+def probe_runtime(
+    t, model_path: str, template: str, data_dir: Path, precision: str, trust_remote_code: bool = False
+) -> Runtime:
     """What train.profile needs to know here (Runtime), and a log of what it will change.
 
     A CPU with the auto profile needs nothing (plain), so nothing slow runs then; the fast profile reads the
@@ -197,12 +235,21 @@ def probe_runtime(t, model_path: str, template: str, data_dir: Path, precision: 
         kernels |= {"liger_kernel"} if cuda and importlib.util.find_spec("liger_kernel") else set()
         config = Path(model_path) / "config.json"
         runtime = Runtime(
-            cuda=cuda, gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
-            kernels=frozenset(kernels), cpu_count=len(os.sched_getaffinity(0)),
+            cuda=cuda,
+            gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
+            kernels=frozenset(kernels),
+            cpu_count=len(os.sched_getaffinity(0)),
             model_config=json.loads(config.read_text()) if config.exists() else None,
             weights_bytes=sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")),
-            example_tokens=example_lengths(model_path, template, Path(data_dir), t.cutoff_len, trust_remote_code,
-                                           limit=min(t.max_samples or 20000, 20000)))
+            example_tokens=example_lengths(
+                model_path,
+                template,
+                Path(data_dir),
+                t.cutoff_len,
+                trust_remote_code,
+                limit=min(t.max_samples or 20000, 20000),
+            ),
+        )
     for note in plan_profile(t, runtime, precision).notes:
         log.info("train.profile %s", note)
     return runtime

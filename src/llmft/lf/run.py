@@ -1,8 +1,8 @@
 """Running `llamafactory-cli train` for the train stage: the child process, OOM back-off, checkpoints to resume.
 
-    sync_checkpoints(Path("checkpoints"), fingerprint(data_dir, model_dir, sections))  # inputs changed: clear
-    ckpt = newest_complete(Path("checkpoints"))     # torn checkpoints (killed mid-save) are removed
-    sections, retries, rc = train_with_backoff(sections, launch, enabled=True)
+sync_checkpoints(Path("checkpoints"), fingerprint(data_dir, model_dir, sections))  # inputs changed: clear
+ckpt = newest_complete(Path("checkpoints"))     # torn checkpoints (killed mid-save) are removed
+sections, retries, rc = train_with_backoff(sections, launch, enabled=True)
 """
 
 from __future__ import annotations
@@ -25,11 +25,18 @@ from llmft.lf.config import flat
 
 log = get_logger("train")
 OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED")
-OOM_KNOBS = ("lower train.per_device_train_batch_size and raise train.gradient_accumulation_steps, lower "
-             "train.cutoff_len, set train.precision bf16/fp16, train.quantization_bit 4 (QLoRA), keep gradient "
-             "checkpointing on (no extra.disable_gradient_checkpointing: true), or train.deepspeed z3 on several GPUs")
-WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "adapter_model.bin",
-           "pytorch_model.bin")
+OOM_KNOBS = (
+    "lower train.per_device_train_batch_size and raise train.gradient_accumulation_steps, lower "
+    "train.cutoff_len, set train.precision bf16/fp16, train.quantization_bit 4 (QLoRA), keep gradient "
+    "checkpointing on (no extra.disable_gradient_checkpointing: true), or train.deepspeed z3 on several GPUs"
+)
+WEIGHTS = (
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.bin",
+    "pytorch_model.bin",
+)
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
@@ -81,8 +88,11 @@ def sync_checkpoints(ckpt_dir: Path, fp: str) -> None:
     stamp = ckpt_dir / "fingerprint.json"
     old = json.loads(stamp.read_text())["fingerprint"] if stamp.exists() else None
     if old != fp and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        log.info("data, model or train params changed since %s was written: starting fresh (removing %d checkpoints)",
-                 ckpt_dir, len(list(ckpt_dir.glob("checkpoint-*"))))
+        log.info(
+            "data, model or train params changed since %s was written: starting fresh (removing %d checkpoints)",
+            ckpt_dir,
+            len(list(ckpt_dir.glob("checkpoint-*"))),
+        )
         for entry in ckpt_dir.iterdir():  # empty it, don't remove it: on Colab it is a symlink to Google Drive
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -139,10 +149,16 @@ def train_with_backoff(sections: dict, launch: Callable[[dict], tuple[int, str]]
         batch, accum = train["per_device_train_batch_size"], train["gradient_accumulation_steps"]
         smaller = backoff(batch, accum) if enabled else None
         if smaller is None:
-            raise UserError(f"CUDA out of memory at per_device_train_batch_size={batch}, gradient_accumulation_steps="
-                            f"{accum}{'' if enabled else ' (train.oom_backoff is off)'}: {OOM_KNOBS}")
-        log.warning("CUDA out of memory at batch %d x accumulation %d: retrying with %d x %d (same effective batch)",
-                    batch, accum, *smaller)
+            raise UserError(
+                f"CUDA out of memory at per_device_train_batch_size={batch}, gradient_accumulation_steps="
+                f"{accum}{'' if enabled else ' (train.oom_backoff is off)'}: {OOM_KNOBS}"
+            )
+        log.warning(
+            "CUDA out of memory at batch %d x accumulation %d: retrying with %d x %d (same effective batch)",
+            batch,
+            accum,
+            *smaller,
+        )
         train["per_device_train_batch_size"], train["gradient_accumulation_steps"] = smaller
         retries += 1
 

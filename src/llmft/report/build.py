@@ -56,15 +56,19 @@ MD_TEMPLATE = """{%- extends 'markdown/index.md.j2' -%}
 
 def inputs(args: argparse.Namespace) -> dict[str, tuple[Path, str]]:
     """Each input the notebook reads (by its name there) -> (path, how to make it)."""
+
     def rerun(target: str, stage: str) -> str:
         return f"`make {target}` (dvc repro {stage})"
 
-    return {"PREPARE": (args.prepare, rerun("data", "prepare")), "TRAIN": (args.train, rerun("train", "train")),
-            "EVAL": (args.eval, rerun("eval", "evaluate")),
-            "PREDICTIONS": (args.predictions, rerun("eval", "evaluate")),
-            "PLOTS": (args.plots, rerun("train", "train")),
-            "DATA_DIR": (args.data_dir / "train.json", rerun("data", "prepare")),
-            "MODEL_DIR": (args.model_dir / "model_info.json", rerun("model", "model"))}
+    return {
+        "PREPARE": (args.prepare, rerun("data", "prepare")),
+        "TRAIN": (args.train, rerun("train", "train")),
+        "EVAL": (args.eval, rerun("eval", "evaluate")),
+        "PREDICTIONS": (args.predictions, rerun("eval", "evaluate")),
+        "PLOTS": (args.plots, rerun("train", "train")),
+        "DATA_DIR": (args.data_dir / "train.json", rerun("data", "prepare")),
+        "MODEL_DIR": (args.model_dir / "model_info.json", rerun("model", "model")),
+    }
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -79,8 +83,10 @@ def check_inputs(args: argparse.Namespace) -> None:
                 rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
                 missing = {"prompt", "label", "base", "tuned"} - set(rows[0] if rows else {})
                 if not rows or missing:
-                    raise UserError(f"{path} has no predictions with prompt, label, base and tuned "
-                                    f"(missing: {', '.join(sorted(missing)) or 'rows'}): rerun {rerun}")
+                    raise UserError(
+                        f"{path} has no predictions with prompt, label, base and tuned "
+                        f"(missing: {', '.join(sorted(missing)) or 'rows'}): rerun {rerun}"
+                    )
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{path} is not valid UTF-8 JSON ({err}): rerun {rerun}") from None
     if not any(args.plots.glob("**/*.tsv")):
@@ -102,21 +108,28 @@ def execute(notebook: Path, values: dict[str, str], timeout: int):
     nb = jupytext.read(notebook)
     at = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
     if at is None:
-        raise UserError(f"{notebook}: no cell tagged `parameters` (# %% tags=[\"parameters\"]) to put the paths after")
+        raise UserError(f'{notebook}: no cell tagged `parameters` (# %% tags=["parameters"]) to put the paths after')
     source = "# Injected by src/report.py\n" + "".join(f"{k} = {v!r}\n" for k, v in values.items())
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
     for i, cell in enumerate(nb.cells):
         cell.id = f"cell-{i}"  # not random: the same inputs give a byte-identical report (clean git diffs)
     nb.metadata["title"] = "Fine-tuning report"
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": "."}},
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no "running over TCP" notice
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": "."}},
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+    )  # no "running over TCP" notice
     try:
         client.execute()
     except CellExecutionError as err:
         log.error("%s", err)  # the cell and its traceback, for whoever debugs it
         last = re.sub(r"\x1b\[[0-9;]*m", "", str(err).strip().splitlines()[-1])  # no terminal colours
-        raise UserError(f"{notebook} failed: {last} (the cell and its traceback are above; open the notebook "
-                        "in Jupyter to run it cell by cell)") from None
+        raise UserError(
+            f"{notebook} failed: {last} (the cell and its traceback are above; open the notebook "
+            "in Jupyter to run it cell by cell)"
+        ) from None
     for cell in nb.cells:  # warnings go to this stage's log, not into the report
         for out in [o for o in cell.get("outputs", []) if o.get("name") == "stderr"]:
             log.warning("notebook: %s", out["text"].strip())
@@ -131,19 +144,29 @@ def convert(nb, html_out: Path, md_out: Path, figures: Path) -> None:
     from traitlets.config import Config
 
     hide = {"exclude_input": True, "exclude_input_prompt": True, "exclude_output_prompt": True}
-    html_exporter = HTMLExporter(extra_loaders=[jinja2.DictLoader({"report.html.j2": HTML_TEMPLATE})],
-                                 template_file="report.html.j2", embed_images=True, **hide)
+    html_exporter = HTMLExporter(
+        extra_loaders=[jinja2.DictLoader({"report.html.j2": HTML_TEMPLATE})],
+        template_file="report.html.j2",
+        embed_images=True,
+        **hide,
+    )
     body, _ = html_exporter.from_notebook_node(nb)
     html_out.write_text(body, encoding="utf-8")
 
     # Markdown first: tables keep their Markdown form on GitHub (the HTML form is for report.html).
-    config = Config({"NbConvertBase": {"display_data_priority": ["text/markdown", "image/png", "text/html",
-                                                                 "text/plain"]}})
+    config = Config(
+        {"NbConvertBase": {"display_data_priority": ["text/markdown", "image/png", "text/html", "text/plain"]}}
+    )
     # The MarkdownExporter's ExtractOutputPreprocessor takes the PNGs out into resources["outputs"].
-    md_exporter = MarkdownExporter(config=config, extra_loaders=[jinja2.DictLoader({"report.md.j2": MD_TEMPLATE})],
-                                   template_file="report.md.j2", **hide)
+    md_exporter = MarkdownExporter(
+        config=config,
+        extra_loaders=[jinja2.DictLoader({"report.md.j2": MD_TEMPLATE})],
+        template_file="report.md.j2",
+        **hide,
+    )
     body, resources = md_exporter.from_notebook_node(
-        nb, resources={"output_files_dir": figures.name, "unique_key": "figure"})
+        nb, resources={"output_files_dir": figures.name, "unique_key": "figure"}
+    )
     figures.mkdir()
     for name, data in sorted(resources.get("outputs", {}).items()):
         (figures / Path(name).name).write_bytes(data)

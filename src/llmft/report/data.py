@@ -30,8 +30,7 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 class Table:
     """Rows shown as an HTML table in report.html and as a Markdown table in report.md (same cell text)."""
 
-    def __init__(self, rows: Iterable[Iterable[Any]], header: Iterable[str], text_columns: int = 1,
-                 wrap: bool = False):
+    def __init__(self, rows: Iterable[Iterable[Any]], header: Iterable[str], text_columns: int = 1, wrap: bool = False):
         self.header = list(header)
         self.rows = [["" if v is None else str(v) for v in row] for row in rows]
         self.text_columns = len(self.header) if wrap else text_columns  # left-aligned; the rest are numbers
@@ -39,8 +38,10 @@ class Table:
 
     def _repr_html_(self) -> str:
         def cells(tag: str, values: list[str]) -> str:
-            return "".join(f'<{tag} class="{"text" if i < self.text_columns else "num"}">{html.escape(v)}</{tag}>'
-                           for i, v in enumerate(values))
+            return "".join(
+                f'<{tag} class="{"text" if i < self.text_columns else "num"}">{html.escape(v)}</{tag}>'
+                for i, v in enumerate(values)
+            )
 
         body = "".join(f"<tr>{cells('td', row)}</tr>" for row in self.rows)
         css = "report wrap" if self.wrap else "report"
@@ -104,8 +105,15 @@ def metrics_table(evals: dict) -> Table:
             continue
         split, _, metric = key.partition(".") if "." in key else ("", "", key)
         arrow = "↓" if metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER else "↑"
-        rows.append([split, f"{metric} {arrow}", fmt(value), fmt(tuned.get(key)),
-                     f"{delta[key]:+.4g}" if isinstance(delta.get(key), (int, float)) else ""])
+        rows.append(
+            [
+                split,
+                f"{metric} {arrow}",
+                fmt(value),
+                fmt(tuned.get(key)),
+                f"{delta[key]:+.4g}" if isinstance(delta.get(key), (int, float)) else "",
+            ]
+        )
     return Table(rows, ["split", "metric (↑/↓ = better)", "base", "fine-tuned", "Δ (tuned − base)"], text_columns=2)
 
 
@@ -135,8 +143,12 @@ def example_lengths(train_file: str | Path, model_dir: str | Path) -> tuple[list
     tokenizer when one is on disk (models/base, or the local directory its model_info.json points to),
     else characters. The chat template adds a few tokens more; cutoff_len counts those too."""
     rows = read_json(train_file)
-    texts = [("\n".join(str(r.get(k) or "") for k in ("system", "instruction", "input")), str(r.get("output") or ""))
-             if isinstance(r, dict) else ("", "") for r in rows]  # ShareGPT rows count as empty: rare, labelled below
+    texts = [
+        ("\n".join(str(r.get(k) or "") for k in ("system", "instruction", "input")), str(r.get("output") or ""))
+        if isinstance(r, dict)
+        else ("", "")
+        for r in rows
+    ]  # ShareGPT rows count as empty: rare, labelled below
     encode = _local_tokenizer(Path(model_dir))
     if encode is None:
         return [len(p) + len(o) for p, o in texts], "characters"
@@ -179,8 +191,11 @@ def samples(predictions: str | Path, n: int) -> Table:
     def answer(text: Any) -> str:
         return "(empty)" if text is None or not str(text).strip() else str(text)  # a blank cell reads as missing
 
-    return Table([[prompt(r), r.get("label"), answer(r.get("base")), answer(r.get("tuned"))] for r in picked],
-                 ["prompt", "reference", "base", "fine-tuned"], wrap=True)
+    return Table(
+        [[prompt(r), r.get("label"), answer(r.get("base")), answer(r.get("tuned"))] for r in picked],
+        ["prompt", "reference", "base", "fine-tuned"],
+        wrap=True,
+    )
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess | None:
@@ -240,16 +255,23 @@ def environment(lock_file: str | Path, train_metrics: dict, env_file: str | Path
     manifest = read_json(env_file) if env_file and Path(env_file).exists() else {}
     if manifest:
         torch = manifest.get("torch") or {}
-        rows = [["device (training)", manifest["device"]],
-                ["precision used in training", train_metrics.get("precision", "not recorded")],
-                ["python", manifest["python"]], ["CUDA (torch build)", torch.get("cuda") or "none"]]
-        rows += [[pkg, manifest["packages"].get(pkg, "not installed")]
-                 for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc")]
+        rows = [
+            ["device (training)", manifest["device"]],
+            ["precision used in training", train_metrics.get("precision", "not recorded")],
+            ["python", manifest["python"]],
+            ["CUDA (torch build)", torch.get("cuda") or "none"],
+        ]
+        rows += [
+            [pkg, manifest["packages"].get(pkg, "not installed")]
+            for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc")
+        ]
         rows.append(["git commit (training)", manifest["git_commit"]])
     else:
-        rows = [["device (this machine)", device_name()],
-                ["precision used in training", train_metrics.get("precision", "not recorded")],
-                ["python", platform.python_version()]]
+        rows = [
+            ["device (this machine)", device_name()],
+            ["precision used in training", train_metrics.get("precision", "not recorded")],
+            ["python", platform.python_version()],
+        ]
         rows += [[pkg, package_version(pkg)] for pkg in ("torch", "transformers", "peft", "llamafactory", "dvc")]
     rows.append(["git commit (report)", git_commit()])
     lock = yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")) if Path(lock_file).exists() else {}

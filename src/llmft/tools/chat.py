@@ -65,11 +65,21 @@ def reply(model, fmt, prompt_ids: list[int], args, out=sys.stdout) -> str:
             return stop.is_set()
 
     ids = torch.tensor([prompt_ids], device=model.device)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
+    sampling = (
+        {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+        if args.temperature > 0
         else {"do_sample": False}
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, eos_token_id=fmt.stop_ids,
-                  pad_token_id=fmt.pad_id, max_new_tokens=args.max_new_tokens,
-                  stopping_criteria=StoppingCriteriaList([Stop()]), **sampling)
+    )
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        streamer=streamer,
+        eos_token_id=fmt.stop_ids,
+        pad_token_id=fmt.pad_id,
+        max_new_tokens=args.max_new_tokens,
+        stopping_criteria=StoppingCriteriaList([Stop()]),
+        **sampling,
+    )
     thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
     thread.start()
     pieces: list[str] = []

@@ -24,12 +24,17 @@ def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
     import dvc.api
 
     try:
-        text = (ROOT / path).read_text(encoding="utf-8") if rev is None else \
-            dvc.api.read(path, repo=str(ROOT), rev=rev, encoding="utf-8")
+        text = (
+            (ROOT / path).read_text(encoding="utf-8")
+            if rev is None
+            else dvc.api.read(path, repo=str(ROOT), rev=rev, encoding="utf-8")
+        )
     except Exception as exc:  # a DVC or git error, whatever its class: name the revision and the way out
         where = rev or "the workspace"
-        raise UserError(f"{path} of {where} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                        f"check the name with `dvc exp show`, or `dvc pull` / `dvc exp pull` it") from None
+        raise UserError(
+            f"{path} of {where} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"check the name with `dvc exp show`, or `dvc pull` / `dvc exp pull` it"
+        ) from None
     return {(r["split"], r["prompt"], r["label"]): r for r in parse_predictions(text)}
 
 
@@ -38,8 +43,18 @@ def dropped(a: dict[tuple, dict], b: dict[tuple, dict], top: int) -> tuple[list[
     rows = []
     for key in a.keys() & b.keys():
         score_a, score_b = rouge_l(a[key]["tuned"], key[2]), rouge_l(b[key]["tuned"], key[2])
-        rows.append({"split": key[0], "prompt": key[1], "label": key[2], "a": a[key]["tuned"], "b": b[key]["tuned"],
-                     "score_a": score_a, "score_b": score_b, "drop": round(score_a - score_b, 4)})
+        rows.append(
+            {
+                "split": key[0],
+                "prompt": key[1],
+                "label": key[2],
+                "a": a[key]["tuned"],
+                "b": b[key]["tuned"],
+                "score_a": score_a,
+                "score_b": score_b,
+                "drop": round(score_a - score_b, 4),
+            }
+        )
     rows.sort(key=lambda r: (-r["drop"], r["split"], r["prompt"]))
     return [r for r in rows[:top] if r["drop"] > 0], len(rows)
 
@@ -63,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
 
     a, b = load_predictions(args.predictions, args.a), load_predictions(args.predictions, args.b)
     worst, matched = dropped(a, b, args.top)
-    print(f"\n== answers that got worse: tuned ROUGE-L F1 (%), {args.a} -> {name_b}; {matched} examples in both, "
-          f"{len(a) - matched} only in {args.a}, {len(b) - matched} only in {name_b}")
+    print(
+        f"\n== answers that got worse: tuned ROUGE-L F1 (%), {args.a} -> {name_b}; {matched} examples in both, "
+        f"{len(a) - matched} only in {args.a}, {len(b) - matched} only in {name_b}"
+    )
     if not worst:
         print(f"no example scored lower in {name_b}")
     for i, r in enumerate(worst, 1):
-        print(f"\n{i}. [{r['split']}] {r['prompt']}\n   reference: {r['label']}\n"
-              f"   {args.a} ({r['score_a']:.1f}): {r['a']}\n   {name_b} ({r['score_b']:.1f}): {r['b']}")
+        print(
+            f"\n{i}. [{r['split']}] {r['prompt']}\n   reference: {r['label']}\n"
+            f"   {args.a} ({r['score_a']:.1f}): {r['a']}\n   {name_b} ({r['score_b']:.1f}): {r['b']}"
+        )
     return 0
 
 

@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     found = MISSING.search(output)
     if found:
         hashes = ", ".join(re.findall(r"md5: (\w+)", found.group(1))) or found.group(1).strip()
-        raise UserError(f"dvc {argv[0]}: cache objects corrupted or missing ({hashes}); nothing incomplete should "
-                        f"be shared: rerun the stage that makes them (dvc repro -f <stage>) or pull them from a good remote")
+        raise UserError(
+            f"dvc {argv[0]}: cache objects corrupted or missing ({hashes}); nothing incomplete should "
+            f"be shared: rerun the stage that makes them (dvc repro -f <stage>) or pull them from a good remote"
+        )
     return proc.returncode
 
 

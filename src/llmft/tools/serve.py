@@ -39,8 +39,12 @@ def check_request(body, served: str, max_tokens_limit: int) -> tuple[int, str, s
     if not isinstance(body, dict):
         return 400, "the body must be a JSON object", None, None
     if body.get("model") != served:
-        return 404, f"the model {body.get('model')!r} does not exist; this server serves {served!r}", "model", \
-            "model_not_found"
+        return (
+            404,
+            f"the model {body.get('model')!r} does not exist; this server serves {served!r}",
+            "model",
+            "model_not_found",
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         return 400, "messages must be a non-empty list of {role, content} objects", "messages", None
@@ -51,14 +55,20 @@ def check_request(body, served: str, max_tokens_limit: int) -> tuple[int, str, s
         if isinstance(content, list) and any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
             return 400, f"messages[{i}].content: this model reads text only", f"messages[{i}].content", None
     turns = [m["role"] for m in messages[1:]] if messages[0]["role"] == "system" else [m["role"] for m in messages]
-    if len(turns) % 2 == 0 or any(r not in (("user", "tool") if i % 2 == 0 else ("assistant", "function"))
-                                  for i, r in enumerate(turns)):
-        return 400, "messages must alternate user/assistant and end with a user message (system first, optional)", \
-            "messages", None
+    if len(turns) % 2 == 0 or any(
+        r not in (("user", "tool") if i % 2 == 0 else ("assistant", "function")) for i, r in enumerate(turns)
+    ):
+        return (
+            400,
+            "messages must alternate user/assistant and end with a user message (system first, optional)",
+            "messages",
+            None,
+        )
     for key in ("max_tokens", "max_completion_tokens"):
         value = body.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or not 1 <= value <= max_tokens_limit):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= max_tokens_limit
+        ):
             return 400, f"{key} must be an integer from 1 to {max_tokens_limit}; got {value!r}", key, None
     n = body.get("n", 1)
     if not isinstance(n, int) or not 1 <= n <= 8 or (n > 1 and body.get("stream")):
@@ -114,12 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model directory; default models/merged, else models/base + --adapter")
     parser.add_argument("--adapter", help="LoRA adapter on top of --model (default models/lora without a merge)")
     parser.add_argument("--name", help="the model name clients must send; default: the model directory's name")
-    parser.add_argument("--max-tokens-limit", type=int, default=2048,
-                        help="largest max_tokens accepted (capped by the model's context); bounds a request's time")
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=2048,
+        help="largest max_tokens accepted (capped by the model's context); bounds a request's time",
+    )
     args = parser.parse_args(argv)
     if args.host not in LOOPBACK and not os.environ.get("API_KEY"):
-        raise UserError(f"--host {args.host} would open the API to the network without a password; set API_KEY "
-                        "(clients send it as api_key) or keep --host 127.0.0.1 behind an SSH tunnel")
+        raise UserError(
+            f"--host {args.host} would open the API to the network without a password; set API_KEY "
+            "(clients send it as api_key) or keep --host 127.0.0.1 behind an SSH tunnel"
+        )
     model_dir, adapter = default_paths(args.model, args.adapter)
     info = read_model_info(model_dir)
     served = args.name or Path(model_dir).name
@@ -130,10 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     limit = min(args.max_tokens_limit, context)
     from llamafactory.chat import ChatModel
 
-    chat_model = ChatModel({"model_name_or_path": info["path"], "template": info["template"],
-                            "adapter_name_or_path": str(check_adapter(adapter)) if adapter else None,
-                            "finetuning_type": "lora", "infer_backend": "huggingface", "trust_remote_code": False,
-                            "max_new_tokens": min(1024, limit)})  # when a request names no max_tokens
+    chat_model = ChatModel(
+        {
+            "model_name_or_path": info["path"],
+            "template": info["template"],
+            "adapter_name_or_path": str(check_adapter(adapter)) if adapter else None,
+            "finetuning_type": "lora",
+            "infer_backend": "huggingface",
+            "trust_remote_code": False,
+            "max_new_tokens": min(1024, limit),
+        }
+    )  # when a request names no max_tokens
     import uvicorn
 
     print(f"serving {served!r} at http://{args.host}:{args.port}/v1 (OpenAI API); Ctrl-C stops", flush=True)

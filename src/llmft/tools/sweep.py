@@ -34,8 +34,14 @@ def states(names: set[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-S", "--set-param", dest="grid", action="append", required=True,
-                        help="params.yaml key=v1,v2,... (as dvc exp run -S); repeat for a grid")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="grid",
+        action="append",
+        required=True,
+        help="params.yaml key=v1,v2,... (as dvc exp run -S); repeat for a grid",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once; 1 unless you have the cores")
     parser.add_argument("--poll", type=float, default=5.0, help="seconds between queue checks")
     args = parser.parse_args(argv)
@@ -55,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         now = states(names)
         if now != last:
             counts = {s: sum(v == s for v in now.values()) for s in sorted(set(now.values()))}
-            print(f"{time.strftime('%H:%M:%S')} " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()),
-                  flush=True)
+            print(
+                f"{time.strftime('%H:%M:%S')} " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()), flush=True
+            )
             last = now
         if not {"Queued", "Running"} & set(now.values()):
             break
@@ -67,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     print(dvc("exp", "show", "--no-pager", "--hide-queued", "--keep", keep, "--drop", ".*"), end="")
     failed = sorted(name for name, state in now.items() if state == "Failed")
     if failed:
-        raise UserError(f"{len(failed)} experiment(s) failed: {', '.join(failed)}; "
-                        f"see `dvc queue logs <name>` for each")
+        raise UserError(
+            f"{len(failed)} experiment(s) failed: {', '.join(failed)}; see `dvc queue logs <name>` for each"
+        )
     print("compare two of them: make compare A=<name> B=<name>")
     return 0
 
