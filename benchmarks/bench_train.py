@@ -240,7 +240,10 @@ def make_data(
 
 
 def matmul_ceiling(cuda: bool) -> tuple[float, str]:
-    """TFLOP/s of one large matmul on this device, median of 10 after warm-up: bf16 8192^3 on CUDA, fp32 1024^3 on CPU."""
+    """TFLOP/s of one large matmul on this device, median of 10 after warm-up.
+
+    bf16 8192^3 on CUDA, fp32 1024^3 on CPU.
+    """
     import torch
 
     n, dtype, device = (8192, torch.bfloat16, "cuda") if cuda else (1024, torch.float32, "cpu")
@@ -554,7 +557,8 @@ def render_table(paths: list[Path]) -> str:
             lines.append(
                 f"| {r['device']} | {r['shape']} | {name} | {a['tokens_per_s']:,.0f} | "
                 f"{a['speedup_vs_plain']:.2f}x | {pct(a['mfu_vs_peak'])} | {pct(a['mfu_vs_ceiling'])} | "
-                f"{a['peak_mem_gib']:.1f} GiB{' RSS' if a.get('memory') == 'max RSS' else ''} | {a['memory_vs_plain']:.2f}x | {a['final_loss']:.4f} | "
+                f"{a['peak_mem_gib']:.1f} GiB{' RSS' if a.get('memory') == 'max RSS' else ''} | "
+                f"{a['memory_vs_plain']:.2f}x | {a['final_loss']:.4f} | "
                 f"{a['timed_steps']} |"
             )
     if evals:

@@ -103,8 +103,8 @@ display(
         f"{over} of {len(lengths)} training examples ({100 * over / len(lengths):.1f}%) are longer than "
         f"`train.cutoff_len` = {cutoff} tokens and get truncated; the chat template adds a few tokens per example."
         if unit == "tokens"
-        else f"No tokenizer on disk in `{MODEL_DIR}`, so lengths are in characters; `train.cutoff_len` = {cutoff} counts "
-        "tokens (for Chinese, roughly one token per 1-1.5 characters)."
+        else f"No tokenizer on disk in `{MODEL_DIR}`, so lengths are in characters; `train.cutoff_len` = {cutoff} "
+        "counts tokens (for Chinese, roughly one token per 1-1.5 characters)."
     )
 )
 

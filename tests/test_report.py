@@ -1,4 +1,6 @@
-"""Stage `report` (src/report.py, src/llmft/report/build.py): input checks and one real build on synthetic pipeline outputs, opened in Chromium."""
+"""Stage `report` (src/report.py, src/llmft/report/build.py): input checks and one real build on synthetic
+pipeline outputs, opened in Chromium.
+"""
 
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ def sniff_format(path: Path, head: bytes) -> str:
     if text.startswith(b"{"):
         return "jsonl"
     raise UserError(
-        f"{path}: unknown format (extension {path.suffix!r}); set data.format to one of {sorted(set(EXTENSIONS.values()))}"
+        f"{path}: unknown format (extension {path.suffix!r}); "
+        f"set data.format to one of {sorted(set(EXTENSIONS.values()))}"
     )
 
 
