@@ -1,6 +1,6 @@
 """Stage `prepare`: raw table -> cleaned Alpaca (or ShareGPT) train/val[/test] splits for LLaMA-Factory.
 
-Inside the pipeline (reads `data:` in params.yaml):
+Inside the pipeline (reads `data:` in params.yaml: one table in data.input, or several in data.sources):
     dvc repro prepare            # or: make data
 The original one-off command still works and ignores params.yaml:
     python src/prepare_data.py --input your_data.csv --output data/processed_data.json --split
@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llmft.common import run_main
-from llmft.data.prepare import prepare, write_legacy_outputs, write_pipeline_outputs
+from llmft.common import get_logger, run_main
+from llmft.data.prepare import outside_deps, prepare, write_legacy_outputs, write_pipeline_outputs
 from llmft.env import write_environment
 from llmft.params import load_params, parse_params
+
+log = get_logger("prepare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     p = load_params(args.params).data
+    for path in outside_deps([t.path for t in p.tables()]):
+        log.warning(
+            "%s is not under data/raw, the prepare stage's DVC dependency: DVC will not rerun it when the "
+            "table changes; move it (or `dvc add` it) into data/raw",
+            path,
+        )
     splits, info, stats = prepare(p)
     write_pipeline_outputs(splits, info, stats, args.out_dir, args.stats)
     write_environment(args.env, "prepare")

@@ -32,7 +32,8 @@ def jsonl(tmp_path, records: list[dict], name: str = "d.jsonl") -> Path:
 
 
 def build(path, **data):
-    return build_examples(read_table(path).columns, params(path, **data))
+    p = params(path, **data)
+    return build_examples(read_table(path).columns, p, p)
 
 
 def qa(n: int, prefix: str = "问题") -> dict[str, list[str]]:

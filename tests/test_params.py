@@ -101,7 +101,7 @@ def test_bad_value_names_key_value_and_what_is_allowed(section, key, value, allo
     [
         (
             {**REPO_PARAMS, "trian": {}},
-            "unknown key 'trian'; allowed keys here: data, model, train, eval, export, report",
+            "unknown key 'trian'; allowed keys here: data, model, train, eval, export, ",
         ),
         (
             with_value("train", "lora_rnak", 8),
@@ -109,7 +109,8 @@ def test_bad_value_names_key_value_and_what_is_allowed(section, key, value, allo
         ),
         (
             with_value("data", "shuffle", True),
-            "unknown key 'data.shuffle'; allowed keys here: input, format, encoding,",
+            "unknown key 'data.shuffle'; allowed keys here: format, encoding, sheet, columns, templates, input, "
+            "sources",
         ),
     ],
 )
@@ -130,7 +131,7 @@ def test_every_bad_key_is_named_in_one_line():
     ("raw", "expected"),
     [
         ({"train": {}}, "params.yaml: data is required"),
-        ({"data": {}}, "params.yaml: data.input is required"),
+        ({"data": {}}, "params.yaml: data = {} is not allowed: set data.input (one table) or data.sources"),
         (["data"], "expected a mapping of sections (data, model, train, ...), got list"),
         (None, "got NoneType"),
     ],

@@ -65,4 +65,7 @@ def test_own_table_tracked_with_dvc_add_feeds_prepare(repo: Path):
     train = json.loads((repo / "data/processed/train.json").read_text())
     assert len(train) == 25 and {"instruction", "input", "output"} == set(train[0])
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert any(d["path"] == "data/raw/mine.csv" for d in lock["stages"]["prepare"]["deps"])
+    raw = next(d for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw")  # the folder of every table
+    assert raw["md5"].endswith(".dir") and raw["nfiles"] >= 4  # mine.csv among them
+    table.write_text("\n".join(rows[:-1]) + "\n", encoding="utf-8")  # an edit of the table reruns prepare
+    assert "prepare" in run(["dvc", "status", "prepare"], repo).stdout

@@ -21,6 +21,7 @@ import pytest
 from data_builders import IDIOM_TEMPLATES, conversation, csv, jsonl, params, prompt_of, qa
 from llmft.common import UserError, run_main
 from llmft.data.prepare import prepare
+from llmft.params import DataParams
 from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -395,3 +396,105 @@ def test_bad_params_file_fails_before_reading_data(tmp_path):
         "or an integer count >= 1; got 1.5"
     ]
     assert not (tmp_path / "data").exists()
+
+
+# ---------- several tables: data.sources ----------
+
+IDENTITY = [
+    {"instruction": "你是谁？", "input": "", "output": "我是 {{name}}，由 {{author}} 开发的助手。"},
+    {"instruction": "Who are you?", "input": "", "output": "I am {{ name }}, made by {{author}}."},
+    {"instruction": "hi", "input": "", "output": "Hello! I am {{name}}."},
+] + [{"instruction": f"问题{i}", "input": "", "output": f"我是 {{{{name}}}}，第{i}个回答。"} for i in range(27)]
+
+
+def two_sources(tmp_path, **identity) -> dict:
+    idioms = idioms_csv(tmp_path)
+    (tmp_path / "identity.json").write_text(json.dumps(IDENTITY, ensure_ascii=False), encoding="utf-8")
+    return {
+        "sources": [
+            {"path": str(idioms), "templates": IDIOM_TEMPLATES, "max_rows": 20},
+            {"path": str(tmp_path / "identity.json"), "name": "me"} | identity,
+        ],
+        "variables": {"name": "Lumi", "author": "Acme"},
+        "val_size": 10,
+    }
+
+
+def test_sources_are_read_counted_and_mixed_with_variables_filled(tmp_path):
+    splits, info, stats = prepare(DataParams(**two_sources(tmp_path)))
+    idioms, me = stats["sources"]["idioms"], stats["sources"]["me"]
+    # 30 rows, max_rows 20: 10 rows x 2 templates counted as over_max_rows; one empty pinyin in the first 20
+    assert (idioms["rows_in"], idioms["examples_in"], idioms["kept"]) == (30, 60, 39)
+    assert idioms["dropped"]["over_max_rows"] == 20 and idioms["dropped"]["empty_output"] == 1
+    assert (me["rows_in"], me["kept"], me["dropped_total"]) == (30, 30, 0)
+    for src in (idioms, me, stats):  # nothing lost, per source and in all
+        assert src["examples_in"] == src["kept"] + src["dropped_total"]
+    assert stats["kept"] == 69 and sum(stats["splits"].values()) == 69
+    assert {name: sum(s["splits"][name] for s in (idioms, me)) for name in ("train", "val")} == stats["splits"]
+    everything = [ex for rows in splits.values() for ex in rows]
+    answers = [ex["output"] for ex in everything]
+    assert "我是 Lumi，由 Acme 开发的助手。" in answers and "I am Lumi, made by Acme." in answers
+    assert not any("{{" in a for a in answers)
+    first = [
+        ex["instruction"].startswith("问题") or ex["instruction"] in ("你是谁？", "Who are you?", "hi")
+        for ex in splits["train"][:20]
+    ]
+    assert 0 < sum(first) < 20  # interleaved, not one table after the other: max_samples takes from both
+    assert info["train"]["columns"] == {"prompt": "instruction", "query": "input", "response": "output"}
+
+
+def test_mixing_is_deterministic_and_depends_on_the_seed(tmp_path):
+    data = two_sources(tmp_path)
+    a, _, _ = prepare(DataParams(**data))
+    b, _, _ = prepare(DataParams(**data))
+    c, _, _ = prepare(DataParams(**data | {"seed": 7}))
+    assert a == b and a["train"] != c["train"]
+
+
+def test_a_source_variable_wins_and_a_missing_one_names_the_key(tmp_path):
+    splits, _, _ = prepare(DataParams(**two_sources(tmp_path, variables={"name": "Orion"})))
+    answers = [ex["output"] for rows in splits.values() for ex in rows]
+    assert "Hello! I am Orion." in answers and "我是 Orion，由 Acme 开发的助手。" in answers
+    data = two_sources(tmp_path)
+    data["variables"] = {"name": "Lumi"}
+    with pytest.raises(
+        UserError,
+        match=r"identity.json: \{\{author\}\} has no value; set data.variables: "
+        r"\{author: \.\.\.\} \(or data.sources\[2\].variables",
+    ):
+        prepare(DataParams(**data))
+
+
+def test_a_duplicate_across_sources_is_dropped_in_the_later_one(tmp_path):
+    data = two_sources(tmp_path)
+    (tmp_path / "again.json").write_text(json.dumps(IDENTITY[:5], ensure_ascii=False), encoding="utf-8")
+    data["sources"].append({"path": str(tmp_path / "again.json")})
+    _, _, stats = prepare(DataParams(**data))
+    again = stats["sources"]["again"]
+    assert (again["examples_in"], again["kept"], again["dropped"]["duplicate"]) == (5, 0, 5)
+
+
+def test_single_input_form_and_sources_form_give_the_same_files(tmp_path):
+    csv_path = idioms_csv(tmp_path)
+    single = prepare(DataParams(input=str(csv_path), templates=IDIOM_TEMPLATES, val_size=5))
+    listed = prepare(DataParams(sources=[{"path": str(csv_path), "templates": IDIOM_TEMPLATES}], val_size=5))
+    assert single[0] == listed[0] and single[1] == listed[1]
+
+
+def test_bad_sources_are_one_line_errors(tmp_path):
+    data = two_sources(tmp_path)
+    with pytest.raises(UserError, match=r"data.sources\[1\].templates\[1\].output uses column \{nope\}"):
+        bad = json.loads(json.dumps(data))
+        bad["sources"][0]["templates"] = [{"instruction": "{word}", "output": "{nope}"}]
+        prepare(DataParams(**bad))
+    with pytest.raises(Exception, match="exactly one of them"):
+        DataParams(input="x.csv", **data)
+
+
+def test_a_table_outside_the_stage_deps_is_named(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare:\n    deps: [data/raw, src/prepare_data.py]\n")
+    inside, outside = str(tmp_path / "data/raw/a.csv"), str(tmp_path / "elsewhere/b.csv")
+    from llmft.data.prepare import outside_deps
+
+    assert outside_deps([inside, outside], tmp_path / "dvc.yaml") == [outside]
+    assert outside_deps([outside], tmp_path / "missing.yaml") == []  # no pipeline here: nothing to check

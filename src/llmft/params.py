@@ -54,19 +54,14 @@ class Template(Section):
     system: str = ""
 
 
-class DataParams(Section):
-    input: str = Field(min_length=1)
+class TableParams(Section):
+    """How to read one table and turn its rows into examples (shared by data: and each data.sources item)."""
+
     format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "xlsx"] = "auto"
     encoding: str = "auto"
     sheet: int | str = 0
     columns: dict[Literal["instruction", "input", "output", "system", "history", "messages"], str] = {}
     templates: list[Template] = []
-    dedup: bool = True
-    max_prompt_chars: int | None = Field(default=None, ge=1)
-    max_output_chars: int | None = Field(default=None, ge=1)
-    val_size: SplitSize = 0.1
-    test_size: SplitSize = 0
-    seed: int = 42
 
     @field_validator("encoding")
     @classmethod
@@ -77,6 +72,51 @@ class DataParams(Section):
             except LookupError:
                 raise ValueError(f"unknown encoding {value!r}; use auto, utf-8, utf-8-sig, gbk or gb18030") from None
         return value
+
+    @model_validator(mode="after")
+    def _one_mapping(self) -> TableParams:
+        if self.columns and self.templates:
+            raise ValueError("set columns or templates, not both (templates can name any column)")
+        return self
+
+
+VARIABLE = re.compile(r"\w+")
+
+
+def _check_variables(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if not VARIABLE.fullmatch(key):
+            raise ValueError(f"a variable name is letters, digits and _ (it fills {{{{{key}}}}}); got {key!r}")
+    return value
+
+
+class SourceParams(TableParams):
+    """One input table of data.sources: its own path, reading and mapping, variables and row cap."""
+
+    path: str = Field(min_length=1)
+    name: str | None = Field(default=None, pattern=r"^[\w.-]+$")  # default: the file name without extension
+    variables: dict[str, str] = {}  # {{key}} in the table's cells -> value; wins over data.variables
+    max_rows: int | None = Field(default=None, ge=1)  # read only the first N rows; the rest are counted as dropped
+
+    _vars = field_validator("variables")(classmethod(lambda cls, v: _check_variables(v)))
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+class DataParams(TableParams):
+    input: str | None = Field(default=None, min_length=1)  # one table; or several in `sources`
+    sources: list[SourceParams] = []
+    variables: dict[str, str] = {}  # {{key}} placeholders filled in every source's cells
+    dedup: bool = True
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    max_output_chars: int | None = Field(default=None, ge=1)
+    val_size: SplitSize = 0.1
+    test_size: SplitSize = 0
+    seed: int = 42
+
+    _vars = field_validator("variables")(classmethod(lambda cls, v: _check_variables(v)))
 
     # mode="before": see the raw YAML value, so `true` is not silently read as the count 1.
     @field_validator("val_size", mode="before")
@@ -90,10 +130,22 @@ class DataParams(Section):
         return _check_split("test_size", value, allow_zero=True)
 
     @model_validator(mode="after")
-    def _one_mapping(self) -> DataParams:
-        if self.columns and self.templates:
-            raise ValueError("set data.columns or data.templates, not both (templates can name any column)")
+    def _input_or_sources(self) -> DataParams:
+        if bool(self.input) == bool(self.sources):
+            raise ValueError("set data.input (one table) or data.sources (a list of tables), exactly one of them")
+        if self.sources and (self.columns or self.templates or self.model_fields_set & {"format", "encoding", "sheet"}):
+            raise ValueError("with data.sources, set format/encoding/sheet/columns/templates in each source")
+        labels = [s.label for s in self.sources]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"data.sources names must differ (a name defaults to the file name); got {labels}")
         return self
+
+    def tables(self) -> list[SourceParams]:
+        """Every input table as a source; the single `data.input` form is one source named after its file."""
+        if self.sources:
+            return list(self.sources)
+        table = {k: getattr(self, k) for k in TableParams.model_fields}
+        return [SourceParams(path=self.input, **table)]
 
 
 class ModelParams(Section):

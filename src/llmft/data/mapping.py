@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llmft.common import UserError
-from llmft.params import DataParams
+from llmft.params import DataParams, TableParams
 
 ALIASES = {
     "instruction": ("instruction", "prompt", "question", "query", "指令", "问题"),
@@ -30,6 +30,7 @@ DROP_REASONS = (
     "prompt_too_long",
     "output_too_long",
     "duplicate",
+    "over_max_rows",  # rows past a source's max_rows (counted once per example they would have made)
 )
 _TOOL_TAGS = {"observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 SHAREGPT_TAGS = {
@@ -69,7 +70,7 @@ def text(value) -> str:
     return value.strip() if isinstance(value, str) else str(value).strip()
 
 
-def resolve_columns(names: list[str], explicit: dict[str, str]) -> dict[str, str]:
+def resolve_columns(names: list[str], explicit: dict[str, str], where: str = "data") -> dict[str, str]:
     """Return {field: column}, from data.columns first, then from ALIASES (case-insensitive).
 
     A table with a messages column and no instruction+output (or data.columns.messages) is ShareGPT.
@@ -77,7 +78,8 @@ def resolve_columns(names: list[str], explicit: dict[str, str]) -> dict[str, str
     for fld, col in explicit.items():
         if col not in names:
             raise UserError(
-                f"data.columns.{fld} names column {col!r}, which is not in the table; columns found: {', '.join(names)}"
+                f"{where}.columns.{fld} names column {col!r}, which is not in the table; "
+                f"columns found: {', '.join(names)}"
             )
     lower = {n.strip().lower(): n for n in names}
     found = dict(explicit)
@@ -92,25 +94,27 @@ def resolve_columns(names: list[str], explicit: dict[str, str]) -> dict[str, str
         tried = "; ".join(f"{f} <- {'/'.join(ALIASES[f])}" for f in missing)
         raise UserError(
             f"cannot map columns to {' and '.join(missing)}: columns found: {', '.join(names)}; aliases "
-            f"tried: {tried}; set data.columns (e.g. {{instruction: my_col}}) or data.templates"
+            f"tried: {tried}; set {where}.columns (e.g. {{instruction: my_col}}) or {where}.templates"
         )
     return found
 
 
-def _check_templates(p: DataParams, names: list[str]) -> list[dict[str, tuple[str, list[str]]]]:
+def _check_templates(
+    table: TableParams, names: list[str], where: str = "data"
+) -> list[dict[str, tuple[str, list[str]]]]:
     """Return, per template, {field: (format string, columns it uses)}; refuse unknown columns."""
     templates: list[dict] = []
-    for n, tpl in enumerate(p.templates, start=1):
+    for n, tpl in enumerate(table.templates, start=1):
         templates.append({})
         for fld, fmt in ((k, v) for k, v in tpl.model_dump().items() if v):
             try:
                 used = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
             except ValueError as exc:
-                raise UserError(f"data.templates[{n}].{fld}: bad template {fmt!r}: {exc}") from None
+                raise UserError(f"{where}.templates[{n}].{fld}: bad template {fmt!r}: {exc}") from None
             unknown = [name for name in used if name not in names]
             if unknown:
                 raise UserError(
-                    f"data.templates[{n}].{fld} uses column {{{unknown[0]}}}, which is not in the table; "
+                    f"{where}.templates[{n}].{fld} uses column {{{unknown[0]}}}, which is not in the table; "
                     f"columns found: {', '.join(names)}"
                 )
             templates[-1][fld] = (fmt, used)
@@ -153,11 +157,16 @@ def _keep(built: Built, p: DataParams, seen: set, ex: dict, key: str, prompt_len
     built.output_chars.append(output_len)
 
 
-def _alpaca(columns: dict[str, list], p: DataParams, built: Built, mapping: dict[str, str] | None) -> None:
+def _alpaca(
+    columns: dict[str, list],
+    p: DataParams,
+    built: Built,
+    mapping: dict[str, str] | None,
+    seen: set,
+    templates: list | None,
+) -> None:
     names = list(columns)
-    templates = _check_templates(p, names) if p.templates else None
     built.fields = {f for f in ("system", "history") if any(f in t for t in templates or [mapping])}
-    seen: set[str] = set()
     for values in zip(*columns.values()):
         row = dict(zip(names, values))
         if templates:
@@ -225,10 +234,9 @@ def _conversation(conv, tags: dict[str, str]) -> tuple | str:
     return turns, body[0][content], sum(len(t[content]) for t in turns) - answered, answered, tags
 
 
-def _sharegpt(columns: dict[str, list], p: DataParams, built: Built, found: dict[str, str]) -> None:
+def _sharegpt(columns: dict[str, list], p: DataParams, built: Built, found: dict[str, str], seen: set) -> None:
     system = columns[found["system"]] if "system" in found else None
     built.fields = {"system"} if system is not None else set()
-    seen: set[str] = set()
     for i, conv in enumerate(columns[found["messages"]]):
         built.examples_in += 1
         checked = _conversation(conv, built.tags)
@@ -240,9 +248,20 @@ def _sharegpt(columns: dict[str, list], p: DataParams, built: Built, found: dict
         _keep(built, p, seen, ex, key, prompt_len, output_len)
 
 
-def build_examples(columns: dict[str, list], p: DataParams) -> Built:
-    """Turn table columns into examples, per data.templates, data.columns or the aliases."""
-    found = None if p.templates else resolve_columns(list(columns), p.columns)
+def build_examples(
+    columns: dict[str, list], table: TableParams, rules: DataParams, seen: set | None = None, where: str = "data"
+) -> Built:
+    """Turn table columns into examples, per the table's templates, columns or the aliases.
+
+    `rules` gives the cleaning (dedup, length limits); `seen` the examples already kept from earlier sources, so a
+    duplicate across sources is dropped too; `where` names the params key in error messages.
+    """
+    seen = set() if seen is None else seen
+    found = None if table.templates else resolve_columns(list(columns), table.columns, where)
     built = Built("sharegpt" if found and "messages" in found else "alpaca")
-    (_sharegpt if built.kind == "sharegpt" else _alpaca)(columns, p, built, found)
+    if built.kind == "sharegpt":
+        _sharegpt(columns, rules, built, found, seen)
+    else:
+        templates = _check_templates(table, list(columns), where) if table.templates else None
+        _alpaca(columns, rules, built, found, seen, templates)
     return built
