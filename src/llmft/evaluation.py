@@ -18,6 +18,7 @@ from llmft.common import UserError, get_logger
 from llmft.infer.chat_format import ChatFormat, load_chat_format
 from llmft.infer.decode import answer_nll, greedy_generate
 from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
+from llmft.infer.text import complete_decode
 from llmft.infer.vllm import require_vllm, vllm_generate
 from llmft.lf.encode import convert_rows, dataset_attr
 from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
@@ -70,9 +71,17 @@ def encode_split(data_dir: Path, name: str, rows: list, fmt: ChatFormat) -> list
 
 
 def decode_answers(fmt: ChatFormat, answers: list[list[int]]) -> tuple[list[str], list[str]]:
-    """(clean answers without the stop token, answers decoded as LLaMA-Factory decodes its predictions)."""
+    """(clean answers, answers decoded as LLaMA-Factory decodes its predictions).
+
+    A clean answer has no stop token, and, when max_new_tokens cut it, no half character at the end.
+    """
     tok, stops = fmt.tokenizer, set(fmt.stop_ids)
-    clean = [tok.decode(a[:-1] if a and a[-1] in stops else a, skip_special_tokens=True).strip() for a in answers]
+    clean = [
+        tok.decode(a[:-1], skip_special_tokens=True).strip()
+        if a and a[-1] in stops
+        else complete_decode(tok, a, skip_special_tokens=True).strip()
+        for a in answers
+    ]
     return clean, tok.batch_decode(answers, skip_special_tokens=True)
 
 

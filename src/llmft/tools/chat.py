@@ -20,6 +20,7 @@ from pathlib import Path
 from llmft.common import run_main, seed_everything
 from llmft.infer.chat_format import load_chat_format
 from llmft.infer.loading import load_model, merge_adapter
+from llmft.infer.text import StreamCleaner
 
 MERGED, BASE, ADAPTER = "models/merged", "models/base", "models/lora"
 HELP = "/clear forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"
@@ -83,8 +84,10 @@ def reply(model, fmt, prompt_ids: list[int], args, out=sys.stdout) -> str:
     thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
     thread.start()
     pieces: list[str] = []
+    cleaner = StreamCleaner()  # an answer cut by --max-new-tokens must not end in half a character
     try:
         for piece in streamer:
+            piece = cleaner.feed(piece)
             out.write(piece)
             out.flush()
             pieces.append(piece)

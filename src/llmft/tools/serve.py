@@ -22,6 +22,7 @@ from pathlib import Path
 
 from llmft.common import UserError, run_main
 from llmft.infer.loading import check_adapter
+from llmft.infer.text import StreamCleaner, strip_partial
 from llmft.model import read_model_info
 from llmft.tools.chat import default_paths
 
@@ -78,6 +79,27 @@ def check_request(body, served: str, max_tokens_limit: int) -> tuple[int, str, s
         if value is not None and (not isinstance(value, (int, float)) or not low <= value <= high):
             return 400, f"{key} must be a number from {low} to {high}; got {value!r}", key, None
     return None
+
+
+def complete_text_chat_model():
+    """LLaMA-Factory's ChatModel whose answers never end in a character cut in half by max_tokens (infer/text.py)."""
+    from llamafactory.chat import ChatModel
+
+    class CompleteTextChatModel(ChatModel):
+        async def achat(self, *args, **kwargs):
+            responses = await super().achat(*args, **kwargs)
+            for response in responses:
+                if response.finish_reason == "length":
+                    response.response_text = strip_partial(response.response_text)
+            return responses
+
+        async def astream_chat(self, *args, **kwargs):
+            cleaner = StreamCleaner()
+            async for piece in super().astream_chat(*args, **kwargs):
+                if piece := cleaner.feed(piece):
+                    yield piece
+
+    return CompleteTextChatModel
 
 
 def build_app(chat_model, served: str, max_tokens_limit: int):
@@ -144,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     context = getattr(AutoConfig.from_pretrained(info["path"]), "max_position_embeddings", None) or 2048
     limit = min(args.max_tokens_limit, context)
-    from llamafactory.chat import ChatModel
-
-    chat_model = ChatModel(
+    chat_model = complete_text_chat_model()(
         {
             "model_name_or_path": info["path"],
             "template": info["template"],
