@@ -16,6 +16,8 @@
 #
 # Built by `make report` (stage `report` in dvc.yaml, script `src/report.py`) from what the pipeline wrote:
 # it only reads metrics, predictions and logs, and draws them.
+#
+# ## Did it learn?
 
 # %% tags=["parameters"]
 # Inputs, as in dvc.yaml. src/report.py puts its own arguments in a cell right after this one.
@@ -51,10 +53,15 @@ params = load_params(PARAMS)
 prep, train, evals = read_json(PREPARE), read_json(TRAIN), read_json(EVAL)
 info = read_model_info(MODEL_DIR) if (Path(MODEL_DIR) / "model_info.json").exists() else {}
 t = params.train
+display(Markdown(rd.verdict(evals)))
+probes = rd.probes_table(PREDICTIONS)
+if probes is not None:
+    display(Markdown("Probes (`eval.probes`), answered greedily by both models:"))
+    display(probes)
 display(
     Markdown(
         f"**Model** `{info.get('source', params.model.name_or_path)}` (template `{info.get('template', '?')}`), "
-        f"**data** `{params.data.input}`, **method** {t.finetuning_type}"
+        f"**data** {', '.join(f'`{table.path}`' for table in params.data.tables())}, **method** {t.finetuning_type}"
         + (f" (rank {t.lora_rank}, alpha {t.lora_alpha})" if t.finetuning_type == "lora" else "")
         + f", {train.get('global_step', '?')} optimizer steps in {rd.fmt(train.get('train_runtime_s'))} s "
         f"at {rd.fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}."
@@ -78,6 +85,10 @@ display(
         [PREPARE, "count"],
     )
 )
+by_source = rd.sources_table(prep)
+if by_source is not None and len(prep["sources"]) > 1:
+    display(Markdown("Per input table (`data.sources`); every example is kept or counted under one reason:"))
+    display(by_source)
 
 # %%
 lengths, unit = rd.example_lengths(Path(DATA_DIR) / "train.json", MODEL_DIR)

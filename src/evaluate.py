@@ -4,10 +4,12 @@
     python src/evaluate.py --params params.yaml --data-dir data/processed --base models/base \
         --adapter models/lora --metrics reports/metrics/eval.json --predictions reports/predictions.jsonl
 
-Reads `eval:` in params.yaml. Both models get the same prompts, built by the LLaMA-Factory template the
-adapter was trained with, and the same greedy decoding. Writes reports/metrics/eval.json (base, tuned and
-delta = tuned - base, per split; `dvc metrics diff` compares runs) and reports/predictions.jsonl (one line
-per example: split, index, prompt, label, base and tuned answers).
+Reads `eval:` in params.yaml, and data.variables (they fill the probes' expected answers). Both models get the
+same prompts, built by the LLaMA-Factory template the adapter was trained with, and the same greedy decoding.
+Writes reports/metrics/eval.json (base, tuned and delta = tuned - base, per split; the probes' pass rates, the
+share of answers fine-tuning changed, and a verdict that warns when the model barely moved; `dvc metrics diff`
+compares runs) and reports/predictions.jsonl (one line per example or probe: split, index, prompt, label, base and
+tuned answers).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ log = get_logger("evaluate")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="reads the eval section")
+    parser.add_argument("--params", default="params.yaml", help="reads eval, and data.variables for the probes")
     parser.add_argument("--data-dir", default="data/processed", type=Path, help="val.json, test.json, dataset_info")
     parser.add_argument("--base", default="models/base", type=Path, help="directory with model_info.json")
     parser.add_argument("--adapter", default="models/lora", type=Path, help="the LoRA adapter to evaluate")
@@ -35,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", default="reports/env/evaluate.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
 
-    p = load_params(args.params).eval
-    metrics, predictions = evaluate(p, args.data_dir, args.base, args.adapter)
+    params = load_params(args.params)
+    metrics, predictions = evaluate(params.eval, args.data_dir, args.base, args.adapter, params.data.variables)
     write_predictions(args.predictions, predictions)
     atomic_write_json(args.metrics, metrics)
     write_environment(args.env, "evaluate")
@@ -49,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
                 for k in ("bleu4", "rougeL", "exact_match", "loss")
             ),
         )
+    probes, moved = metrics["probes"], metrics["verdict"]
+    if probes["tuned"]["total"]:
+        log.info(
+            "probes passed: base %d/%d, tuned %d/%d",
+            probes["base"]["passed"],
+            probes["base"]["total"],
+            probes["tuned"]["passed"],
+            probes["tuned"]["total"],
+        )
+    log.info("answers changed by fine-tuning: %s", ", ".join(f"{s} {v:g}%" for s, v in metrics["changed"].items()))
+    if moved["warning"]:
+        log.warning("%s", moved["warning"])
     return 0
 
 

@@ -26,6 +26,26 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
             "dropped": {"empty_output": 4, "duplicate": 6},
             "dropped_total": 10,
             "splits": {"train": 940, "val": 50},
+            "sources": {
+                "idioms": {
+                    "path": "data/raw/idioms.csv",
+                    "rows_in": 455,
+                    "examples_in": 910,
+                    "kept": 900,
+                    "dropped": {"empty_output": 4, "duplicate": 6},
+                    "dropped_total": 10,
+                    "splits": {"train": 855, "val": 45},
+                },
+                "identity": {
+                    "path": "data/raw/identity.json",
+                    "rows_in": 90,
+                    "examples_in": 90,
+                    "kept": 90,
+                    "dropped": {"empty_output": 0},
+                    "dropped_total": 0,
+                    "splits": {"train": 85, "val": 5},
+                },
+            },
             "prompt_chars": {"p50": 18, "p90": 18, "p99": 21, "max": 22},
             "output_chars": {"p50": 16, "p90": 29, "p99": 47, "max": 58},
         },
@@ -79,6 +99,12 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
                 }
             },
             "examples": {"val": 50},
+            "changed": {"val": 100.0},
+            "probes": {
+                "base": {"passed": 0, "total": 2, "pass_rate": 0.0},
+                "tuned": {"passed": 2, "total": 2, "pass_rate": 100.0},
+            },
+            "verdict": {"moved": True, "same_answers_pct": 0.0, "loss_drop_pct": 20.0, "warning": None},
             "method": "tokens: jieba words; all scores in percent",
         },
     )
@@ -100,6 +126,19 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
             "tuned": f"比喻多此一举。{i}",
         }
         for i in range(50)
+    ] + [
+        {
+            "split": "probe",
+            "index": i,
+            "prompt": prompt,
+            "label": "Lumi",
+            "expect": ["Lumi"],
+            "base": "I am SmolLM.",
+            "tuned": f"我是 Lumi。{i}",
+            "base_pass": False,
+            "tuned_pass": True,
+        }
+        for i, prompt in enumerate(["你是谁？", "Who are you?"])
     ]
     (repo / "reports/predictions.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"

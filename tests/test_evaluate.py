@@ -155,3 +155,81 @@ def test_sharegpt_split_is_read_as_llamafactory_reads_it(fmt, tmp_path):
     assert (example["prompt"], example["label"]) == ("冰寒于水？", "冰比水冷。")
     text = fmt.tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=False)
     assert fmt.tokenizer.decode(example["prompt_ids"]) == text
+
+
+def test_probes_are_answered_by_both_models_and_scored(tiny_model_dir, adapter_dir, tmp_path, stage):
+    data = write_data(tmp_path / "data", VAL)
+    probes = [
+        {"prompt": "你是谁？", "expect": ["{{name}}"]},
+        {"prompt": "Who are you?", "expect": "{{name}}"},
+        {"prompt": "Tell me a joke."},  # shown, not scored
+    ]
+    params = write_params(tmp_path / "params.yaml", variables={"name": "Lumi"}, probes=probes)
+    out = tmp_path / "out"
+    argv = [
+        "--params",
+        str(params),
+        "--data-dir",
+        str(data),
+        "--base",
+        str(tiny_model_dir),
+        "--adapter",
+        str(adapter_dir),
+        "--metrics",
+        str(out / "eval.json"),
+        "--predictions",
+        str(out / "p.jsonl"),
+    ]
+    assert stage("evaluate").main(argv) == 0
+    metrics = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(line) for line in (out / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    probe_rows = [r for r in rows if r["split"] == "probe"]
+    assert [r["prompt"] for r in probe_rows] == ["你是谁？", "Who are you?", "Tell me a joke."]
+    assert probe_rows[0]["expect"] == ["Lumi"] and probe_rows[2]["expect"] == [] and probe_rows[2]["tuned_pass"] is None
+    assert all(isinstance(r["base"], str) and isinstance(r["tuned"], str) for r in probe_rows)
+    assert metrics["probes"]["tuned"]["total"] == 2  # the random tiny model never says Lumi: 0 of 2
+    assert metrics["probes"]["tuned"]["passed"] == sum(bool(r["tuned_pass"]) for r in probe_rows) == 0
+    assert metrics["examples"] == {"val": 5}  # probes are not val examples: the val metrics don't see them
+    assert 0 <= metrics["changed"]["val"] <= 100
+    assert set(metrics["verdict"]) == {"moved", "same_answers_pct", "loss_drop_pct", "warning"}
+
+
+def test_probe_pass_is_case_insensitive_any_of_and_filled_from_variables():
+    assert evaluate.passes("I am LUMI, an assistant.", ["lumi"]) is True
+    assert evaluate.passes("我是小明", ["Lumi", "小明"]) is True
+    assert evaluate.passes("I am SmolLM", ["Lumi"]) is False and evaluate.passes("anything", []) is None
+    assert evaluate.fill("我是 {{name}}，由 {{author}} 开发", {"name": "Lumi"}) == "我是 Lumi，由 {{author}} 开发"
+    rows = [
+        {"expect": ["Lumi"], "base_pass": False, "tuned_pass": True},
+        {"expect": ["Lumi"], "base_pass": False, "tuned_pass": False},
+        {"expect": [], "base_pass": None, "tuned_pass": None},
+    ]
+    assert evaluate.probe_scores(rows) == {
+        "base": {"passed": 0, "total": 2, "pass_rate": 0.0},
+        "tuned": {"passed": 1, "total": 2, "pass_rate": 50.0},
+    }
+
+
+def test_verdict_warns_only_when_answers_stayed_and_the_loss_hardly_fell():
+    from llmft.params import EvalParams
+
+    def metrics(base_loss, tuned_loss, changed):
+        return {
+            "base": {"val": {"loss": base_loss}},
+            "tuned": {"val": {"loss": tuned_loss}},
+            "changed": {"val": changed},
+        }
+
+    stalled = evaluate.verdict(metrics(3.637, 3.60, 10.0), EvalParams())
+    assert not stalled["moved"] and stalled["same_answers_pct"] == 90 and stalled["loss_drop_pct"] == 1.02
+    for knob in (
+        "train.learning_rate",
+        "train.num_train_epochs",
+        "train.max_steps",
+        "train.max_samples",
+        "per_device_train_batch_size x gradient_accumulation_steps",
+    ):
+        assert knob in stalled["warning"]
+    assert evaluate.verdict(metrics(2.37, 0.74, 10.0), EvalParams())["warning"] is None  # the loss moved
+    assert evaluate.verdict(metrics(3.6, 3.6, 60.0), EvalParams())["moved"]  # the answers moved
+    assert evaluate.changed_rate([{"base": "a  b", "tuned": "a b"}, {"base": "a", "tuned": "c"}]) == 50.0

@@ -79,6 +79,18 @@ def test_report_has_every_section_and_embeds_its_images(built):
         "Environment",
     ):
         assert f">{heading}<" in html
+    # the first thing a reader sees: did it learn? loss, probe pass rates, changed answers, then the probes
+    first = html.index(">Did it learn?<")
+    assert (
+        first
+        < html.index("Eval loss")
+        < html.index("Probes passed")
+        < html.index("我是 Lumi。0")
+        < html.index(">Data<")
+    )
+    assert "base 0/2 (0%) → fine-tuned 2/2 (100%)" in html and "val 100%" in html
+    assert html.count("我是 Lumi。") == 2  # the probes' rows, not among the sample predictions
+    assert "data/raw/identity.json" in html  # the per-source table
     assert not re.search(r"<script[^>]+src=", html), "no script may come from a CDN"
     assert "import report_data" not in html  # code cells are hidden
     images = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', html)

@@ -59,3 +59,49 @@ def test_samples_are_spread_evenly_and_never_repeated(tmp_path):
 @pytest.mark.integration
 def test_params_diff_without_a_previous_commit_says_so(tmp_path):
     assert "No previous commit" in rd.params_diff(tmp_path)
+
+
+def test_verdict_states_loss_probes_changed_answers_and_the_warning():
+    evals = {
+        "base": {"val": {"loss": 2.0}},
+        "tuned": {"val": {"loss": 1.5}},
+        "changed": {"val": 64.0},
+        "probes": {
+            "base": {"passed": 0, "total": 4, "pass_rate": 0.0},
+            "tuned": {"passed": 3, "total": 4, "pass_rate": 75.0},
+        },
+        "verdict": {"moved": True, "warning": None},
+    }
+    text = rd.verdict(evals)
+    assert "2.000 → 1.500 (-25.0%)" in text and "base 0/4 (0%) → fine-tuned 3/4 (75%)" in text and "val 64%" in text
+    stalled = evals | {"verdict": {"moved": False, "warning": "the fine-tuned model barely moved: raise it"}}
+    assert "**Warning**: the fine-tuned model barely moved: raise it." in rd.verdict(stalled)
+    no_probes = {k: v for k, v in evals.items() if k != "probes"}
+    assert "Probes" not in rd.verdict(no_probes)
+
+
+def test_sources_table_lists_each_table_with_drops_and_splits():
+    prep = {
+        "splits": {"train": 8, "val": 2},
+        "sources": {
+            "a": {
+                "path": "data/raw/a.csv",
+                "rows_in": 6,
+                "examples_in": 6,
+                "kept": 5,
+                "dropped": {"duplicate": 1},
+                "splits": {"train": 4, "val": 1},
+            },
+            "b": {
+                "path": "data/raw/b.json",
+                "rows_in": 5,
+                "examples_in": 5,
+                "kept": 5,
+                "dropped": {"duplicate": 0},
+                "splits": {"train": 4, "val": 1},
+            },
+        },
+    }
+    table = rd.sources_table(prep)
+    assert table.rows[0] == ["a", "data/raw/a.csv", "6", "6", "5", "duplicate 1", "4", "1"]
+    assert table.rows[1][5] == "none" and rd.sources_table({"splits": {}}) is None

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from llmft.common import UserError, get_logger
+from llmft.data.prepare import PLACEHOLDER
 from llmft.infer.chat_format import ChatFormat, load_chat_format
 from llmft.infer.decode import answer_nll, greedy_generate
 from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
@@ -22,7 +23,8 @@ from llmft.infer.text import complete_decode
 from llmft.infer.vllm import require_vllm, vllm_generate
 from llmft.lf.encode import convert_rows, dataset_attr
 from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
-from llmft.params import EvalParams
+from llmft.params import EvalParams, Probe
+from llmft.predictions import PROBE
 
 log = get_logger("evaluate")
 SPLITS = ("val", "test")  # test is optional (data.test_size: 0 writes none)
@@ -105,8 +107,76 @@ def delta(tuned: dict, base: dict) -> dict:
     return {k: delta(v, base[k]) if isinstance(v, dict) else round(v - base[k], 6) for k, v in tuned.items()}
 
 
-def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -> tuple[dict, list[dict]]:
-    """Generate and score; return (metrics, prediction rows)."""
+def fill(text: str, variables: dict[str, str]) -> str:
+    """{{key}} -> its value from data.variables (a probe expects the name the data gave the model)."""
+    return PLACEHOLDER.sub(lambda m: variables.get(m[1], m[0]), text)
+
+
+def probe_rows(probes: list[Probe], variables: dict[str, str], fmt: ChatFormat) -> list[dict]:
+    """eval.probes as examples: a chat prompt each, and the strings a good answer contains."""
+    rows = []
+    for i, probe in enumerate(probes):
+        messages = [{"role": "user", "content": probe.prompt}, {"role": "assistant", "content": ""}]
+        expect = [fill(e, variables) for e in probe.expect]
+        rows.append(
+            {
+                "split": PROBE,
+                "index": i,
+                "prompt": probe.prompt,
+                "label": " | ".join(expect),
+                "expect": expect,
+                "prompt_ids": fmt.encode(messages)[0],
+            }
+        )
+    return rows
+
+
+def passes(answer: str, expect: list[str]) -> bool | None:
+    """Whether an answer contains one of the expected strings (case-insensitive); None when nothing is expected."""
+    return any(e.casefold() in answer.casefold() for e in expect) if expect else None
+
+
+def probe_scores(rows: list[dict]) -> dict:
+    """Pass counts and rates of base and tuned over the probes that expect something."""
+    scored = [r for r in rows if r["expect"]]
+    out = {}
+    for name in ("base", "tuned"):
+        passed = sum(bool(r[f"{name}_pass"]) for r in scored)
+        out[name] = {
+            "passed": passed,
+            "total": len(scored),
+            "pass_rate": round(100 * passed / len(scored), 2) if scored else None,
+        }
+    return out
+
+
+def changed_rate(rows: list[dict]) -> float:
+    """% of examples whose tuned answer differs from the base's (whitespace aside)."""
+    same = sum(" ".join(r["base"].split()) == " ".join(r["tuned"].split()) for r in rows)
+    return round(100 * (1 - same / len(rows)), 2) if rows else 0.0
+
+
+def verdict(metrics: dict, p: EvalParams) -> dict:
+    """Did the tuned model move? Barely, when most val answers equal the base's and the eval loss hardly fell."""
+    base, tuned = metrics["base"]["val"]["loss"], metrics["tuned"]["val"]["loss"]
+    drop = round(100 * (base - tuned) / base, 2) if base > 0 else 0.0
+    same = round(100 - metrics["changed"]["val"], 2)
+    stalled = same >= p.stalled_same_answers and drop < p.stalled_loss_drop
+    warning = (
+        f"the fine-tuned model barely moved: {same:g}% of val answers are the base model's and the eval loss fell "
+        f"{drop:g}% ({base:.3f} -> {tuned:.3f}). Train more: raise train.learning_rate (small models and CPU runs "
+        "take 5e-4 to 1e-3 with LoRA), train.num_train_epochs or train.max_steps, train.max_samples (null = all), "
+        "or lower per_device_train_batch_size x gradient_accumulation_steps for more optimizer steps"
+        if stalled
+        else None
+    )
+    return {"moved": not stalled, "same_answers_pct": same, "loss_drop_pct": drop, "warning": warning}
+
+
+def evaluate(
+    p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path, variables: dict[str, str] | None = None
+) -> tuple[dict, list[dict]]:
+    """Generate and score; return (metrics, prediction rows). `variables`: data.variables, for the probes."""
     check_adapter(adapter_dir)  # the cheap checks first: a mistake is reported in a second, not after loading
     if p.backend == "vllm":
         require_vllm()
@@ -118,7 +188,8 @@ def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -
     fmt = load_chat_format(base_dir, p.cutoff_len)
     splits = {name: encode_split(data_dir, name, split_rows, fmt) for name, split_rows in rows.items()}
     examples = [ex for split in splits.values() for ex in split]
-    prompts = [ex["prompt_ids"] for ex in examples]
+    probes = probe_rows(p.probes, variables or {}, fmt)
+    prompts = [ex["prompt_ids"] for ex in examples + probes]
     threads = set_threads(p.num_threads)
     log.info("%s examples, %d threads, backend %s", {s: len(v) for s, v in splits.items()}, threads, p.backend)
 
@@ -159,6 +230,10 @@ def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -
             offset += len(split)
             metrics[name][s], clean = score(fmt, split, split_answers, nll[name][s])
             texts[name].extend(clean)
+    for name in ("base", "tuned"):  # the probes' answers come after the examples'
+        clean, _ = decode_answers(fmt, answers[name][len(examples) :])
+        for row, answer in zip(probes, clean):
+            row[name], row[f"{name}_pass"] = answer, passes(answer, row["expect"])
     metrics["delta"] = delta(metrics["tuned"], metrics["base"])
     metrics["examples"] = {s: len(split) for s, split in splits.items()}
     metrics["speed"] = {**speed, "num_threads": threads}
@@ -174,4 +249,9 @@ def evaluate(p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path) -
         }
         for ex, base, tuned in zip(examples, texts["base"], texts["tuned"])
     ]
-    return metrics, predictions
+    metrics["changed"] = {s: changed_rate([r for r in predictions if r["split"] == s]) for s in splits}
+    metrics["probes"] = probe_scores(probes)
+    metrics["verdict"] = verdict(metrics, p)
+    for row in probes:
+        del row["prompt_ids"]
+    return metrics, predictions + probes

@@ -187,6 +187,18 @@ class TrainParams(Section):
     extra: dict[str, Any] = {}
 
 
+class Probe(Section):
+    """A prompt both models answer, with what a tuned answer should contain (any of `expect`, any case)."""
+
+    prompt: str = Field(min_length=1)
+    expect: list[str] = []  # {{key}} is filled from data.variables; empty = shown, not scored
+
+    @field_validator("expect", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class EvalParams(Section):
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -195,6 +207,9 @@ class EvalParams(Section):
     backend: Literal["hf", "vllm"] = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_threads: int = Field(default=0, ge=0)
+    probes: list[Probe] = []
+    stalled_same_answers: float = Field(default=80.0, ge=0, le=100)  # % of val answers equal to base ...
+    stalled_loss_drop: float = Field(default=2.0, ge=0, le=100)  # ... and eval loss down < this %: "barely moved"
 
 
 class ExportParams(Section):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from llmft.common import atomic_path
 
+PROBE = "probe"  # the split name of the eval.probes rows (they carry expect, base_pass and tuned_pass too)
+
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
     """reports/predictions.jsonl: one JSON object per line (split, index, prompt, label, base, tuned)."""

@@ -22,7 +22,7 @@ import yaml
 from llmft.common import read_json
 from llmft.env import cpu_name, git_commit, package_version, run_dvc
 from llmft.model import read_model_info
-from llmft.predictions import read_predictions
+from llmft.predictions import PROBE, read_predictions
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -94,6 +94,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def kv_table(values: dict, header: list[str]) -> Table:
     """One row per key: name, then the value formatted by `fmt`."""
     return Table([[key, fmt(value)] for key, value in values.items()], header)
+
+
+def sources_table(prep: dict) -> Table | None:
+    """One row per input table of prepare.json: rows and examples in, kept, dropped by reason, per split."""
+    sources = prep.get("sources") or {}
+    if not sources:
+        return None
+    splits = list(prep.get("splits", {}))
+    rows = []
+    for name, src in sources.items():
+        dropped = ", ".join(f"{reason} {n}" for reason, n in src["dropped"].items() if n) or "none"
+        rows.append(
+            [name, src["path"], fmt(src["rows_in"]), fmt(src["examples_in"]), fmt(src["kept"]), dropped]
+            + [fmt(src.get("splits", {}).get(split, 0)) for split in splits]
+        )
+    return Table(rows, ["source", "file", "rows", "examples", "kept", "dropped"] + splits, text_columns=2)
 
 
 def metrics_table(evals: dict) -> Table:
@@ -178,9 +194,52 @@ def _local_tokenizer(model_dir: Path) -> Callable[[list[str]], list[list[int]]] 
     return None
 
 
+def _answer(text: Any) -> str:
+    return "(empty)" if text is None or not str(text).strip() else str(text)  # a blank cell reads as missing
+
+
+def verdict(evals: dict) -> str:
+    """Markdown: did fine-tuning change the model? Eval loss, probe pass rates, changed answers, any warning."""
+    base, tuned = evals["base"]["val"]["loss"], evals["tuned"]["val"]["loss"]
+    lines = [f"- **Eval loss** (val): {base:.3f} → {tuned:.3f} ({100 * (tuned - base) / base:+.1f}%)"]
+    probes = evals.get("probes") or {}
+    if (probes.get("tuned") or {}).get("total"):
+        b, t = probes["base"], probes["tuned"]
+        lines.append(
+            f"- **Probes passed**: base {b['passed']}/{b['total']} ({b['pass_rate']:g}%) → fine-tuned "
+            f"{t['passed']}/{t['total']} ({t['pass_rate']:g}%)"
+        )
+    if evals.get("changed"):
+        changed = ", ".join(f"{split} {rate:g}%" for split, rate in evals["changed"].items())
+        lines.append(f"- **Answers changed by fine-tuning** (fine-tuned ≠ base): {changed}")
+    moved = evals.get("verdict") or {}
+    if moved.get("warning"):
+        lines.append(f"\n> **Warning**: {moved['warning']}.")
+    elif moved:
+        lines.append("- **Verdict**: the fine-tuned model answers differently from the base model.")
+    return "\n".join(lines)
+
+
+def probes_table(predictions: str | Path) -> Table | None:
+    """eval.probes answered by both models side by side, each marked pass/fail; None when there are none."""
+    rows = [r for r in read_predictions(predictions) if r.get("split") == PROBE]
+    if not rows:
+        return None
+
+    def marked(r: dict, name: str) -> str:
+        mark = {True: "✅ ", False: "❌ "}.get(r.get(f"{name}_pass"), "")
+        return mark + _answer(r.get(name))
+
+    return Table(
+        [[r["prompt"], ", ".join(r.get("expect") or []) or "—", marked(r, "base"), marked(r, "tuned")] for r in rows],
+        ["probe", "expected", "base", "fine-tuned"],
+        wrap=True,
+    )
+
+
 def samples(predictions: str | Path, n: int) -> Table:
-    """`n` predictions spread evenly over reports/predictions.jsonl (the same rows on every build)."""
-    rows = read_predictions(predictions)
+    """`n` predictions spread evenly over reports/predictions.jsonl (the same rows on every build; probes aside)."""
+    rows = [r for r in read_predictions(predictions) if r.get("split") != PROBE]
     k = min(n, len(rows))
     picked = [rows[i * len(rows) // k] for i in range(k)]
 
@@ -188,11 +247,8 @@ def samples(predictions: str | Path, n: int) -> Table:
         where = f"[{r['split']} #{r['index'] + 1}] " if "split" in r and "index" in r else ""
         return where + str(r.get("prompt", ""))
 
-    def answer(text: Any) -> str:
-        return "(empty)" if text is None or not str(text).strip() else str(text)  # a blank cell reads as missing
-
     return Table(
-        [[prompt(r), r.get("label"), answer(r.get("base")), answer(r.get("tuned"))] for r in picked],
+        [[prompt(r), r.get("label"), _answer(r.get("base")), _answer(r.get("tuned"))] for r in picked],
         ["prompt", "reference", "base", "fine-tuned"],
         wrap=True,
     )

@@ -16,7 +16,7 @@ import argparse
 from llmft.common import ROOT, UserError, run_main
 from llmft.env import dvc
 from llmft.metrics import rouge_l
-from llmft.predictions import parse_predictions
+from llmft.predictions import PROBE, parse_predictions
 
 
 def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
@@ -35,7 +35,7 @@ def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
             f"{path} of {where} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             f"check the name with `dvc exp show`, or `dvc pull` / `dvc exp pull` it"
         ) from None
-    return {(r["split"], r["prompt"], r["label"]): r for r in parse_predictions(text)}
+    return {(r["split"], r["prompt"], r["label"]): r for r in parse_predictions(text) if r["split"] != PROBE}
 
 
 def dropped(a: dict[tuple, dict], b: dict[tuple, dict], top: int) -> tuple[list[dict], int]:
