@@ -23,6 +23,16 @@
 # `params.yaml`, and runs the whole pipeline with `dvc repro`: prepare → model → train → evaluate → export →
 # report. **Runtime → Change runtime type → T4 GPU** first.
 #
+# **Set-up time** (each step over 10 s prints how long it took). Measured in a CPU dry run of the set-up on a 2-core
+# machine with an empty pip cache, PyPI over the network; on Colab its network and disk set the figures:
+#
+# | step | CPU dry run | note |
+# |---|---:|---|
+# | clone | < 1 s | from a local copy; GitHub adds a few seconds |
+# | Python 3.11 (apt, Colab only) | not run | Colab's own Python is not 3.11, which the pins are for (see that cell) |
+# | `make setup` | 5 min 22 s | 6.4 GB venv, mostly torch and its CUDA libraries, built for this GPU's driver |
+# | `make doctor` | 4 s | what torch sees: build, driver, GPU, bf16, Liger / flash-attn / bitsandbytes |
+#
 # **Precision**: `train.precision: auto` picks bf16 where the GPU supports it and **fp16 on a T4** (Turing has no
 # bf16); nothing to set.
 #
@@ -56,6 +66,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 REPO_URL = os.environ.get("LLMFT_REPO_URL", REPO_URL)
@@ -69,7 +80,11 @@ SMOKE = os.environ.get("LLMFT_SMOKE", "1" if SMOKE else "0") == "1"
 
 
 def sh(cmd: str) -> None:
-    """Run `cmd` with the repo's .venv first on PATH, show its output as it comes, stop the notebook on failure."""
+    """Run `cmd` with the repo's .venv first on PATH, show its output as it comes, stop the notebook on failure.
+
+    Steps over 10 s end with a line saying how long they took.
+    """
+    start = time.monotonic()
     env = os.environ | {
         "PATH": f"{WORKDIR}/.venv/bin:{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
@@ -81,6 +96,8 @@ def sh(cmd: str) -> None:
         print(line, end="")
     if proc.wait():
         raise RuntimeError(f"`{cmd}` failed with exit code {proc.returncode}: see its output above")
+    if time.monotonic() - start > 10:
+        print(f"[{time.monotonic() - start:.0f} s: {cmd}]")
 
 
 def set_params(path: str, overrides: dict) -> None:
@@ -127,12 +144,19 @@ else:
 os.chdir(WORKDIR)
 
 # %% tags=["colab-only"]
-# The repo pins Python 3.11; Colab ships another version, so install 3.11 next to it.
+# The repo pins Python 3.11: requirements-lock.txt is resolved and tested there. Colab's own Python is newer
+# (`!python3 --version`) and its torch is built for that Python, so it cannot serve a 3.11 venv, and the pipeline on
+# Colab's Python with Colab's package versions would be an untested environment. So: Python 3.11 beside Colab's, and
+# the pinned venv. Where python3.11 is already there, nothing is installed.
 if shutil.which("python3.11") is None:
     sh("add-apt-repository -y ppa:deadsnakes/ppa > /dev/null && apt-get -qq install -y python3.11 python3.11-venv")
 
 # %%
-sh("make setup")  # the pinned .venv, about 5 minutes the first time; a no-op when it is there
+# The pinned .venv; a no-op when it is there. torch comes built for a CUDA this GPU's driver runs: make setup reads
+# nvidia-smi and says which build and why in one line (PyPI's CUDA 13.0 build needs driver >= 580; an older driver
+# gets the CUDA 12.6 or 12.8 build of the same torch from PyTorch's wheel index).
+sh("make setup")
+sh("make doctor")  # what torch sees: build, driver, GPU, bf16, Liger / flash-attn / bitsandbytes, free memory
 
 # %%
 # Results on Drive: the DVC cache (with the run-cache) and the training checkpoints.

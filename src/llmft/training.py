@@ -64,6 +64,9 @@ def device_checks(t: TrainParams) -> str:
     """The precision to use; QLoRA and DeepSpeed prerequisites, checked before anything loads."""
     import torch
 
+    from llmft.gpu import check_driver
+
+    check_driver(log)  # a GPU that nvidia-smi shows but torch cannot use (driver too old for its CUDA) stops here
     cuda = torch.cuda.is_available()
     if t.quantization_bit and not cuda:
         raise UserError(
