@@ -168,3 +168,16 @@ def test_qlora_on_a_cpu_is_a_clear_error_before_anything_loads(tmp_path):
         .splitlines()[-1]
         .startswith("error: train.quantization_bit=4 (QLoRA, bitsandbytes) needs a CUDA GPU")
     )
+
+
+@pytest.mark.slow
+def test_a_cpu_run_says_its_cost_first_and_stops_at_the_token_budget(tiny_model_dir, tmp_path):
+    # 16 examples x 6 steps planned; a 300-token budget stops the run after a few steps, and the log says so first
+    root = make_project(tmp_path, max_steps=None, num_train_epochs=3, cpu_token_budget=300, eval_steps=50)
+    proc = run_stage(root, tiny_model_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU run: 12 optimizer steps of 4 examples" in proc.stderr
+    assert "over train.cpu_token_budget=300: training stops at step" in proc.stderr
+    metrics = json.loads((root / "reports" / "metrics" / "train.json").read_text())
+    plan = metrics["cpu_plan"]
+    assert plan["steps"] == 12 and plan["tokens"] > 300 and metrics["global_step"] == plan["max_steps"] < 12

@@ -183,6 +183,7 @@ class TrainParams(Section):
     deepspeed: Literal[None, "z2", "z3"] = None
     oom_backoff: bool = True
     profile: Literal["auto", "fast", "plain"] = "auto"
+    cpu_token_budget: int | None = Field(default=40000, ge=1)  # CPU only: cap a run at this many tokens; null = none
     seed: int = 42
     extra: dict[str, Any] = {}
 

@@ -22,6 +22,8 @@ from llmft.common import ROOT, UserError, atomic_path, atomic_write_json, get_lo
 from llmft.env import git_commit
 from llmft.lf import config as lf_config
 from llmft.lf import run as lf_run
+from llmft.lf.budget import CpuPlan, plan_cpu_run
+from llmft.lf.encode import example_lengths
 from llmft.lf.memory import estimate_peak_gib
 from llmft.lf.profile import probe_runtime
 from llmft.model import read_model_info
@@ -142,10 +144,19 @@ class Launcher:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def build_sections(params: Params, paths: TrainPaths, info: dict, precision: str) -> dict:
-    """The LLaMA-Factory config of this run, checked (unknown or reserved train.extra keys fail here)."""
+def build_sections(params: Params, paths: TrainPaths, info: dict, precision: str) -> tuple[dict, CpuPlan | None]:
+    """The LLaMA-Factory config of this run, checked (unknown or reserved train.extra keys fail here), and on a CPU
+    what it will cost (steps, tokens, minutes), capped at train.cpu_token_budget."""
+    import torch
+
     t = params.train
-    model_path = info["path"]
+    model_path, cpu = info["path"], not torch.cuda.is_available()
+    lengths = None
+    if cpu:  # the examples' token lengths size the CPU run (and feed the fast profile's packing plan)
+        limit = min(t.max_samples or 20000, 20000)
+        lengths = example_lengths(
+            model_path, info["template"], paths.data_dir, t.cutoff_len, params.model.trust_remote_code, limit=limit
+        )
     sections = lf_config.build_config(
         t,
         model_path=model_path,
@@ -156,14 +167,19 @@ def build_sections(params: Params, paths: TrainPaths, info: dict, precision: str
         precision=precision,
         deepspeed_config=os.path.relpath(ROOT / lf_config.DEEPSPEED_CONFIGS[t.deepspeed]) if t.deepspeed else None,
         runtime=probe_runtime(
-            t, model_path, info["template"], paths.data_dir, precision, params.model.trust_remote_code
+            t, model_path, info["template"], paths.data_dir, precision, params.model.trust_remote_code, lengths
         ),
     )
     if precision == "fp32" and "disable_gradient_checkpointing" not in t.extra:
         # fp32 means a CPU (or a forced choice): RAM is not the limit there, and recomputing activations costs ~30%.
         sections["train"]["disable_gradient_checkpointing"] = True
+    plan = plan_cpu_run(t, lengths, info.get("num_parameters")) if cpu and lengths else None
+    for note in plan.notes if plan else ():
+        log.warning("%s", note) if "over train.cpu_token_budget" in note else log.info("%s", note)
+    if plan and plan.max_steps:
+        sections["train"]["max_steps"] = plan.max_steps
     lf_config.validate(sections, t.extra, typed=set(TrainParams.model_fields) - {"extra"})
-    return sections
+    return sections, plan
 
 
 def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed) -> dict:
@@ -228,7 +244,7 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
             raise UserError(f"{f} not found: run `dvc repro {stage}` first")
     info = read_model_info(paths.model_dir)
     precision = device_checks(t)
-    sections = build_sections(params, paths, info, precision)
+    sections, plan = build_sections(params, paths, info, precision)
     lf_run.sync_checkpoints(paths.checkpoints, lf_run.fingerprint(paths.data_dir, paths.model_dir, sections))
     header = [
         f"llamafactory-cli train {paths.out / 'train_config.yaml'}",
@@ -253,7 +269,8 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         resumed = launcher.resumed
         outcome = TrainOutcome(
             sections,
-            {"resumed_from_step": resumed.step, "oom_retries": retries, "precision": precision},
+            {"resumed_from_step": resumed.step, "oom_retries": retries, "precision": precision}
+            | ({"cpu_plan": dataclasses.asdict(plan) | {"notes": None}} if plan else {}),
             trained_now=True,
             returncode=rc,
         )

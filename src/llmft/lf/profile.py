@@ -217,12 +217,19 @@ def plan_profile(t, runtime: Runtime, precision: str) -> Profile:
 
 
 def probe_runtime(
-    t, model_path: str, template: str, data_dir: Path, precision: str, trust_remote_code: bool = False
+    t,
+    model_path: str,
+    template: str,
+    data_dir: Path,
+    precision: str,
+    trust_remote_code: bool = False,
+    example_tokens: tuple[int, ...] | None = None,
 ) -> Runtime:
     """What train.profile needs to know here (Runtime), and a log of what it will change.
 
-    A CPU with the auto profile needs nothing (plain), so nothing slow runs then; the fast profile reads the
-    GPU, which optional kernels import, the model's config.json, and the token length of each train example.
+    The plain profile needs nothing, so nothing slow runs then; the fast profile reads the GPU, which optional
+    kernels import, the model's config.json, and the token length of each train example (`example_tokens` when the
+    caller has measured them already).
     """
     import torch
 
@@ -241,7 +248,9 @@ def probe_runtime(
             cpu_count=len(os.sched_getaffinity(0)),
             model_config=json.loads(config.read_text()) if config.exists() else None,
             weights_bytes=sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")),
-            example_tokens=example_lengths(
+            example_tokens=example_tokens
+            if example_tokens is not None
+            else example_lengths(
                 model_path,
                 template,
                 Path(data_dir),
