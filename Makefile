@@ -73,10 +73,13 @@ bench: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> 
 	python benchmarks/bench_train.py
 
 # A grid: each -S takes comma-separated values, one experiment per combination.
-SWEEP ?= -S train.lora_rank=4,16 -S train.learning_rate=5.0e-5,2.0e-4
+# The README's table came from: make sweep SWEEP='-S train.learning_rate=5.0e-5,1.0e-3 -S train.num_train_epochs=1,2
+#   -S train.gradient_accumulation_steps=1,4' STAGE=evaluate
+SWEEP ?= -S train.learning_rate=5.0e-5,1.0e-3 -S train.gradient_accumulation_steps=1,4
 JOBS ?= 1
-sweep: setup ## queue a grid of DVC experiments, run the queue, show results (SWEEP='-S k=a,b ...', JOBS=1)
-	python -m llmft.tools.sweep $(SWEEP) --jobs $(JOBS)
+STAGE ?=
+sweep: setup ## queue a grid of DVC experiments, run the queue, show results (SWEEP='-S k=a,b ...', JOBS=1, STAGE=evaluate)
+	python -m llmft.tools.sweep $(SWEEP) --jobs $(JOBS) $(if $(STAGE),--stage $(STAGE))
 
 compare: setup ## make compare A=<exp> B=<exp>: params diff, metrics diff, the answers that got worse
 	python -m llmft.tools.compare "$(A)" $(if $(B),"$(B)")

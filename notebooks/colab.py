@@ -52,8 +52,10 @@ REPO_URL = "https://github.com/YOUR-NAME/llm-finetune.git"  # @param {type:"stri
 # QLORA turns itself on for a model with "7b" in its name.
 MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # @param {type:"string"}
 QLORA = False  # @param {type:"boolean"}
-# A table in the repo, or on Drive (/content/drive/MyDrive/...); columns as in the README's "Use your own data".
-DATA = "data/raw/idioms.csv"  # @param {type:"string"}
+# Empty = the repo's demo (LLaMA-Factory's identity set + Chinese idioms). Or your table, in the repo or on Drive
+# (/content/drive/MyDrive/...), columns as in the README's "Use your own data": then the guide's values below apply.
+DATA = ""  # @param {type:"string"}
+NAME = "Lumi"  # @param {type:"string"}
 DRIVE_DIR = "/content/drive/MyDrive/llm-finetune"  # @param {type:"string"}
 WORKDIR = "/content/llm-finetune"
 TARGET = ""  # stages to run (dvc repro TARGET), e.g. "prepare model"; empty = the whole pipeline
@@ -73,6 +75,7 @@ REPO_URL = os.environ.get("LLMFT_REPO_URL", REPO_URL)
 MODEL = os.environ.get("LLMFT_MODEL", MODEL)
 QLORA = QLORA or "7b" in MODEL.lower()  # a 7B in fp16 does not fit a T4's 15 GB
 DATA = os.environ.get("LLMFT_DATA", DATA)
+NAME = os.environ.get("LLMFT_NAME", NAME)
 DRIVE_DIR = os.environ.get("LLMFT_DRIVE_DIR", DRIVE_DIR)
 WORKDIR = os.environ.get("LLMFT_WORKDIR", WORKDIR)
 TARGET = os.environ.get("LLMFT_TARGET", TARGET)
@@ -171,15 +174,24 @@ print(f"checkpoints -> {os.readlink('checkpoints')}")
 # %%
 overrides = {
     "model.name_or_path": MODEL,
-    "data.input": DATA,
-    "train.max_samples": None,  # the repo's default, 160, is sized for a CPU; a GPU takes them all
-    "train.save_steps": 50,
-}  # a checkpoint every 50 steps: at most that much lost on a disconnect
+    "train.save_steps": 50,  # a checkpoint every 50 steps: at most that much lost on a disconnect
+    "train.cpu_token_budget": None,  # the CPU cap does not apply on a GPU anyway; no cap
+}
+if DATA:
+    overrides["data.sources"] = [{"path": DATA}]  # one table, columns found by name
+    # The guide's values, for a 7B model on thousands of examples on a GPU (README: Choosing the training values).
+    # The repo's defaults (lr 1e-3, batch 4 x 1, 2 epochs) are sized for the 139-example demo on a CPU.
+    overrides |= {
+        "train.learning_rate": 5.0e-5,
+        "train.per_device_train_batch_size": 4,
+        "train.gradient_accumulation_steps": 4,
+        "train.num_train_epochs": 3.0,
+    }
+else:
+    overrides["data.variables"] = {"name": NAME, "author": "Acme Labs"}  # the name the demo teaches the model
 if QLORA:
     overrides["train.quantization_bit"] = 4
     sh("python -m pip install -q bitsandbytes==0.50.2")  # QLoRA's kernels; not in the pins (CUDA only)
-if DATA != "data/raw/idioms.csv":
-    overrides["data.templates"] = []  # the default templates fit only the idiom table; map columns by name
 if SMOKE:
     overrides |= {
         "data.val_size": 4,
@@ -206,7 +218,7 @@ params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
 for dotted, value in overrides.items():
     section, key = dotted.split(".")
     assert params[section][key] == value, f"params.yaml: {dotted} is {params[section][key]!r}, expected {value!r}"
-print(f"params.yaml: {len(overrides)} overrides in place; model {MODEL}, data {DATA}")
+print(f"params.yaml: {len(overrides)} overrides in place; model {MODEL}, data {DATA or 'the demo'}")
 
 # %%
 sh(f"dvc repro {TARGET}")  # after a disconnect: finished stages come back from Drive, training resumes

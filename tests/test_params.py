@@ -35,8 +35,10 @@ def error_of(raw) -> str:
 
 def test_repo_params_yaml_validates():
     params = load_params(PARAMS_YAML)
-    assert params.data.input == REPO_PARAMS["data"]["input"]
-    assert params.data.templates and all(t.instruction and t.output for t in params.data.templates)
+    assert [t.path for t in params.data.tables()] == [s["path"] for s in REPO_PARAMS["data"]["sources"]]
+    idioms = next(t for t in params.data.tables() if t.templates)
+    assert all(t.instruction and t.output for t in idioms.templates)
+    assert params.data.variables["name"] and any("{{name}}" in e for p in params.eval.probes for e in p.expect)
     assert params.train.learning_rate == pytest.approx(float(REPO_PARAMS["train"]["learning_rate"]))
 
 

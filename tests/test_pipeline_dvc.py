@@ -60,7 +60,7 @@ def test_own_table_tracked_with_dvc_add_feeds_prepare(repo: Path):
     assert (repo / "data/raw/mine.csv.dvc").exists()
     assert "/mine.csv" in (repo / "data/raw/.gitignore").read_text()
     assert run(["git", "check-ignore", "-q", "data/raw/mine.csv"], repo, check=False).returncode == 0  # DVC owns it
-    edit_params(repo, "data", input="data/raw/mine.csv", templates=[], val_size=5)
+    edit_params(repo, "data", input="data/raw/mine.csv", sources=[], val_size=5)  # the single-table form
     run(["dvc", "repro", "prepare"], repo)
     train = json.loads((repo / "data/processed/train.json").read_text())
     assert len(train) == 25 and {"instruction", "input", "output"} == set(train[0])

@@ -18,7 +18,18 @@ from llmft.common import ROOT, UserError, run_main
 from llmft.env import dvc
 
 QUEUED = re.compile(r"Queued experiment '([^']+)'")
-METRICS = ["train_loss", "eval_loss", "tuned.val.rougeL", "tuned.val.bleu4", "delta.val.rougeL"]
+METRICS = [
+    "train_loss",
+    "eval_loss",
+    "global_step",
+    "train_runtime_s",
+    "tuned.val.loss",
+    "tuned.val.rougeL",
+    "delta.val.rougeL",
+    "changed.val",
+    "probes.base.pass_rate",
+    "probes.tuned.pass_rate",
+]
 
 
 def states(names: set[str]) -> dict[str, str]:
@@ -43,13 +54,20 @@ def main(argv: list[str] | None = None) -> int:
         help="params.yaml key=v1,v2,... (as dvc exp run -S); repeat for a grid",
     )
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once; 1 unless you have the cores")
+    parser.add_argument(
+        "--stage",
+        help="run each experiment up to this stage (e.g. evaluate: its metrics, without export, gguf and report); "
+        "default: the whole pipeline",
+    )
     parser.add_argument("--poll", type=float, default=5.0, help="seconds between queue checks")
     args = parser.parse_args(argv)
     for item in args.grid:
         if "=" not in item:
             raise UserError(f"-S {item!r}: write key=value1,value2 (e.g. train.lora_rank=4,16)")
 
-    out = dvc("exp", "run", "--queue", *[a for item in args.grid for a in ("-S", item)])
+    out = dvc(
+        "exp", "run", "--queue", *[a for item in args.grid for a in ("-S", item)], *([args.stage] if args.stage else [])
+    )
     names = set(QUEUED.findall(out))
     if not names:
         raise UserError(f"dvc exp run --queue queued nothing; it said: {out.strip()[:300]}")
