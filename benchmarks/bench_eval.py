@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{fmt.path} + {args.adapter}: {len(ours)} {args.split} examples, max_new_tokens {args.max_new_tokens}, "
         f"batch {args.batch_size}, {threads} threads, load average up to {load:.1f} on {os.cpu_count()} CPUs"
     )
-    times = lambda values: ", ".join(f"{v:.1f}" for v in values)  # noqa: E731
+    times = lambda values: ", ".join(f"{v:.1f}" for v in values)
     print(
         f"  ours (src/generation.py):  {tokens:6d} tokens in {seconds:7.1f} s = {rate:8.1f} tokens/s "
         f"(runs: {times(ours_times)} s; exact id count {exact})"

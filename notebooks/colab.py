@@ -133,7 +133,7 @@ except RuntimeError:
 
 # %% tags=["colab-only"]
 # Google Drive keeps the DVC cache and the checkpoints across sessions (Colab asks for permission once).
-from google.colab import drive  # noqa: E402
+from google.colab import drive
 
 drive.mount("/content/drive")
 
@@ -212,7 +212,7 @@ sh("python -m llmft.params")  # the schema check every stage does first
 sh("git diff --stat params.yaml; git diff -U0 params.yaml | grep '^[-+] ' || true")
 
 # %%
-import yaml  # noqa: E402
+import yaml
 
 params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
 for dotted, value in overrides.items():
@@ -233,6 +233,6 @@ if Path("reports/report.html").exists():
 
 # %% tags=["colab-only"]
 # The report, right here (a copy is in reports/ on Drive).
-from IPython.display import HTML, display  # noqa: E402
+from IPython.display import HTML, display
 
 display(HTML(Path("reports/report.html").read_text(encoding="utf-8")))

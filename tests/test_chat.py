@@ -32,7 +32,7 @@ class Recorder(io.StringIO):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir, tiny_lora_dir):  # noqa: F811
+def loaded(tiny_model_dir, tiny_lora_dir):
     return chat.load(str(tiny_model_dir), str(tiny_lora_dir))
 
 
@@ -49,7 +49,7 @@ def test_history_carries_over_turns_and_clear_forgets_it(
     loaded,
     tiny_model_dir,
     tiny_lora_dir,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
     capsys,
 ):
     prompts: list[str] = []
@@ -97,7 +97,7 @@ def read_until(fd: int, pattern: str, timeout: float, chunks: list[str] | None =
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_terminal_session_question_clear_and_ctrl_d(tiny_model_dir, tiny_lora_dir):  # noqa: F811
+def test_terminal_session_question_clear_and_ctrl_d(tiny_model_dir, tiny_lora_dir):
     main_fd, child_fd = os.openpty()
     cmd = [
         sys.executable,

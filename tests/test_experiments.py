@@ -173,7 +173,7 @@ def test_a_second_repro_while_one_runs_gets_a_lock_error_and_changes_nothing(bas
 
 
 def test_compare_ranks_the_examples_whose_answer_lost_most():
-    key = lambda prompt, label: ("val", prompt, label)  # noqa: E731
+    key = lambda prompt, label: ("val", prompt, label)
     a = {
         key("p1", "画蛇添足"): {"tuned": "画蛇添足"},
         key("p2", "the cat sat"): {"tuned": "the cat sat"},

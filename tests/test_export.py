@@ -47,7 +47,7 @@ def run_export(tmp: Path, base: Path, adapter: Path, **export_params) -> tuple[i
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model_dir, tiny_lora_dir, tmp_path_factory):  # noqa: F811
+def exported(tiny_model_dir, tiny_lora_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     (tmp / "eval.json").write_text(json.dumps({"base": {"exact_match": 0.1}, "tuned": {"exact_match": 0.6}}))
     rc, out = run_export(tmp, tiny_model_dir, tiny_lora_dir, max_shard_size="100KB")
@@ -75,7 +75,7 @@ def test_merge_check_passes_on_a_real_adapter(exported):
     assert metrics["dtype"] == "float32" and metrics["qlora_bits"] is None
 
 
-def test_merged_loads_with_plain_transformers_and_equals_base_plus_adapter(exported, tiny_model_dir, tiny_lora_dir):  # noqa: F811
+def test_merged_loads_with_plain_transformers_and_equals_base_plus_adapter(exported, tiny_model_dir, tiny_lora_dir):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,7 +135,7 @@ def test_broken_merge_fails_and_writes_nothing(
     tiny_model_dir,
     tiny_lora_dir,
     tmp_path,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
     capsys,
 ):
     monkeypatch.setattr(export, "merge", corrupt)
@@ -147,7 +147,7 @@ def test_broken_merge_fails_and_writes_nothing(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temporary left either
 
 
-def test_quantized_base_checkpoint_is_refused(tiny_model_dir, tiny_lora_dir, tmp_path, capsys):  # noqa: F811
+def test_quantized_base_checkpoint_is_refused(tiny_model_dir, tiny_lora_dir, tmp_path, capsys):
     base = shutil.copytree(tiny_model_dir, tmp_path / "base4bit")
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
@@ -160,7 +160,7 @@ def test_quantized_base_checkpoint_is_refused(tiny_model_dir, tiny_lora_dir, tmp
     assert not out.exists()
 
 
-def test_qlora_adapter_is_merged_into_the_full_precision_base(tiny_model_dir, tiny_lora_dir, tmp_path):  # noqa: F811
+def test_qlora_adapter_is_merged_into_the_full_precision_base(tiny_model_dir, tiny_lora_dir, tmp_path):
     adapter = shutil.copytree(tiny_lora_dir, tmp_path / "qlora")
     (adapter / "train_config.yaml").write_text("quantization_bit: 4\nfinetuning_type: lora\n")
     rc, out = run_export(tmp_path, tiny_model_dir, adapter)
@@ -183,7 +183,7 @@ def test_data_hash_is_the_one_dvc_records(tmp_path):
     assert recorded == export.dvc_dir_md5(data) + ".dir"
 
 
-def test_bf16_export_halves_the_files_and_reports_its_rounding(tiny_model_dir, tiny_lora_dir, tmp_path):  # noqa: F811
+def test_bf16_export_halves_the_files_and_reports_its_rounding(tiny_model_dir, tiny_lora_dir, tmp_path):
     rc, out = run_export(tmp_path, tiny_model_dir, tiny_lora_dir, dtype="bf16")
     metrics = json.loads((tmp_path / "export.json").read_text())
     assert rc == 0 and metrics["dtype"] == "bfloat16" and metrics["merge_check"]["max_abs_diff"] <= 1e-4

@@ -80,7 +80,7 @@ def test_fingerprint_ignores_output_path_and_batch_split_but_not_params_or_data(
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.json").write_text("[]")
     (tmp_path / "model_info.json").write_text("{}")
-    fp = lambda sections: lf_run.fingerprint(tmp_path / "data", tmp_path, sections)  # noqa: E731
+    fp = lambda sections: lf_run.fingerprint(tmp_path / "data", tmp_path, sections)
     base = fp(config())
     moved = config()
     moved["output"]["output_dir"] = "elsewhere"

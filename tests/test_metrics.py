@@ -95,7 +95,7 @@ def test_llamafactory_scores_equal_llamafactory_compute_similarity():
     labels = ["冰比水冷。指后来居上。\n", "Paris.\n", "bǎn bǎn liù shí sì\n", "空\n", "犹并驾齐驱。\n"]
     tok = CharTokenizer(preds + labels)
     width = max(map(len, preds + labels))
-    encode = lambda texts: np.array([tok.encode(t, width) for t in texts])  # noqa: E731
+    encode = lambda texts: np.array([tok.encode(t, width) for t in texts])
     expected = ComputeSimilarity(tok)(EvalPrediction(predictions=encode(preds), label_ids=encode(labels)))
     assert llamafactory_metrics(preds, labels) == pytest.approx(expected, abs=1e-4)
 

@@ -38,7 +38,7 @@ def test_repro_prepare_writes_versioned_splits_and_status_is_clean(repo: Path):
     again = yaml.safe_load((repo / "dvc.lock").read_text())
     for key in ("deps", "params"):
         assert again["stages"]["prepare"][key] == lock["stages"]["prepare"][key]
-    outs = lambda lk: {o["path"]: o for o in lk["stages"]["prepare"]["outs"]}  # noqa: E731
+    outs = lambda lk: {o["path"]: o for o in lk["stages"]["prepare"]["outs"]}
     assert outs(again)["data/processed"] == outs(lock)["data/processed"]
     assert set(outs(again)) == {"data/processed", "reports/env/prepare.json", "reports/metrics/prepare.json"}
 

@@ -79,7 +79,7 @@ def wait_until_up(proc: subprocess.Popen, port: int, log: Path, timeout: float =
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_openai_client_chats_streams_and_survives_bad_requests(tiny_model_dir, tiny_lora_dir, tmp_path):  # noqa: F811
+def test_openai_client_chats_streams_and_survives_bad_requests(tiny_model_dir, tiny_lora_dir, tmp_path):
     import httpx
     import openai
 

@@ -35,7 +35,7 @@ def test_stage_trains_logs_live_metrics_and_writes_the_adapter(trained):
     assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["tokens_per_sec"] > 0
     assert (metrics["per_device_train_batch_size"], metrics["gradient_accumulation_steps"]) == (2, 2)
     plots = trained / "dvclive" / "train" / "plots" / "metrics"
-    steps = lambda name: [int(r.split("\t")[0]) for r in (plots / name).read_text().splitlines()[1:]]  # noqa: E731
+    steps = lambda name: [int(r.split("\t")[0]) for r in (plots / name).read_text().splitlines()[1:]]
     assert steps("loss.tsv") == steps("learning_rate.tsv") == [1, 2, 3, 4, 5, 6]
     assert steps("eval/loss.tsv") == [2, 4, 6]
     # only the curves: nothing machine-specific (DVCLive's params.yaml has temporary paths) to show up in git status

@@ -108,7 +108,7 @@ def text_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
             overlap = sum((pred_grams & ref_grams).values())
             rouge[f"rouge{n}"].append(_f1(overlap, sum(pred_grams.values()), sum(ref_grams.values())))
         rouge["rougeL"].append(_f1(_lcs(pred, ref), len(pred), len(ref)))
-    squash = lambda s: " ".join(s.split())  # noqa: E731
+    squash = lambda s: " ".join(s.split())
     exact = sum(squash(p) == squash(r) for p, r in zip(preds, refs)) / len(preds)
     scores = {
         "bleu4": corpus_bleu4(pred_tokens, ref_tokens),

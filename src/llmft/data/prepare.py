@@ -58,7 +58,7 @@ def _percentiles(values: list[int]) -> dict[str, int]:
     if not values:
         return {}
     values = sorted(values)
-    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": values[-1]}
 
 

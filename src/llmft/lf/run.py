@@ -57,7 +57,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         if not (ckpt / "latest").exists():  # DeepSpeed keeps optimizer state in global_step*/ instead
             for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes zips; a truncated zip has no directory
                 zipfile.ZipFile(ckpt / name).close()
-    except Exception as err:  # noqa: BLE001 - any failure to read means "not resumable"
+    except Exception as err:  # any failure to read means "not resumable"
         return f"{type(err).__name__}: {err}"[:120]
     return None
 

@@ -189,7 +189,7 @@ def _local_tokenizer(model_dir: Path) -> Callable[[list[str]], list[list[int]]] 
 
                 auto = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
                 return lambda texts: auto(texts, add_special_tokens=False)["input_ids"]
-        except Exception:  # noqa: BLE001 - any failure means "count characters instead", and the plot says so
+        except Exception:  # any failure means "count characters instead", and the plot says so
             return None
     return None
 
