@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 import time
 
 from llmft.common import ROOT, UserError, run_main
@@ -32,12 +34,13 @@ METRICS = [
 ]
 
 
-def states(names: set[str]) -> dict[str, str]:
+def states(names: set[str], baseline: str) -> dict[str, str]:
     """The queue state of each named experiment: Queued, Running, Success or Failed (Success once it is done)."""
     import dvc.api
 
     found = {}
-    for row in dvc.api.exp_show(repo=str(ROOT)):
+    # The experiments hang off the commit they were queued from; HEAD may have moved on since (a commit meanwhile).
+    for row in dvc.api.exp_show(repo=str(ROOT), revs=baseline):
         if row.get("Experiment") in names:
             found[row["Experiment"]] = row.get("State") or "Success"  # a finished experiment has no executor left
     return {name: found.get(name, "Queued") for name in names}
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in item:
             raise UserError(f"-S {item!r}: write key=value1,value2 (e.g. train.lora_rank=4,16)")
 
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = dvc(
         "exp", "run", "--queue", *[a for item in args.grid for a in ("-S", item)], *([args.stage] if args.stage else [])
     )
@@ -72,11 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         raise UserError(f"dvc exp run --queue queued nothing; it said: {out.strip()[:300]}")
     print(f"queued {len(names)} experiments: {', '.join(sorted(names))}", flush=True)
-    dvc("queue", "start", "--jobs", str(args.jobs))
+    # The queue's worker inherits the output streams of `dvc queue start`: captured, they would stay open until the
+    # whole grid ran, and no progress would show. So they go nowhere; `dvc queue logs <name>` has each run's output.
+    started = subprocess.run(
+        [sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(args.jobs)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    if started.returncode:
+        raise UserError("dvc queue start failed; run it by hand to see why, then `make sweep` again")
 
     last: dict[str, str] = {}
     while True:
-        now = states(names)
+        now = states(names, baseline)
         if now != last:
             counts = {s: sum(v == s for v in now.values()) for s in sorted(set(now.values()))}
             print(
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = sorted({item.split("=", 1)[0] for item in args.grid})
     keep = "|".join(re.escape(k) for k in keys + METRICS) + "|Experiment|Created"
-    print(dvc("exp", "show", "--no-pager", "--hide-queued", "--keep", keep, "--drop", ".*"), end="")
+    print(dvc("exp", "show", "--no-pager", "--hide-queued", "--rev", baseline, "--keep", keep, "--drop", ".*"), end="")
     failed = sorted(name for name, state in now.items() if state == "Failed")
     if failed:
         raise UserError(
