@@ -70,8 +70,13 @@ def load_base(weights: str):
     return AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval(), stored
 
 
-def probe(model, prompts: list, new_tokens: int, stop_ids: list[int], ref: list | None = None) -> list:
-    """(greedy sequence, fp32 logits) per prompt; with `ref`, logits are taken on ref's sequences so they line up."""
+def probe(
+    model, prompts: list, new_tokens: int, stop_ids: list[int], ref: list | None = None, dtype: str = "double"
+) -> list:
+    """(greedy sequence, logits as `dtype`) per prompt; with `ref`, logits are taken on ref's sequences so they line up.
+
+    The merge check compares in float64; the GGUF check (llmft.gguf) in float32.
+    """
     import torch
 
     out = []
@@ -85,7 +90,7 @@ def probe(model, prompts: list, new_tokens: int, stop_ids: list[int], ref: list 
                 eos_token_id=stop_ids,
                 pad_token_id=stop_ids[0],
             )
-            out.append((seq, model(ref[i][0] if ref else seq).logits.double()))
+            out.append((seq, getattr(model(ref[i][0] if ref else seq).logits, dtype)()))
     return out
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from llmft.common import ROOT, UserError, atomic_path, get_logger
+from llmft.export import probe
 from llmft.params import GgufParams
 
 log = get_logger("gguf")
@@ -211,25 +212,6 @@ def encode(tokenizer, texts: list[str]) -> list:
     return [tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts]
 
 
-def probe(model, prompts: list, new_tokens: int, stop_ids: list[int], ref: list | None = None) -> list:
-    """(greedy sequence, fp32 logits) per prompt; with `ref`, logits are taken on ref's sequences so they line up."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for i, ids in enumerate(prompts):
-            seq = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=stop_ids,
-                pad_token_id=stop_ids[0],
-            )
-            out.append((seq, model(ref[i][0] if ref else seq).logits.float()))
-    return out
-
-
 def compare(name: str, got: list, ref: list, prompt_lens: list[int], atol: float, key: str, exact: bool) -> dict:
     """max |Δ logits| and greedy agreement of `got` with `ref`; UserError past `atol` (or on a greedy mismatch)."""
     import torch
@@ -297,7 +279,7 @@ def verify(
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=name, dtype=torch.float32).eval()
     exact = outtype in EXACT
     key = "f16_atol" if exact else "q8_0_atol"
-    got = probe(model, prompts, p.check_new_tokens, stop_ids, ref)
+    got = probe(model, prompts, p.check_new_tokens, stop_ids, ref, dtype="float")
     del model
     gc.collect()
     check = compare(name, got, ref, [ids.shape[1] for ids in prompts], getattr(p, key), key, exact)
@@ -450,7 +432,7 @@ def export_gguf(merged: Path, out: Path, p: GgufParams, check_prompts: list[str]
     ref_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     texts = chat_texts(tokenizer, check_prompts)
     prompts = encode(tokenizer, texts)
-    ref = probe(ref_model, prompts, p.check_new_tokens, stop_ids)
+    ref = probe(ref_model, prompts, p.check_new_tokens, stop_ids, dtype="float")
     del ref_model
     gc.collect()
     pieces = ollama_pieces(tokenizer)
