@@ -51,7 +51,11 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     evaluation = json.loads((repo / "reports/metrics/eval.json").read_text())
     assert set(evaluation) >= {"base", "tuned", "delta"}
     predictions = [json.loads(line) for line in (repo / "reports/predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 6 and all(p["tuned"] is not None for p in predictions)
+    val = [p for p in predictions if p["split"] == "val"]
+    assert len(val) == 6 and all(p["tuned"] is not None for p in predictions)
+    probes = [p for p in predictions if p["split"] == "probe"]  # params.yaml's probes, answered by both models
+    assert len(probes) == len(yaml.safe_load((repo / "params.yaml").read_text())["eval"]["probes"])
+    assert set(evaluation) >= {"probes", "changed", "verdict"} and evaluation["probes"]["tuned"]["total"] == 5
     export = json.loads((repo / "reports/metrics/export.json").read_text())
     assert export["reload_check"]["max_abs_diff"] <= 1e-4 and export["reload_check"]["greedy_match"]
     gguf = json.loads((repo / "reports/metrics/gguf.json").read_text())
