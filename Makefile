@@ -54,7 +54,7 @@ $(GGUF_STAMP): $(STAMP)
 check: setup ## validate params.yaml against the schema in src/llmft/params.py
 	python -m llmft.params
 
-lint: setup ## ruff: lint rules (E, W, F, I, B, UP) and the formatter's check, as CI runs them
+lint: setup ## ruff: lint rules (E, W, F, I, B, UP, RUF100) and the formatter's check, as CI runs them
 	ruff check .
 	ruff format --check .
 
@@ -65,7 +65,7 @@ format: setup ## ruff: fix what can be fixed and format the code
 all: setup ## run the whole pipeline (every stage whose inputs changed)
 	dvc repro
 
-data: setup ## stage prepare: raw table -> data/processed/{train,val}.json
+data: setup ## stage prepare: raw tables (data.sources) -> data/processed/{train,val}.json
 	dvc repro prepare
 
 bench: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> reports/bench/ (CUDA: Llama-2-7B shape; CPU: tiny)
