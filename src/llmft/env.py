@@ -15,17 +15,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmft.common import ROOT, UserError, atomic_write_json
+from llmft.common import UserError, atomic_write_json
 
 
-def run_dvc(*args: str, cwd: str | os.PathLike = ROOT, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """`dvc <args>` with this interpreter's DVC (the venv's, whatever PATH says), output captured."""
+def run_dvc(
+    *args: str, cwd: str | os.PathLike | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """`dvc <args>` with this interpreter's DVC (the venv's, whatever PATH says), output captured.
+
+    It runs in `cwd`, by default the current directory: the repo is the one the user (or make) works in, never the
+    folder this package was installed from (an editable install points at one checkout; copies share its venv).
+    """
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
-def dvc(*args: str, cwd: str | os.PathLike = ROOT) -> str:
+def dvc(*args: str, cwd: str | os.PathLike | None = None) -> str:
     """`dvc <args>`: its stdout, or a UserError with the last line DVC printed."""
     proc = run_dvc(*args, cwd=cwd)
     if proc.returncode != 0:
@@ -34,8 +40,8 @@ def dvc(*args: str, cwd: str | os.PathLike = ROOT) -> str:
     return proc.stdout
 
 
-def git_commit(cwd: str | os.PathLike = ROOT) -> str:
-    """`git describe --always --dirty` of the repo (a trailing -dirty: uncommitted changes), or "unknown"."""
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """`git describe --always --dirty` in `cwd` (default: here; -dirty = uncommitted changes), or "unknown"."""
     proc = subprocess.run(
         ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=cwd, check=False
     )

@@ -12,8 +12,9 @@ through DVC (from the local cache or the remote), so nothing is checked out.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from llmft.common import ROOT, UserError, run_main
+from llmft.common import UserError, run_main
 from llmft.env import dvc
 from llmft.metrics import rouge_l
 from llmft.predictions import PROBE, parse_predictions
@@ -25,9 +26,9 @@ def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
 
     try:
         text = (
-            (ROOT / path).read_text(encoding="utf-8")
+            Path(path).read_text(encoding="utf-8")
             if rev is None
-            else dvc.api.read(path, repo=str(ROOT), rev=rev, encoding="utf-8")
+            else dvc.api.read(path, repo=".", rev=rev, encoding="utf-8")
         )
     except Exception as exc:  # a DVC or git error, whatever its class: name the revision and the way out
         where = rev or "the workspace"

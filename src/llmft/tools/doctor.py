@@ -14,7 +14,7 @@ import platform
 import sys
 from pathlib import Path
 
-from llmft.common import ROOT, run_main
+from llmft.common import run_main
 from llmft.gpu import driver_problem, gpu_names, needed_driver
 from llmft.tools.torch_build import Smi, Unsupported, choose, query_smi, vtext
 
@@ -33,7 +33,7 @@ def version(dist: str) -> str | None:
         return None
 
 
-def facts(venv: Path = ROOT / ".venv") -> tuple[list[tuple[str, str]], str]:
+def facts(venv: Path = Path(sys.prefix)) -> tuple[list[tuple[str, str]], str]:
     """(label, value) rows and the verdict line."""
     import torch
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from llmft.common import ROOT, UserError, run_main
+from llmft.common import UserError, run_main
 from llmft.env import dvc
 
 QUEUED = re.compile(r"Queued experiment '([^']+)'")
@@ -40,7 +40,7 @@ def states(names: set[str], baseline: str) -> dict[str, str]:
 
     found = {}
     # The experiments hang off the commit they were queued from; HEAD may have moved on since (a commit meanwhile).
-    for row in dvc.api.exp_show(repo=str(ROOT), revs=baseline):
+    for row in dvc.api.exp_show(repo=".", revs=baseline):
         if row.get("Experiment") in names:
             found[row["Experiment"]] = row.get("State") or "Success"  # a finished experiment has no executor left
     return {name: found.get(name, "Queued") for name in names}
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in item:
             raise UserError(f"-S {item!r}: write key=value1,value2 (e.g. train.lora_rank=4,16)")
 
-    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = dvc(
         "exp", "run", "--queue", *[a for item in args.grid for a in ("-S", item)], *([args.stage] if args.stage else [])
     )
@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     # whole grid ran, and no progress would show. So they go nowhere; `dvc queue logs <name>` has each run's output.
     started = subprocess.run(
         [sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(args.jobs)],
-        cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         check=False,
