@@ -23,8 +23,9 @@ def test_repro_prepare_writes_versioned_splits_and_status_is_clean(repo: Path):
     assert "Running stage 'prepare'" in out
     train = json.loads((repo / "data/processed/train.json").read_text(encoding="utf-8"))
     val = json.loads((repo / "data/processed/val.json").read_text(encoding="utf-8"))
-    assert len(val) == 50 and len(train) > 800
-    assert "成语" in (repo / "data/processed/train.json").read_text(encoding="utf-8")
+    assert len(val) == 16 and len(train) == 123  # params.yaml: identity (91) + 24 idiom rows x 2 templates
+    text = (repo / "data/processed/train.json").read_text(encoding="utf-8")
+    assert "成语" in text and "Lumi" in text and "{{name}}" not in text  # both sources, variables filled
     stats = json.loads((repo / "reports/metrics/prepare.json").read_text())
     assert stats["examples_in"] == stats["kept"] + stats["dropped_total"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())

@@ -22,7 +22,7 @@ from dvc_repo import ROOT, copy_repo, run
 pytestmark = pytest.mark.integration  # starts git, DVC, a server, Jupyter or make
 
 NSHARDS = 150
-BUILT = ["prepare", "data/raw/shards.dvc"]  # the later stages have no outputs in these copies
+BUILT = ["prepare", "data/shards.dvc"]  # the later stages have no outputs in these copies
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -62,11 +62,11 @@ def built(tmp_path: Path) -> Path:
     repo = copy_repo(tmp_path / "repo")
     (repo / "dvc.lock").unlink()  # the committed lock lists every stage's outputs; here only prepare's exist
     run(["dvc", "repro", "prepare"], repo)
-    shards = repo / "data/raw/shards"
+    shards = repo / "data/shards"  # a data set of its own, not an input of prepare (data/raw)
     shards.mkdir()
     for i in range(NSHARDS):
         (shards / f"part-{i:03d}.txt").write_text(f"shard {i}\n" * (5000 + i))
-    run(["dvc", "add", "data/raw/shards"], repo)
+    run(["dvc", "add", "data/shards"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "outputs"], repo)
     return repo
@@ -84,7 +84,7 @@ def test_default_remote_is_a_directory_outside_the_repo(tmp_path: Path, built: P
     run(["dvc", "remote", "modify", "--local", "local", "url", str(store)], clone)
     run(["python", "-m", "llmft.tools.remote", "pull", *BUILT], clone)  # what make pull runs, on the stages built here
     assert {p: md5(clone / p) for p in lock_outs(built)} == lock_outs(built)
-    assert "up to date" in run(["dvc", "status", "prepare", "data/raw/shards.dvc"], clone).stdout
+    assert "up to date" in run(["dvc", "status", "prepare", "data/shards.dvc"], clone).stdout
 
 
 class KillableEndpoint:
@@ -234,7 +234,7 @@ def test_push_killed_midway_resumes_and_sends_only_the_rest(tmp_path: Path, buil
 
 def test_corrupted_cache_object_fails_push_and_checkout(tmp_path: Path, built: Path):
     run(["dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "store")], built)
-    victim = built / "data/raw/shards/part-007.txt"
+    victim = built / "data/shards/part-007.txt"
     h = md5(victim)
     obj = built / ".dvc/cache/files/md5" / h[:2] / h[2:]
     obj.chmod(0o644)
@@ -243,7 +243,7 @@ def test_corrupted_cache_object_fails_push_and_checkout(tmp_path: Path, built: P
     assert proc.returncode != 0
     assert h in proc.stderr and "corrupted or missing" in proc.stderr
     victim.unlink()
-    assert run(["dvc", "checkout", "data/raw/shards"], built, check=False).returncode != 0
+    assert run(["dvc", "checkout", "data/shards"], built, check=False).returncode != 0
     assert not victim.exists()  # the bad bytes never reach the workspace
 
 

@@ -214,6 +214,7 @@ def collect(paths: TrainPaths, sections: dict, header: list[str], outcome: Train
         history.append({k: v for k, v in results.items() if k.startswith("eval_")} | {"step": step})
     # Only the curves stay: DVCLive's own metrics.json repeats train.json, and its params.yaml holds the training
     # arguments with this run's temporary paths, which would differ on every machine (and show up in git status).
+    paths.live_dir.mkdir(parents=True, exist_ok=True)  # a reused finished run never launched DVCLive here
     for entry in paths.live_dir.iterdir():
         if entry.name != "plots":
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
