@@ -126,7 +126,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 # Runs after the page loaded: counts the images that decoded (naturalWidth > 0) and the metrics table's rows.
 PROBE = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images];
-  const table = [...document.querySelectorAll('table.report')].find(t => t.innerText.includes('fine-tuned'));
+  const table = [...document.querySelectorAll('table.report')].find(t => t.innerText.includes('tuned − base'));
   document.title = `probe images=${imgs.length} decoded=${imgs.filter(i => i.complete && i.naturalWidth > 0).length}`
     + ` metric_rows=${table ? table.tBodies[0].rows.length : 0}`;
 });</script>"""
