@@ -227,7 +227,7 @@ def probes_table(predictions: str | Path) -> Table | None:
         return None
 
     def marked(r: dict, name: str) -> str:
-        mark = {True: "✅ ", False: "❌ "}.get(r.get(f"{name}_pass"), "")
+        mark = {True: "✓ pass: ", False: "✗ fail: "}.get(r.get(f"{name}_pass"), "")  # text marks: any font has them
         return mark + _answer(r.get(name))
 
     return Table(
