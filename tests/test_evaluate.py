@@ -16,23 +16,17 @@ from llmft import evaluation as evaluate
 from scripts import ROOT
 
 
+def eval_argv(params: Path, data: Path, base: Path, adapter: Path, metrics: Path, predictions: Path) -> list[str]:
+    """The evaluate stage's arguments, as dvc.yaml passes them."""
+    return ["--params", str(params), "--data-dir", str(data), "--base", str(base), "--adapter", str(adapter),
+            "--metrics", str(metrics), "--predictions", str(predictions)]  # fmt: skip
+
+
 def test_evaluate_writes_both_models_answers_and_metrics(tiny_model_dir, adapter_dir, tmp_path, stage):
     data = write_data(tmp_path / "data", VAL, test=VAL[:2])
     metrics_path, predictions_path = tmp_path / "out/eval.json", tmp_path / "out/predictions.jsonl"
-    argv = [
-        "--params",
-        str(write_params(tmp_path / "params.yaml")),
-        "--data-dir",
-        str(data),
-        "--base",
-        str(tiny_model_dir),
-        "--adapter",
-        str(adapter_dir),
-        "--metrics",
-        str(metrics_path),
-        "--predictions",
-        str(predictions_path),
-    ]
+    params = write_params(tmp_path / "params.yaml")
+    argv = eval_argv(params, data, tiny_model_dir, adapter_dir, metrics_path, predictions_path)
     assert stage("evaluate").main(argv) == 0
 
     rows = [json.loads(line) for line in predictions_path.read_text(encoding="utf-8").splitlines()]
@@ -57,22 +51,8 @@ def test_evaluate_writes_both_models_answers_and_metrics(tiny_model_dir, adapter
 def run_cli(tmp_path: Path, base: Path, adapter: Path, data: Path, **eval_params) -> subprocess.CompletedProcess:
     out = tmp_path / "out"
     params = write_params(tmp_path / "p.yaml", **eval_params)
-    cmd = [
-        sys.executable,
-        str(ROOT / "src/evaluate.py"),
-        "--params",
-        str(params),
-        "--data-dir",
-        str(data),
-        "--base",
-        str(base),
-        "--adapter",
-        str(adapter),
-        "--metrics",
-        str(out / "eval.json"),
-        "--predictions",
-        str(out / "predictions.jsonl"),
-    ]
+    argv = eval_argv(params, data, base, adapter, out / "eval.json", out / "predictions.jsonl")
+    cmd = [sys.executable, str(ROOT / "src/evaluate.py"), *argv]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -166,20 +146,7 @@ def test_probes_are_answered_by_both_models_and_scored(tiny_model_dir, adapter_d
     ]
     params = write_params(tmp_path / "params.yaml", variables={"name": "Lumi"}, probes=probes)
     out = tmp_path / "out"
-    argv = [
-        "--params",
-        str(params),
-        "--data-dir",
-        str(data),
-        "--base",
-        str(tiny_model_dir),
-        "--adapter",
-        str(adapter_dir),
-        "--metrics",
-        str(out / "eval.json"),
-        "--predictions",
-        str(out / "p.jsonl"),
-    ]
+    argv = eval_argv(params, data, tiny_model_dir, adapter_dir, out / "eval.json", out / "p.jsonl")
     assert stage("evaluate").main(argv) == 0
     metrics = json.loads((out / "eval.json").read_text())
     rows = [json.loads(line) for line in (out / "p.jsonl").read_text(encoding="utf-8").splitlines()]
