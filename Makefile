@@ -19,7 +19,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUTF8 := 1
 
-.PHONY: help setup check lint format all data model train eval export gguf report test test-fast push pull chat serve \
+.PHONY: help setup check lint format all data model rehearse train eval export gguf report test test-fast push pull chat serve \
         notebook bench bench-data bench-eval bench-noop sweep compare doctor status dag clean
 
 help: ## list the targets
@@ -87,10 +87,13 @@ compare: setup ## make compare A=<exp> B=<exp>: params diff, metrics diff, the a
 model: setup ## stage model: base model -> models/base (embedded SmolLM2 by default)
 	dvc repro model
 
+rehearse: setup ## stage rehearse: the base model answers general prompts -> data/rehearsal (mixed into training)
+	dvc repro rehearse
+
 train: setup ## stage train: LoRA/QLoRA/full fine-tuning with LLaMA-Factory -> models/lora (resumes)
 	dvc repro train
 
-eval: setup ## stage evaluate: base vs fine-tuned on val -> reports/metrics/eval.json
+eval: setup ## stage evaluate: base vs fine-tuned on val, probes, everyday prompts -> reports/metrics/eval.json
 	dvc repro evaluate
 
 export: setup ## stage export: LoRA merged into models/merged, checked against base+adapter

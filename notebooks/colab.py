@@ -206,6 +206,7 @@ if SMOKE:
         "eval.max_examples": 2,
         "eval.max_new_tokens": 8,
         "eval.num_threads": 1,
+        "rehearsal.enabled": False,  # a random tiny model's answers never end: nothing to rehearse
     }
 set_params("params.yaml", overrides)
 sh("python -m llmft.params")  # the schema check every stage does first

@@ -17,7 +17,10 @@
 # Built by `make report` (stage `report` in dvc.yaml, script `src/report.py`) from what the pipeline wrote:
 # it only reads metrics, predictions and logs, and draws them.
 #
-# ## Did it learn?
+# ## Did it learn, and what did it cost?
+#
+# A fine-tune is judged on what it learned (the val split, the probes) *and* on what it kept: held-out everyday
+# prompts that no training example asks (`eval.kept`), answered by both models.
 
 # %% tags=["parameters"]
 # Inputs, as in dvc.yaml. src/report.py puts its own arguments in a cell right after this one.
@@ -26,6 +29,7 @@ PREPARE = "reports/metrics/prepare.json"
 TRAIN = "reports/metrics/train.json"
 EVAL = "reports/metrics/eval.json"
 EXPORT = "reports/metrics/export.json"  # optional: the report says when the model was not exported yet
+REHEARSE = "reports/metrics/rehearse.json"  # optional: the rehearse stage's counts
 PREDICTIONS = "reports/predictions.jsonl"
 PLOTS = "dvclive/train/plots/metrics"  # DVCLive series of the train stage
 DATA_DIR = "data/processed"
@@ -53,7 +57,12 @@ params = load_params(PARAMS)
 prep, train, evals = read_json(PREPARE), read_json(TRAIN), read_json(EVAL)
 info = read_model_info(MODEL_DIR) if (Path(MODEL_DIR) / "model_info.json").exists() else {}
 t = params.train
+display(rd.learn_and_cost(evals))
 display(Markdown(rd.verdict(evals)))
+everyday = rd.kept_table(PREDICTIONS, 3)
+if everyday is not None:
+    display(Markdown("Three of the everyday prompts (`eval.kept.prompts`; all of them under *What it kept*):"))
+    display(everyday)
 probes = rd.probes_table(PREDICTIONS)
 if probes is not None:
     display(Markdown("Probes (`eval.probes`), answered greedily by both models:"))
@@ -64,7 +73,14 @@ display(
         f"**data** {', '.join(f'`{table.path}`' for table in params.data.tables())}, **method** {t.finetuning_type}"
         + (f" (rank {t.lora_rank}, alpha {t.lora_alpha})" if t.finetuning_type == "lora" else "")
         + f", {train.get('global_step', '?')} optimizer steps in {rd.fmt(train.get('train_runtime_s'))} s "
-        f"at {rd.fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}."
+        f"at {rd.fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}"
+        + (
+            f"; rehearsal: {train['rehearsal']['examples']} of the base model's own answers mixed with "
+            f"{train['rehearsal']['train_examples']} training examples an epoch "
+            f"(`rehearsal.share` {params.rehearsal.share})."
+            if train.get("rehearsal")
+            else "; no rehearsal (`rehearsal.enabled` false)."
+        )
     )
 )
 
@@ -85,6 +101,15 @@ display(
         [PREPARE, "count"],
     )
 )
+if Path(REHEARSE).exists() and read_json(REHEARSE).get("enabled"):
+    rehearse = read_json(REHEARSE)
+    dropped = ", ".join(f"{reason} {n}" for reason, n in rehearse["dropped"].items() if n) or "none"
+    display(
+        Markdown(
+            f"**Rehearsal** (stage `rehearse`, `{params.rehearsal.prompts}`): the base model answered "
+            f"{rehearse['prompts']} general prompts itself; {rehearse['kept']} answers kept, dropped: {dropped}."
+        )
+    )
 by_source = rd.sources_table(prep)
 if by_source is not None and len(prep["sources"]) > 1:
     display(Markdown("Per input table (`data.sources`); every example is kept or counted under one reason:"))
@@ -151,6 +176,21 @@ display(rd.kv_table(train, [TRAIN, ""]))
 display(rd.metrics_table(evals))
 if evals.get("method"):
     display(Markdown(f"<small>Method: {evals['method']}</small>"))
+
+# %% [markdown]
+# ## What it kept
+#
+# Every held-out everyday prompt (`eval.kept.prompts`), answered by both models. ✗ names: the answer names a
+# `data.variables` value the prompt did not ask for (persona leak); ✓/✗ right: a fact with an `expect` string;
+# ✗ other language: not in the prompt's language (translation and code prompts aside).
+
+# %%
+everyday = rd.kept_table(PREDICTIONS)
+if everyday is not None:
+    display(rd.kv_table(rd.flatten(evals["kept"]), [EVAL + ": kept", ""]))
+    display(everyday)
+else:
+    display(Markdown("Not measured: `eval.kept.prompts` is null."))
 
 # %% [markdown]
 # ## Sample predictions

@@ -35,6 +35,7 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
         eval_steps=2,
     )
     edit_params(repo, "eval", max_examples=6, max_new_tokens=16)
+    edit_params(repo, "rehearsal", num_examples=12, max_new_tokens=48)
     edit_params(repo, "gguf", types=["q8_0"], check_new_tokens=4)  # one file: the conversion and its checks, halved
     run(["git", "commit", "-qam", "smoke-sized params"], repo)
 
@@ -56,6 +57,15 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     probes = [p for p in predictions if p["split"] == "probe"]  # params.yaml's probes, answered by both models
     assert len(probes) == len(yaml.safe_load((repo / "params.yaml").read_text())["eval"]["probes"])
     assert set(evaluation) >= {"probes", "changed", "verdict"} and evaluation["probes"]["tuned"]["total"] == 5
+    # what it kept: the held-out everyday prompts, answered by both, and the rehearsal mixed into training
+    kept = evaluation["kept"]
+    assert kept["counts"]["prompts"] == len([p for p in predictions if p["split"] == "kept"]) >= 60
+    assert kept["counts"]["drift_tokens"] > 0 and isinstance(kept["drift"], float)
+    assert {"leak", "facts_right", "facts_kept", "language"} <= set(kept["tuned"])
+    rehearse = json.loads((repo / "reports/metrics/rehearse.json").read_text())
+    assert rehearse["prompts"] == 12 == rehearse["kept"] + rehearse["dropped_total"] and rehearse["kept"] > 0
+    assert train["rehearsal"] == {"examples": 10, "train_examples": 24}  # 0.3 / 0.7 x 24
+    assert "dataset: train,rehearsal" in (repo / "models/lora/train_config.yaml").read_text()
     export = json.loads((repo / "reports/metrics/export.json").read_text())
     assert export["reload_check"]["max_abs_diff"] <= 1e-4 and export["reload_check"]["greedy_match"]
     gguf = json.loads((repo / "reports/metrics/gguf.json").read_text())

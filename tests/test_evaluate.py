@@ -158,7 +158,38 @@ def test_probes_are_answered_by_both_models_and_scored(tiny_model_dir, adapter_d
     assert metrics["probes"]["tuned"]["passed"] == sum(bool(r["tuned_pass"]) for r in probe_rows) == 0
     assert metrics["examples"] == {"val": 5}  # probes are not val examples: the val metrics don't see them
     assert 0 <= metrics["changed"]["val"] <= 100
-    assert set(metrics["verdict"]) == {"moved", "same_answers_pct", "loss_drop_pct", "warning"}
+    assert set(metrics["verdict"]) == {"moved", "same_answers_pct", "loss_drop_pct", "warning", "kept", "forgot"}
+    assert "kept" not in metrics and metrics["verdict"]["kept"] is None  # eval.kept.prompts: null
+
+
+def test_everyday_prompts_measure_what_the_tuned_model_kept(tiny_model_dir, adapter_dir, tmp_path, stage):
+    everyday = [
+        {"prompt": "Which city is the capital of Japan?", "expect": ["Tokyo"], "kind": "fact"},
+        {"prompt": "写一首关于大海的两行诗。", "kind": "writing"},
+        {"prompt": "Translate 你好 into English.", "kind": "translation"},
+    ]
+    kept_file = tmp_path / "everyday.jsonl"
+    kept_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in everyday), encoding="utf-8")
+    params = write_params(tmp_path / "params.yaml", variables={"name": "Lumi"}, kept={"prompts": str(kept_file)})
+    out = tmp_path / "out"
+    argv = eval_argv(params, write_data(tmp_path / "data", VAL), tiny_model_dir, adapter_dir, out / "e.json", out / "p")
+    assert stage("evaluate").main(argv) == 0
+    metrics = json.loads((out / "e.json").read_text())
+    rows = [r for r in map(json.loads, (out / "p").read_text(encoding="utf-8").splitlines()) if r["split"] == "kept"]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in everyday]
+    assert rows[0]["expect"] == ["Tokyo"] and rows[0]["kind"] == "fact" and rows[2]["tuned_lang"] is None
+    for row in rows:
+        assert isinstance(row["base"], str) and isinstance(row["tuned"], str) and row["tuned_leak"] == []
+    kept = metrics["kept"]
+    assert kept["counts"] == {"prompts": 3, "facts": 1, "base_facts_right": 0, "facts_kept": 0, "language_scored": 2,
+                              "drift_tokens": kept["counts"]["drift_tokens"]}  # fmt: skip
+    assert kept["counts"]["drift_tokens"] > 0 and kept["base"]["leak"] == kept["tuned"]["leak"] == 0.0
+    assert kept["tuned"]["facts_kept"] is None  # the random base got no fact right: nothing to keep
+    # drift: the base's own answers cost more under the adapter than under the base itself (it changes outputs)
+    base_nll, tuned_nll = kept["base"]["base_answers_nll"], kept["tuned"]["base_answers_nll"]
+    assert kept["drift"] == pytest.approx(tuned_nll - base_nll) and kept["drift"] != 0
+    assert 0 <= metrics["changed"]["kept"] <= 100 and metrics["verdict"]["kept"] is True
+    assert metrics["examples"] == {"val": 5}  # the everyday prompts are not val examples
 
 
 def test_probe_pass_is_case_insensitive_any_of_and_filled_from_variables():

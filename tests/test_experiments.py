@@ -47,6 +47,7 @@ def baseline(tmp_path_factory, tiny_model_dir) -> Path:
         learning_rate=1.0e-3,
     )
     edit_params(repo, "eval", max_examples=4, max_new_tokens=8, num_threads=1)
+    edit_params(repo, "rehearsal", enabled=False)  # a random tiny model's answers never end: nothing to rehearse
     edit_params(repo, "gguf", types=["q8_0"], check_new_tokens=4)
     out = run(["dvc", "repro"], repo, timeout=1800).stdout
     assert "Running stage 'report'" in out

@@ -35,3 +35,21 @@ def test_the_plan_follows_max_samples_max_steps_cutoff_and_model_size():
     big = plan_cpu_run(TrainParams(), (100,) * 64, 10 * REFERENCE_PARAMETERS)
     assert big.tokens_per_s == REFERENCE_TOKENS_PER_S / 10  # a 10x bigger model: 10x slower, roughly
     assert plan_cpu_run(TrainParams(), (), None) is None  # lengths unknown: no plan, no cap
+
+
+def test_rehearsal_counts_in_the_plan_and_a_budget_without_room_for_it_is_an_error():
+    import pytest
+
+    from llmft.common import UserError
+
+    t = TrainParams(per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=2)
+    plan = plan_cpu_run(t, (60,) * 120, None, rehearsal_tokens=(100,) * 40)  # 160 examples an epoch
+    assert plan.steps == 80 and plan.tokens == 2 * (120 * 60 + 40 * 100) and plan.max_steps is None
+    # a cut inside the first epoch would train on some rehearsal rows in place of some of the user's own
+    with pytest.raises(UserError) as err:
+        plan_cpu_run(t.model_copy(update={"cpu_token_budget": 10000}), (60,) * 120, None, (100,) * 40)
+    message = str(err.value)
+    assert "train.cpu_token_budget=10,000 leaves no room for rehearsal: one epoch is 11,200 tokens" in message
+    assert "rehearsal.share" in message and "rehearsal.enabled: false" in message
+    # two epochs over budget but one within: capped as without rehearsal
+    assert plan_cpu_run(t.model_copy(update={"cpu_token_budget": 12000}), (60,) * 120, None, (100,) * 40).max_steps

@@ -61,7 +61,7 @@ def test_params_diff_without_a_previous_commit_says_so(tmp_path):
     assert "No previous commit" in rd.params_diff(tmp_path)
 
 
-def test_verdict_states_loss_probes_changed_answers_and_the_warning():
+def test_first_table_puts_what_was_learned_beside_what_it_cost_and_the_verdict_warns():
     evals = {
         "base": {"val": {"loss": 2.0}},
         "tuned": {"val": {"loss": 1.5}},
@@ -70,14 +70,49 @@ def test_verdict_states_loss_probes_changed_answers_and_the_warning():
             "base": {"passed": 0, "total": 4, "pass_rate": 0.0},
             "tuned": {"passed": 3, "total": 4, "pass_rate": 75.0},
         },
-        "verdict": {"moved": True, "warning": None},
+        "verdict": {"moved": True, "warning": None, "kept": True, "forgot": None},
     }
-    text = rd.verdict(evals)
-    assert "2.000 → 1.500 (-25.0%)" in text and "base 0/4 (0%) → fine-tuned 3/4 (75%)" in text and "val 64%" in text
+    learned = "\n".join(rd.learned(evals))
+    assert "2.000 → 1.500 (-25.0%)" in learned and "Probes passed: 0/4 → 3/4" in learned and "val 64%" in learned
+    assert rd.cost(evals) == ["Not measured: eval.kept.prompts is null."]
+    evals["kept"] = {
+        "base": {"leak": 0.0, "facts_right": 40.0, "facts_kept": 100.0, "language": 90.0},
+        "tuned": {"leak": 3.12, "facts_right": 36.0, "facts_kept": 92.31, "language": 88.0},
+        "drift": 0.1234,
+        "counts": {"prompts": 64, "facts": 26, "base_facts_right": 13, "facts_kept": 12},
+    }
+    table = rd.learn_and_cost(evals)
+    assert table.header == ["Did it learn?", "What did it cost?"] and table.rows[0][0] == learned
+    assert table.rows[0][1].splitlines() == [
+        "Persona named unasked (64 everyday prompts): 0% → 3.12%",
+        "Facts the base got right, still right: 12/13 (92.31%)",
+        "Answered in the prompt's language: 90% → 88%",
+        "Drift (base's own answers, nats/token): +0.123",
+    ]
+    assert "kept what it knew" in rd.verdict(evals)
+    forgot = {"moved": True, "warning": None, "kept": False, "forgot": "the fine-tuned model forgot: it leaks"}
+    assert rd.verdict(evals | {"verdict": forgot}) == "> **Warning**: the fine-tuned model forgot: it leaks."
     stalled = evals | {"verdict": {"moved": False, "warning": "the fine-tuned model barely moved: raise it"}}
     assert "**Warning**: the fine-tuned model barely moved: raise it." in rd.verdict(stalled)
     no_probes = {k: v for k, v in evals.items() if k != "probes"}
-    assert "Probes" not in rd.verdict(no_probes)
+    assert "Probes" not in "\n".join(rd.learned(no_probes))
+
+
+def test_kept_table_marks_leaks_facts_and_language_and_spreads_a_sample(tmp_path):
+    from llmft.predictions import write_predictions
+
+    kept = [
+        {"split": "kept", "index": i, "prompt": f"p{i}", "expect": ["Paris"] if i == 0 else [], "base": "Paris.",
+         "tuned": "Lumi: Paris.", "base_pass": True if i == 0 else None, "tuned_pass": True if i == 0 else None,
+         "base_leak": [], "tuned_leak": ["Lumi"], "base_lang": True, "tuned_lang": i != 3}
+        for i in range(6)
+    ]  # fmt: skip
+    write_predictions(tmp_path / "p.jsonl", [{"split": "val", "index": 0, "prompt": "q", "label": "a"}] + kept)
+    table = rd.kept_table(tmp_path / "p.jsonl")
+    assert [r[0] for r in table.rows] == [f"p{i}" for i in range(6)]
+    assert table.rows[0][2:] == ["✓ right: Paris.", "✗ names Lumi · ✓ right: Lumi: Paris."]
+    assert table.rows[3][3] == "✗ names Lumi · ✗ other language: Lumi: Paris."
+    assert [r[0] for r in rd.kept_table(tmp_path / "p.jsonl", 3).rows] == ["p0", "p2", "p4"]
 
 
 def test_sources_table_lists_each_table_with_drops_and_splits():

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 
 from llmft.lf import run as lf_run
-from train_project import adapter, assert_same_adapter, make_project, no_weights, run_stage, set_train, stage_cmd
+from train_project import (
+    adapter,
+    assert_same_adapter,
+    make_project,
+    make_rehearsal,
+    no_weights,
+    run_stage,
+    set_train,
+    stage_cmd,
+)
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +190,41 @@ def test_a_cpu_run_says_its_cost_first_and_stops_at_the_token_budget(tiny_model_
     metrics = json.loads((root / "reports" / "metrics" / "train.json").read_text())
     plan = metrics["cpu_plan"]
     assert plan["steps"] == 12 and plan["tokens"] > 300 and metrics["global_step"] == plan["max_steps"] < 12
+
+
+@pytest.mark.slow
+def test_rehearsal_is_mixed_in_by_llamafactory_and_the_saved_config_finds_both_sets(tiny_model_dir, tmp_path):
+    root = make_project(tmp_path)
+    make_rehearsal(root, 10)
+    set_train(root, rehearsal={"share": 0.5}, max_steps=2)  # 16 own examples (max_samples) -> 16 rehearsal ones
+    proc = run_stage(root, tiny_model_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16 of the base model's own answers (10 available; LLaMA-Factory repeats some" in proc.stderr
+    assert "Sampled 16 examples from dataset" in proc.stdout + proc.stderr  # LLaMA-Factory's own num_samples
+    assert json.loads((root / "reports/metrics/train.json").read_text())["rehearsal"] == {
+        "examples": 16,
+        "train_examples": 16,
+    }
+    config = (root / "models/lora/train_config.yaml").read_text()
+    assert "dataset: train,rehearsal\nmix_strategy: concat" in config and "dataset_dir: models/lora" in config
+    # the record reruns from the repo root: LLaMA-Factory's own parser finds both sets through models/lora
+    from llamafactory.data.parser import get_dataset_list
+
+    attrs = get_dataset_list(["train", "rehearsal"], str(root / "models/lora"))
+    assert [(root / "models/lora" / a.dataset_name).resolve() for a in attrs] == [
+        (root / "data/processed/train.json").resolve(),
+        (root / "data/rehearsal/rehearsal.json").resolve(),
+    ]
+    assert attrs[1].num_samples == 16
+
+
+@pytest.mark.integration
+def test_rehearsal_on_without_its_data_is_one_error_line(tmp_path):
+    root = make_project(tmp_path, max_steps=None)
+    set_train(root, rehearsal={"share": 0.3}, max_steps=None)
+    proc = run_stage(root, no_weights(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: data/rehearsal/dataset_info.json not found though rehearsal.enabled is true: "
+        "run `dvc repro rehearse` first"
+    )

@@ -47,8 +47,19 @@ def make_project(root: Path, **train) -> Path:
     return root
 
 
-def set_train(root: Path, **train) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump({"data": {"input": "unused.csv"}, "train": TRAIN | train}))
+def set_train(root: Path, rehearsal: dict | None = None, **train) -> None:
+    """params.yaml: TRAIN | train; rehearsal off unless given (make_rehearsal writes the set it mixes in)."""
+    params = {"data": {"input": "unused.csv"}, "rehearsal": rehearsal or {"enabled": False}, "train": TRAIN | train}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def make_rehearsal(root: Path, count: int) -> Path:
+    """data/rehearsal as the rehearse stage writes it: `count` general prompts with short answers."""
+    from llmft.rehearsal import write_rehearsal
+
+    rows = [{"instruction": f"What is {i} + {i}?", "input": "", "output": f"{2 * i}."} for i in range(count)]
+    write_rehearsal(rows, {"enabled": True}, root / "data" / "rehearsal", root / "rehearse.json")
+    return root / "data" / "rehearsal"
 
 
 def stage_cmd(model_dir: Path) -> list[str]:

@@ -16,15 +16,17 @@ from pathlib import Path
 
 from llmft.common import UserError, get_logger
 from llmft.data.prepare import PLACEHOLDER
+from llmft.data.prompts import read_prompts
 from llmft.infer.chat_format import ChatFormat, load_chat_format
 from llmft.infer.decode import answer_nll, greedy_generate
 from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
 from llmft.infer.text import complete_decode
 from llmft.infer.vllm import require_vllm, vllm_generate
+from llmft.kept import forgot_warning, kept_scores, mark, passes, persona_named
 from llmft.lf.encode import convert_rows, dataset_attr
 from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
 from llmft.params import EvalParams, Probe
-from llmft.predictions import PROBE
+from llmft.predictions import KEPT, PROBE
 
 log = get_logger("evaluate")
 SPLITS = ("val", "test")  # test is optional (data.test_size: 0 writes none)
@@ -112,28 +114,29 @@ def fill(text: str, variables: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: variables.get(m[1], m[0]), text)
 
 
-def probe_rows(probes: list[Probe], variables: dict[str, str], fmt: ChatFormat) -> list[dict]:
-    """eval.probes as examples: a chat prompt each, and the strings a good answer contains."""
+def chat_rows(split: str, items: list[dict], fmt: ChatFormat) -> list[dict]:
+    """Single prompts (eval.probes, eval.kept.prompts) as examples: a chat prompt each, and what a good answer
+    contains (`expect`, any of them)."""
     rows = []
-    for i, probe in enumerate(probes):
-        messages = [{"role": "user", "content": probe.prompt}, {"role": "assistant", "content": ""}]
-        expect = [fill(e, variables) for e in probe.expect]
+    for i, item in enumerate(items):
+        messages = [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": ""}]
         rows.append(
             {
-                "split": PROBE,
+                "split": split,
                 "index": i,
-                "prompt": probe.prompt,
-                "label": " | ".join(expect),
-                "expect": expect,
+                "prompt": item["prompt"],
+                "label": " | ".join(item["expect"]),
+                "expect": item["expect"],
+                **({"kind": item["kind"]} if item.get("kind") else {}),
                 "prompt_ids": fmt.encode(messages)[0],
             }
         )
     return rows
 
 
-def passes(answer: str, expect: list[str]) -> bool | None:
-    """Whether an answer contains one of the expected strings (case-insensitive); None when nothing is expected."""
-    return any(e.casefold() in answer.casefold() for e in expect) if expect else None
+def probe_items(probes: list[Probe], variables: dict[str, str]) -> list[dict]:
+    """eval.probes as prompt items, their expected strings filled from data.variables."""
+    return [{"prompt": p.prompt, "expect": [fill(e, variables) for e in p.expect]} for p in probes]
 
 
 def probe_scores(rows: list[dict]) -> dict:
@@ -157,7 +160,8 @@ def changed_rate(rows: list[dict]) -> float:
 
 
 def verdict(metrics: dict, p: EvalParams) -> dict:
-    """Did the tuned model move? Barely, when most val answers equal the base's and the eval loss hardly fell."""
+    """Did the tuned model move (barely, when most val answers equal the base's and the eval loss hardly fell), and
+    did it keep what it knew (eval.kept: persona leak and facts kept within their thresholds)?"""
     base, tuned = metrics["base"]["val"]["loss"], metrics["tuned"]["val"]["loss"]
     drop = round(100 * (base - tuned) / base, 2) if base > 0 else 0.0
     same = round(100 - metrics["changed"]["val"], 2)
@@ -170,13 +174,35 @@ def verdict(metrics: dict, p: EvalParams) -> dict:
         if stalled
         else None
     )
-    return {"moved": not stalled, "same_answers_pct": same, "loss_drop_pct": drop, "warning": warning}
+    kept = metrics.get("kept")
+    forgot = forgot_warning(kept, p.kept.max_leak, p.kept.min_facts_kept) if kept else None
+    return {
+        "moved": not stalled,
+        "same_answers_pct": same,
+        "loss_drop_pct": drop,
+        "warning": warning,
+        "kept": None if kept is None else forgot is None,
+        "forgot": forgot,
+    }
+
+
+def load_kept(p: EvalParams, variables: dict[str, str]) -> list[dict]:
+    """eval.kept.prompts' items ([] when null), checked before any model loads."""
+    if not p.kept.prompts:
+        return []
+    items = read_prompts(p.kept.prompts, "eval.kept.prompts")
+    for item in items:
+        if named := [v for v in variables.values() if v and v.casefold() in item["prompt"].casefold()]:
+            log.info("eval.kept.prompts: %r names %s: an answer naming it is no leak", item["prompt"], named)
+    return items
 
 
 def evaluate(
     p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path, variables: dict[str, str] | None = None
 ) -> tuple[dict, list[dict]]:
-    """Generate and score; return (metrics, prediction rows). `variables`: data.variables, for the probes."""
+    """Generate and score; return (metrics, prediction rows). `variables`: data.variables, for the probes and the
+    persona leak."""
+    variables = variables or {}
     check_adapter(adapter_dir)  # the cheap checks first: a mistake is reported in a second, not after loading
     if p.backend == "vllm":
         require_vllm()
@@ -185,16 +211,30 @@ def evaluate(
         for name in SPLITS
         if name == "val" or (data_dir / f"{name}.json").exists()
     }
+    kept_items = load_kept(p, variables)
     fmt = load_chat_format(base_dir, p.cutoff_len)
     splits = {name: encode_split(data_dir, name, split_rows, fmt) for name, split_rows in rows.items()}
     examples = [ex for split in splits.values() for ex in split]
-    probes = probe_rows(p.probes, variables or {}, fmt)
-    prompts = [ex["prompt_ids"] for ex in examples + probes]
+    probes = chat_rows(PROBE, probe_items(p.probes, variables), fmt)
+    kept = chat_rows(KEPT, kept_items, fmt)
+    prompts = [ex["prompt_ids"] for ex in examples + probes + kept]
     threads = set_threads(p.num_threads)
-    log.info("%s examples, %d threads, backend %s", {s: len(v) for s, v in splits.items()}, threads, p.backend)
+    log.info(
+        "%s examples, %d probes, %d everyday prompts (eval.kept), %d threads, backend %s",
+        {s: len(v) for s, v in splits.items()},
+        len(probes),
+        len(kept),
+        threads,
+        p.backend,
+    )
+
+    def drift_nll(model) -> tuple[float, int]:
+        """The loss of the base model's own everyday answers (teacher-forced) under `model`."""
+        base_answers = answers["base"][len(prompts) - len(kept) :]
+        return answer_nll(model, [r["prompt_ids"] for r in kept], base_answers, fmt.pad_id, p.batch_size)
 
     model = load_model(fmt, p.dtype)
-    answers, nll, speed = {}, {}, {}
+    answers, nll, speed, drift = {}, {}, {}, {}
     for name in ("base", "tuned"):
         if name == "tuned":
             model = merge_adapter(model, adapter_dir)
@@ -217,9 +257,15 @@ def evaluate(
             )
             speed[f"{name}_tokens_per_s"] = round(sum(map(len, answers[name])) / (time.perf_counter() - start), 2)
             log.info("%s: %.1f generated tokens/s", name, speed[f"{name}_tokens_per_s"])
+            if kept:
+                drift[name] = drift_nll(model)
     if p.backend == "vllm":
         del model  # vLLM takes most of the GPU memory for itself
         answers["base"], answers["tuned"] = vllm_generate(fmt, adapter_dir, prompts, p.max_new_tokens)
+        if kept:  # the drift needs the base's answers first: score them with both models now
+            model = load_model(fmt, p.dtype)
+            drift["base"] = drift_nll(model)
+            drift["tuned"] = drift_nll(merge_adapter(model, adapter_dir))
 
     metrics: dict = {"base": {}, "tuned": {}}
     texts: dict = {"base": [], "tuned": []}
@@ -230,10 +276,14 @@ def evaluate(
             offset += len(split)
             metrics[name][s], clean = score(fmt, split, split_answers, nll[name][s])
             texts[name].extend(clean)
-    for name in ("base", "tuned"):  # the probes' answers come after the examples'
+    for name in ("base", "tuned"):  # the probes' and the everyday prompts' answers come after the examples'
         clean, _ = decode_answers(fmt, answers[name][len(examples) :])
-        for row, answer in zip(probes, clean):
-            row[name], row[f"{name}_pass"] = answer, passes(answer, row["expect"])
+        for row, answer in zip(probes + kept, clean):
+            row[name] = answer
+    for row in probes:
+        row["base_pass"], row["tuned_pass"] = passes(row["base"], row["expect"]), passes(row["tuned"], row["expect"])
+    for row in kept:
+        mark(row, variables)
     metrics["delta"] = delta(metrics["tuned"], metrics["base"])
     metrics["examples"] = {s: len(split) for s, split in splits.items()}
     metrics["speed"] = {**speed, "num_threads": threads}
@@ -251,7 +301,11 @@ def evaluate(
     ]
     metrics["changed"] = {s: changed_rate([r for r in predictions if r["split"] == s]) for s in splits}
     metrics["probes"] = probe_scores(probes)
+    metrics["persona"] = persona_named([r for r in predictions if r["split"] == "val"], variables)
+    if kept:
+        metrics["changed"][KEPT] = changed_rate(kept)
+        metrics["kept"] = kept_scores(kept, drift)
     metrics["verdict"] = verdict(metrics, p)
-    for row in probes:
+    for row in probes + kept:
         del row["prompt_ids"]
-    return metrics, predictions + probes
+    return metrics, predictions + probes + kept

@@ -200,6 +200,14 @@ class Probe(Section):
         return [value] if isinstance(value, str) else value
 
 
+class KeptParams(Section):
+    """What fine-tuning must not change: held-out everyday prompts that ask nothing the training data teaches."""
+
+    prompts: str | None = Field(default="data/prompts/everyday.jsonl", min_length=1)  # JSONL; null = not measured
+    max_leak: float = Field(default=5.0, ge=0, le=100)  # warn "forgot" when the tuned model names the persona in
+    min_facts_kept: float = Field(default=90.0, ge=0, le=100)  # more % of answers, or keeps fewer % of the facts
+
+
 class EvalParams(Section):
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -211,6 +219,28 @@ class EvalParams(Section):
     probes: list[Probe] = []
     stalled_same_answers: float = Field(default=80.0, ge=0, le=100)  # % of val answers equal to base ...
     stalled_loss_drop: float = Field(default=2.0, ge=0, le=100)  # ... and eval loss down < this %: "barely moved"
+    kept: KeptParams = KeptParams()
+
+
+class RehearsalParams(Section):
+    """The base model's own answers to general prompts, mixed into training so it stays the assistant it was."""
+
+    enabled: bool = True
+    prompts: str = Field(default="data/prompts/rehearsal.jsonl", min_length=1)  # JSONL, {"prompt": ...} a line
+    num_examples: int | None = Field(default=None, ge=1)  # answer the first N prompts; null = all
+    share: float = 0.3  # of the training examples (so of each step, on average)
+    max_new_tokens: int = Field(default=128, ge=1)  # answers cut here end at their last whole sentence, or go
+    batch_size: int = Field(default=16, ge=1)
+
+    @field_validator("share", mode="before")
+    @classmethod
+    def _share(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(
+                "the share of training examples that are rehearsal is a number between 0 and 1 (exclusive), "
+                "e.g. 0.3; to train without rehearsal set rehearsal.enabled: false"
+            )
+        return value
 
 
 class ExportParams(Section):
@@ -255,6 +285,7 @@ class ReportParams(Section):
 class Params(Section):
     data: DataParams
     model: ModelParams = ModelParams()
+    rehearsal: RehearsalParams = RehearsalParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     export: ExportParams = ExportParams()

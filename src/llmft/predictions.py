@@ -11,6 +11,8 @@ from pathlib import Path
 from llmft.common import atomic_path
 
 PROBE = "probe"  # the split name of the eval.probes rows (they carry expect, base_pass and tuned_pass too)
+KEPT = "kept"  # the eval.kept.prompts rows (also <model>_pass, _leak, _lang: what fine-tuning must not change)
+PROMPT_SPLITS = (PROBE, KEPT)  # rows of single prompts, not of the data's splits
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:

@@ -25,6 +25,7 @@ from llmft.lf import run as lf_run
 from llmft.lf.budget import CpuPlan, plan_cpu_run
 from llmft.lf.encode import example_lengths
 from llmft.lf.memory import estimate_peak_gib
+from llmft.lf.mixing import NAME, Mix, describe, fingerprint_extra, plan_mix, write_dataset_info
 from llmft.lf.profile import probe_runtime
 from llmft.model import read_model_info
 from llmft.params import Params, TrainParams
@@ -44,6 +45,7 @@ class TrainPaths:
     checkpoints: Path = Path("checkpoints")
     live_dir: Path = Path("dvclive/train")
     metrics: Path = Path("reports/metrics/train.json")
+    rehearsal_dir: Path = Path("data/rehearsal")  # the rehearse stage's output, mixed in when rehearsal.enabled
 
 
 @dataclasses.dataclass
@@ -119,8 +121,11 @@ class Launcher:
     scratch directory whose ./dvclive links to the live dir; the dvc.yaml written there is thrown away.
     """
 
-    def __init__(self, paths: TrainPaths, t: TrainParams, model_path: str, precision: str, header: list[str]):
+    def __init__(
+        self, paths: TrainPaths, t: TrainParams, model_path: str, precision: str, header: list[str], mix: Mix | None
+    ):
         self.paths, self.t, self.model_path, self.precision, self.header = paths, t, model_path, precision, header
+        self.mix = mix
         self.resumed = Resumed()  # of the last launch
         paths.live_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = Path(tempfile.mkdtemp(prefix="train-run-"))
@@ -134,6 +139,8 @@ class Launcher:
             self.resumed = Resumed(state["global_step"], state.get("epoch") or 0)
             cfg["output"]["resume_from_checkpoint"] = str(ckpt.resolve())
             log.info("resuming from %s (step %d)", ckpt, self.resumed.step)
+        if self.mix:  # both stages' data sets, named in one dataset_info.json beside the config
+            cfg["dataset"]["dataset_dir"] = str(write_dataset_info(self.mix.info, self.run_dir).parent)
         config = self.run_dir / "train_config.yaml"
         config.write_text(lf_config.to_yaml(cfg, self.header), encoding="utf-8")
         log_estimate(self.model_path, sections, self.t, self.precision)
@@ -144,19 +151,34 @@ class Launcher:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def build_sections(params: Params, paths: TrainPaths, info: dict, precision: str) -> tuple[dict, CpuPlan | None]:
-    """The LLaMA-Factory config of this run, checked (unknown or reserved train.extra keys fail here), and on a CPU
-    what it will cost (steps, tokens, minutes), capped at train.cpu_token_budget."""
+def build_sections(
+    params: Params, paths: TrainPaths, info: dict, precision: str
+) -> tuple[dict, CpuPlan | None, Mix | None]:
+    """The LLaMA-Factory config of this run, checked (unknown or reserved train.extra keys fail here), on a CPU
+    what it will cost (steps, tokens, minutes), capped at train.cpu_token_budget, and the rehearsal mixed in."""
     import torch
 
     t = params.train
     model_path, cpu = info["path"], not torch.cuda.is_available()
-    lengths = None
+    mix = plan_mix(paths.data_dir, paths.rehearsal_dir, params.rehearsal, t.max_samples)
+    if mix:
+        log.info("%s (rehearsal.share %g)", describe(mix), params.rehearsal.share)
+    lengths, rehearsal_lengths = None, ()
     if cpu:  # the examples' token lengths size the CPU run (and feed the fast profile's packing plan)
         limit = min(t.max_samples or 20000, 20000)
         lengths = example_lengths(
             model_path, info["template"], paths.data_dir, t.cutoff_len, params.model.trust_remote_code, limit=limit
         )
+        if mix:  # LLaMA-Factory draws mix.samples of them at random, repeating some when it needs more
+            found = example_lengths(
+                model_path,
+                info["template"],
+                paths.rehearsal_dir,
+                t.cutoff_len,
+                params.model.trust_remote_code,
+                name=NAME,
+            )
+            rehearsal_lengths = tuple(found[i % len(found)] for i in range(mix.samples)) if found else ()
     sections = lf_config.build_config(
         t,
         model_path=model_path,
@@ -173,13 +195,15 @@ def build_sections(params: Params, paths: TrainPaths, info: dict, precision: str
     if precision == "fp32" and "disable_gradient_checkpointing" not in t.extra:
         # fp32 means a CPU (or a forced choice): RAM is not the limit there, and recomputing activations costs ~30%.
         sections["train"]["disable_gradient_checkpointing"] = True
-    plan = plan_cpu_run(t, lengths, info.get("num_parameters")) if cpu and lengths else None
+    plan = plan_cpu_run(t, lengths, info.get("num_parameters"), rehearsal_lengths) if cpu and lengths else None
     for note in plan.notes if plan else ():
         log.warning("%s", note) if "over train.cpu_token_budget" in note else log.info("%s", note)
     if plan and plan.max_steps:
         sections["train"]["max_steps"] = plan.max_steps
+    if mix:
+        sections["dataset"] |= mix.dataset_keys(record_dir=str(paths.out))
     lf_config.validate(sections, t.extra, typed=set(TrainParams.model_fields) - {"extra"})
-    return sections, plan
+    return sections, plan, mix
 
 
 def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed) -> dict:
@@ -198,7 +222,9 @@ def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed)
     }
 
 
-def collect(paths: TrainPaths, sections: dict, header: list[str], outcome: TrainOutcome, resumed: Resumed) -> None:
+def collect(
+    paths: TrainPaths, sections: dict, header: list[str], outcome: TrainOutcome, resumed: Resumed, mix: Mix | None
+) -> None:
     """models/lora <- the final adapter and LLaMA-Factory's records (one rename); metrics JSON; redrawn plots."""
     ckpt = paths.checkpoints
     with atomic_path(paths.out) as tmp:
@@ -207,6 +233,8 @@ def collect(paths: TrainPaths, sections: dict, header: list[str], outcome: Train
             if f.is_file() and f.name not in ("fingerprint.json", RUN_METRICS):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "train_config.yaml").write_text(lf_config.to_yaml(sections, header), encoding="utf-8")
+        if mix:  # train_config.yaml's dataset_dir: paths relative to it, so it reruns from the repo root
+            write_dataset_info(mix.info, tmp, absolute=False)
     results = read_json(ckpt / "all_results.json")
     history = read_json(ckpt / "trainer_state.json")["log_history"]
     step = max(e["step"] for e in history)
@@ -245,8 +273,9 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
             raise UserError(f"{f} not found: run `dvc repro {stage}` first")
     info = read_model_info(paths.model_dir)
     precision = device_checks(t)
-    sections, plan = build_sections(params, paths, info, precision)
-    lf_run.sync_checkpoints(paths.checkpoints, lf_run.fingerprint(paths.data_dir, paths.model_dir, sections))
+    sections, plan, mix = build_sections(params, paths, info, precision)
+    fp = lf_run.fingerprint(paths.data_dir, paths.model_dir, sections, fingerprint_extra(mix))
+    lf_run.sync_checkpoints(paths.checkpoints, fp)
     header = [
         f"llamafactory-cli train {paths.out / 'train_config.yaml'}",
         (
@@ -262,7 +291,7 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         outcome = TrainOutcome(sections, read_json(paths.checkpoints / RUN_METRICS), trained_now=False)
         resumed = Resumed()
     else:
-        launcher = Launcher(paths, t, info["path"], precision, header)
+        launcher = Launcher(paths, t, info["path"], precision, header, mix)
         try:
             sections, retries, rc = lf_run.train_with_backoff(sections, launcher, t.oom_backoff)
         finally:
@@ -271,7 +300,8 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         outcome = TrainOutcome(
             sections,
             {"resumed_from_step": resumed.step, "oom_retries": retries, "precision": precision}
-            | ({"cpu_plan": dataclasses.asdict(plan) | {"notes": None}} if plan else {}),
+            | ({"cpu_plan": dataclasses.asdict(plan) | {"notes": None}} if plan else {})
+            | ({"rehearsal": {"examples": mix.samples, "train_examples": mix.train_examples}} if mix else {}),
             trained_now=True,
             returncode=rc,
         )
@@ -280,5 +310,5 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
     train_section = outcome.sections["train"]
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):  # what finally ran
         train_section[key] = outcome.metrics[key] = outcome.metrics.get(key, train_section[key])
-    collect(paths, outcome.sections, header, outcome, resumed)
+    collect(paths, outcome.sections, header, outcome, resumed, mix)
     return outcome

@@ -19,9 +19,10 @@ def require_vllm() -> None:
 
 
 def vllm_generate(
-    fmt: ChatFormat, adapter_dir: str | Path, prompts: list[list[int]], max_new_tokens: int
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Greedy (base, tuned) answers from one vLLM engine, the adapter applied per request.
+    fmt: ChatFormat, adapter_dir: str | Path | None, prompts: list[list[int]], max_new_tokens: int
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Greedy (base, tuned) answers from one vLLM engine, the adapter applied per request; tuned is None when
+    there is no adapter (the rehearse stage's base-only answers).
 
     Optional GPU backend (eval.backend: vllm). Not covered by the tests: vLLM needs CUDA.
     """
@@ -35,17 +36,17 @@ def vllm_generate(
     torch.cuda.empty_cache()
     from vllm.lora.request import LoRARequest
 
-    rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"]
-    llm = LLM(
-        model=fmt.path,
-        enable_lora=True,
-        max_lora_rank=max(8, 2 ** math.ceil(math.log2(rank))),
-        trust_remote_code=fmt.trust_remote_code,
-    )
+    lora = {}
+    if adapter_dir is not None:
+        rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"]
+        lora = {"enable_lora": True, "max_lora_rank": max(8, 2 ** math.ceil(math.log2(rank)))}
+    llm = LLM(model=fmt.path, trust_remote_code=fmt.trust_remote_code, **lora)
     sampling = SamplingParams(
         temperature=0, max_tokens=max_new_tokens, stop_token_ids=fmt.stop_ids, skip_special_tokens=False
     )
     requests = [{"prompt_token_ids": ids} for ids in prompts]
-    base = llm.generate(requests, sampling)
+    base = [list(o.outputs[0].token_ids) for o in llm.generate(requests, sampling)]
+    if adapter_dir is None:
+        return base, None
     tuned = llm.generate(requests, sampling, lora_request=LoRARequest("adapter", 1, str(adapter_dir)))
-    return [list(o.outputs[0].token_ids) for o in base], [list(o.outputs[0].token_ids) for o in tuned]
+    return base, [list(o.outputs[0].token_ids) for o in tuned]

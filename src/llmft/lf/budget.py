@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from llmft.common import UserError
+
 # Measured: LoRA on SmolLM2-135M in fp32 trains at 76-99 tokens/s on a 2-core x86 CPU (Xeon and EPYC). A step's
 # cost grows about linearly with the parameters, so other models are scaled from it; a rough guide, not a promise.
 REFERENCE_TOKENS_PER_S = 90.0
@@ -30,14 +32,19 @@ class CpuPlan:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def plan_cpu_run(t, example_tokens: tuple[int, ...], num_parameters: int | None) -> CpuPlan | None:
+def plan_cpu_run(
+    t, example_tokens: tuple[int, ...], num_parameters: int | None, rehearsal_tokens: tuple[int, ...] = ()
+) -> CpuPlan | None:
     """The steps, tokens and minutes params.train (`t`) asks for on this data; None when the lengths are unknown.
 
     LLaMA-Factory takes the first max_samples examples; an optimizer step takes batch x accumulation of them.
+    `rehearsal_tokens`: the lengths of the rehearsal examples mixed into each epoch (lf/mixing.py). With them, a
+    budget that leaves no room for one epoch is a UserError: a cut would drop some of the user's own examples.
     """
-    lengths = [min(n, t.cutoff_len) for n in (example_tokens[: t.max_samples] if t.max_samples else example_tokens)]
-    if not lengths:
+    own = [min(n, t.cutoff_len) for n in (example_tokens[: t.max_samples] if t.max_samples else example_tokens)]
+    if not own:
         return None
+    lengths = own + [min(n, t.cutoff_len) for n in rehearsal_tokens]
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(lengths) / per_step)
     steps = t.max_steps or max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
@@ -50,6 +57,13 @@ def plan_cpu_run(t, example_tokens: tuple[int, ...], num_parameters: int | None)
         f"SmolLM2-135M measured 76-99 tokens/s on a 2-core CPU)"
     )
     budget = t.cpu_token_budget
+    if budget and rehearsal_tokens and budget < sum(lengths):
+        raise UserError(
+            f"train.cpu_token_budget={budget:,} leaves no room for rehearsal: one epoch is {sum(lengths):,} tokens "
+            f"({sum(own):,} of your {len(own)} examples + {sum(lengths) - sum(own):,} of {len(rehearsal_tokens)} "
+            "rehearsal examples), and a cut would drop some of your own; raise train.cpu_token_budget, lower "
+            "rehearsal.share, or set rehearsal.enabled: false"
+        )
     if budget and tokens > budget:
         plan.max_steps = max(1, math.floor(steps * budget / tokens))
         plan.notes.append(

@@ -43,10 +43,16 @@ def convert_rows(attr, data_args, rows: list) -> Iterator[dict[str, Any] | None]
 
 
 def example_lengths(
-    model_path: str, template: str, data_dir: Path, cutoff_len: int, trust_remote_code: bool = False, limit: int = 20000
+    model_path: str,
+    template: str,
+    data_dir: Path,
+    cutoff_len: int,
+    trust_remote_code: bool = False,
+    limit: int = 20000,
+    name: str = "train",
 ) -> tuple[int, ...]:
-    """Token length of the first `limit` train examples as LLaMA-Factory encodes them (template included, not cut
-    to cutoff_len), in dataset order; () when the tokenizer or the data can't be read. Imports LLaMA-Factory."""
+    """Token length of the first `limit` examples of dataset `name` as LLaMA-Factory encodes them (template included,
+    not cut to cutoff_len), in dataset order; () when the tokenizer or the data can't be read. Imports LLaMA-Factory."""
     from llamafactory.data.template import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
     from transformers import AutoTokenizer
@@ -55,7 +61,7 @@ def example_lengths(
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         data_args = DataArguments(template=template, cutoff_len=cutoff_len)
         tmpl = get_template_and_fix_tokenizer(tokenizer, data_args)
-        attr = dataset_attr(data_dir, "train")
+        attr = dataset_attr(data_dir, name)
         rows = json.loads((data_dir / attr.dataset_name).read_text(encoding="utf-8"))[:limit]
     except (OSError, ValueError, KeyError, UserError) as err:
         log.warning("train.profile: cannot measure example lengths (%s); no packing", str(err).splitlines()[0][:200])

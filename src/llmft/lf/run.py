@@ -72,14 +72,16 @@ def newest_complete(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def fingerprint(data_dir: Path, model_dir: Path, sections: dict) -> str:
-    """Hash of the data files, model_info.json and the config minus its output path; only the effective batch
-    counts, so the OOM back-off can resume checkpoints made with a bigger per-device batch."""
+def fingerprint(data_dir: Path, model_dir: Path, sections: dict, extra: str = "") -> str:
+    """Hash of the data files, model_info.json, the config minus its output path, and `extra` (the rehearsal data
+    mixed in); only the effective batch counts, so the OOM back-off can resume checkpoints made with a bigger
+    per-device batch."""
     cfg = {k: v for k, v in flat(sections).items() if k != "output_dir"}
     cfg["gradient_accumulation_steps"] *= cfg.pop("per_device_train_batch_size")
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     for f in sorted(data_dir.glob("*.json")) + [model_dir / "model_info.json"]:
         h.update(f.name.encode() + f.read_bytes())
+    h.update(extra.encode())
     return h.hexdigest()
 
 

@@ -22,7 +22,7 @@ import yaml
 from llmft.common import read_json
 from llmft.env import cpu_name, git_commit, package_version, run_dvc
 from llmft.model import read_model_info
-from llmft.predictions import PROBE, read_predictions
+from llmft.predictions import KEPT, PROBE, PROMPT_SPLITS, read_predictions
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -198,26 +198,72 @@ def _answer(text: Any) -> str:
     return "(empty)" if text is None or not str(text).strip() else str(text)  # a blank cell reads as missing
 
 
-def verdict(evals: dict) -> str:
-    """Markdown: did fine-tuning change the model? Eval loss, probe pass rates, changed answers, any warning."""
+def learned(evals: dict) -> list[str]:
+    """Did it learn? Eval loss, probe pass rates and changed answers, one line each."""
     base, tuned = evals["base"]["val"]["loss"], evals["tuned"]["val"]["loss"]
-    lines = [f"- **Eval loss** (val): {base:.3f} → {tuned:.3f} ({100 * (tuned - base) / base:+.1f}%)"]
+    lines = [f"Eval loss (val): {base:.3f} → {tuned:.3f} ({100 * (tuned - base) / base:+.1f}%)"]
     probes = evals.get("probes") or {}
     if (probes.get("tuned") or {}).get("total"):
         b, t = probes["base"], probes["tuned"]
-        lines.append(
-            f"- **Probes passed**: base {b['passed']}/{b['total']} ({b['pass_rate']:g}%) → fine-tuned "
-            f"{t['passed']}/{t['total']} ({t['pass_rate']:g}%)"
-        )
+        lines.append(f"Probes passed: {b['passed']}/{b['total']} → {t['passed']}/{t['total']}")
     if evals.get("changed"):
         changed = ", ".join(f"{split} {rate:g}%" for split, rate in evals["changed"].items())
-        lines.append(f"- **Answers changed by fine-tuning** (fine-tuned ≠ base): {changed}")
+        lines.append(f"Answers changed (fine-tuned ≠ base): {changed}")
+    return lines
+
+
+def cost(evals: dict) -> list[str]:
+    """What did it cost? Persona leak, facts kept, language kept and drift on the held-out everyday prompts."""
+    kept = evals.get("kept")
+    if not kept:
+        return ["Not measured: eval.kept.prompts is null."]
+    b, t, n = kept["base"], kept["tuned"], kept["counts"]
+    pct = lambda v: "n/a" if v is None else f"{v:g}%"
+    lines = [
+        f"Persona named unasked ({n['prompts']} everyday prompts): {pct(b['leak'])} → {pct(t['leak'])}",
+        f"Facts the base got right, still right: {n['facts_kept']}/{n['base_facts_right']} ({pct(t['facts_kept'])})",
+        f"Answered in the prompt's language: {pct(b['language'])} → {pct(t['language'])}",
+    ]
+    if kept.get("drift") is not None:
+        lines.append(f"Drift (base's own answers, nats/token): {kept['drift']:+.3f}")
+    return lines
+
+
+def learn_and_cost(evals: dict) -> Table:
+    """The report's first table: what fine-tuning taught beside what it cost, one column each."""
+    cells = ["\n".join(learned(evals)), "\n".join(cost(evals))]
+    return Table([cells], ["Did it learn?", "What did it cost?"], wrap=True)
+
+
+def verdict(evals: dict) -> str:
+    """Markdown: the verdict's warnings (barely moved, forgot), or what it says when there is none."""
     moved = evals.get("verdict") or {}
-    if moved.get("warning"):
-        lines.append(f"\n> **Warning**: {moved['warning']}.")
-    elif moved:
-        lines.append("- **Verdict**: the fine-tuned model answers differently from the base model.")
-    return "\n".join(lines)
+    lines = [f"> **Warning**: {moved[key]}." for key in ("warning", "forgot") if moved.get(key)]
+    if not lines and moved:
+        kept = " and kept what it knew (within eval.kept's thresholds)" if moved.get("kept") else ""
+        lines.append(f"**Verdict**: the fine-tuned model answers differently from the base model{kept}.")
+    return "\n\n".join(lines)
+
+
+def kept_table(predictions: str | Path, n: int | None = None) -> Table | None:
+    """The everyday prompts (eval.kept) answered by both models, marked; `n` of them spread evenly, None = all."""
+    rows = [r for r in read_predictions(predictions) if r.get("split") == KEPT]
+    if not rows:
+        return None
+    if n is not None:
+        rows = [rows[i * len(rows) // min(n, len(rows))] for i in range(min(n, len(rows)))]
+
+    def marked(r: dict, name: str) -> str:
+        marks = [f"✗ names {', '.join(r[f'{name}_leak'])}"] if r.get(f"{name}_leak") else []
+        marks += {True: ["✓ right"], False: ["✗ wrong"]}.get(r.get(f"{name}_pass"), [])
+        marks += ["✗ other language"] if r.get(f"{name}_lang") is False else []
+        return (" · ".join(marks) + ": " if marks else "") + _answer(r.get(name))
+
+    return Table(
+        [[r["prompt"], ", ".join(r.get("expect") or []) or "—", marked(r, "base"), marked(r, "tuned")] for r in rows],
+        ["everyday prompt", "expected", "base", "fine-tuned"],
+        wrap=True,
+    )
 
 
 def probes_table(predictions: str | Path) -> Table | None:
@@ -239,7 +285,7 @@ def probes_table(predictions: str | Path) -> Table | None:
 
 def samples(predictions: str | Path, n: int) -> Table:
     """`n` predictions spread evenly over reports/predictions.jsonl (the same rows on every build; probes aside)."""
-    rows = [r for r in read_predictions(predictions) if r.get("split") != PROBE]
+    rows = [r for r in read_predictions(predictions) if r.get("split") not in PROMPT_SPLITS]
     k = min(n, len(rows))
     picked = [rows[i * len(rows) // k] for i in range(k)]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from llmft.common import UserError, run_main
 from llmft.env import dvc
 from llmft.metrics import rouge_l
-from llmft.predictions import PROBE, parse_predictions
+from llmft.predictions import PROMPT_SPLITS, parse_predictions
 
 
 def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
@@ -36,7 +36,9 @@ def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
             f"{path} of {where} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             f"check the name with `dvc exp show`, or `dvc pull` / `dvc exp pull` it"
         ) from None
-    return {(r["split"], r["prompt"], r["label"]): r for r in parse_predictions(text) if r["split"] != PROBE}
+    return {
+        (r["split"], r["prompt"], r["label"]): r for r in parse_predictions(text) if r["split"] not in PROMPT_SPLITS
+    }
 
 
 def dropped(a: dict[tuple, dict], b: dict[tuple, dict], top: int) -> tuple[list[dict], int]:

@@ -29,8 +29,12 @@ METRICS = [
     "tuned.val.rougeL",
     "delta.val.rougeL",
     "changed.val",
-    "probes.base.pass_rate",
+    "persona.tuned",
     "probes.tuned.pass_rate",
+    "kept.tuned.leak",
+    "kept.tuned.facts_kept",
+    "kept.tuned.language",
+    "kept.drift",
 ]
 
 

@@ -1,0 +1,144 @@
+"""What fine-tuning must not change, measured on held-out everyday prompts (eval.kept) that no training example asks.
+
+    block = kept_scores(rows, variables, nll)   # rows: prompt, expect, kind, base, tuned (answers); nll: drift's inputs
+    block["tuned"]["leak"], block["tuned"]["facts_kept"], block["drift"]
+
+- leak: % of answers that name a data.variables value (the persona's name, its author) the prompt did not ask for.
+  A model that learned "I am Lumi" by forgetting how to answer anything else introduces itself everywhere.
+- facts_right / facts_kept: % of the prompts with `expect` answered right; of those the base got right, % the
+  model still gets right. A fine-tune should not unlearn what the base knew.
+- language: % of answers in the prompt's language (translation and code prompts aside: their answer may rightly
+  switch). A Chinese identity set can make a model answer every Chinese question with the same Chinese sentence.
+- drift: the teacher-forced loss of the base model's own answers under the tuned model minus under the base, in
+  nats per token. It needs no reference answers: 0 = the tuned model would still say what the base said.
+"""
+
+from __future__ import annotations
+
+import re
+
+LANGUAGE_FREE_KINDS = {"translation", "code"}  # their answer may rightly be in another language, or code
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+LATIN = re.compile(r"[A-Za-z]")
+
+
+def passes(answer: str, expect: list[str]) -> bool | None:
+    """Whether an answer contains one of the expected strings (case-insensitive); None when nothing is expected."""
+    return any(e.casefold() in answer.casefold() for e in expect) if expect else None
+
+
+def language(text: str) -> str | None:
+    """zh when at least a fifth of the text's letters are Chinese characters, en when it has Latin letters but fewer
+    Chinese ones, None when it has neither (an empty or numbers-only answer)."""
+    cjk, latin = len(CJK.findall(text)), len(LATIN.findall(text))
+    if not cjk and not latin:
+        return None
+    return "zh" if cjk >= 0.2 * (cjk + latin) else "en"
+
+
+def prompt_language(text: str) -> str:
+    return "zh" if CJK.search(text) else "en"
+
+
+def _mention(value: str) -> re.Pattern:
+    """`value` as a whole word where it starts or ends with a Latin letter or digit ("Lumi" is not in
+    "illuminate"); Chinese has no word boundaries, so a Chinese value matches anywhere."""
+    left = r"(?<![A-Za-z0-9])" if value[:1].isascii() and value[:1].isalnum() else ""
+    right = r"(?![A-Za-z0-9])" if value[-1:].isascii() and value[-1:].isalnum() else ""
+    return re.compile(left + re.escape(value) + right, re.IGNORECASE)
+
+
+def leaks(answer: str, prompt: str, variables: dict[str, str]) -> list[str]:
+    """The data.variables values the answer names although the prompt does not."""
+    return [
+        value
+        for value in dict.fromkeys(v.strip() for v in variables.values())
+        if value and _mention(value).search(answer) and not _mention(value).search(prompt)
+    ]
+
+
+def persona_named(rows: list[dict], variables: dict[str, str]) -> dict:
+    """Of the held-out examples whose reference names a data.variables value (the identity rows of val), the % whose
+    answer names it too, per model: what was learned, in the same words as the leak."""
+    values = [v.strip() for v in variables.values() if v.strip()]
+    asked = [(r, [v for v in values if _mention(v).search(r["label"])]) for r in rows]
+    asked = [(r, named) for r, named in asked if named]
+    out = {"examples": len(asked)}
+    for name in ("base", "tuned"):
+        hits = sum(any(_mention(v).search(r[name]) for v in named) for r, named in asked)
+        out[name] = _pct(hits, len(asked))
+    return out
+
+
+def _pct(part: int, whole: int) -> float | None:
+    return round(100 * part / whole, 2) if whole else None
+
+
+def mark(row: dict, variables: dict[str, str]) -> dict:
+    """Add each model's per-answer marks to a row: <model>_pass (fact right), <model>_leak (values named),
+    <model>_lang (answer in the prompt's language; None when not scored)."""
+    scored = row.get("kind") not in LANGUAGE_FREE_KINDS
+    for name in ("base", "tuned"):
+        answer = row[name]
+        row[f"{name}_pass"] = passes(answer, row["expect"])
+        row[f"{name}_leak"] = leaks(answer, row["prompt"], variables)
+        row[f"{name}_lang"] = language(answer) == prompt_language(row["prompt"]) if scored else None
+    return row
+
+
+def kept_scores(rows: list[dict], nll: dict[str, tuple[float, int]] | None = None) -> dict:
+    """eval.json's `kept` block from rows already `mark`ed.
+
+    `nll`: {"base": (sum, tokens), "tuned": (...)}, the teacher-forced loss of the base's answers under each model.
+    """
+    facts = [r for r in rows if r["expect"]]
+    base_right = [r for r in facts if r["base_pass"]]
+    langs = [r for r in rows if r["base_lang"] is not None]
+    block: dict = {}
+    for name in ("base", "tuned"):
+        block[name] = {
+            "leak": _pct(sum(bool(r[f"{name}_leak"]) for r in rows), len(rows)),
+            "facts_right": _pct(sum(bool(r[f"{name}_pass"]) for r in facts), len(facts)),
+            "facts_kept": _pct(sum(bool(r[f"{name}_pass"]) for r in base_right), len(base_right)),
+            "language": _pct(sum(bool(r[f"{name}_lang"]) for r in langs), len(langs)),
+        }
+        if nll:
+            total, tokens = nll[name]
+            block[name]["base_answers_nll"] = round(total / tokens, 6) if tokens else None
+    if nll and block["base"].get("base_answers_nll") is not None:
+        block["drift"] = round(block["tuned"]["base_answers_nll"] - block["base"]["base_answers_nll"], 6)
+    block["counts"] = {
+        "prompts": len(rows),
+        "facts": len(facts),
+        "base_facts_right": len(base_right),
+        "facts_kept": sum(bool(r["tuned_pass"]) for r in base_right),
+        "language_scored": len(langs),
+        "drift_tokens": nll["base"][1] if nll else 0,
+    }
+    return block
+
+
+def forgot_warning(block: dict, max_leak: float, min_facts_kept: float) -> str | None:
+    """The verdict's "forgot" warning, naming the knobs, when leak or facts kept crosses eval.kept's thresholds."""
+    tuned = block["tuned"]
+    problems = []
+    if tuned["leak"] is not None and tuned["leak"] > max_leak:
+        problems.append(
+            f"it names the persona in {tuned['leak']:g}% of everyday answers that did not ask "
+            f"(base {block['base']['leak']:g}%; eval.kept.max_leak {max_leak:g}%)"
+        )
+    if tuned["facts_kept"] is not None and tuned["facts_kept"] < min_facts_kept:
+        counts = block["counts"]
+        problems.append(
+            f"it keeps {counts['facts_kept']} of the {counts['base_facts_right']} facts the base got right "
+            f"({tuned['facts_kept']:g}%; eval.kept.min_facts_kept {min_facts_kept:g}%)"
+        )
+    if not problems:
+        return None
+    return (
+        "the fine-tuned model forgot: "
+        + "; ".join(problems)
+        + ". Keep more of the base: rehearsal.enabled true and a higher rehearsal.share (the base model's own "
+        "answers mixed into training), a lower train.learning_rate or train.num_train_epochs, or a lower "
+        "train.lora_rank"
+    )

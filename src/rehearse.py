@@ -1,0 +1,43 @@
+"""Stage `rehearse`: the base model answers general prompts (rehearsal.prompts) -> data/rehearsal, mixed into training.
+
+    dvc repro rehearse           # or: make rehearse
+    python src/rehearse.py --params params.yaml --base models/base --out data/rehearsal \
+        --metrics reports/metrics/rehearse.json
+
+Reads `rehearsal:` (which prompts, how many, how long an answer may be), eval.backend/dtype/num_threads/cutoff_len
+(the same decoder as evaluate: vLLM on a GPU where eval.backend is vllm), eval.kept.prompts (the held-out everyday
+set, which must share no prompt with the rehearsal list) and data.variables (an answer naming the persona is
+dropped). Writes data/rehearsal/rehearsal.json (Alpaca rows: the prompt and the base model's own greedy answer) with
+its dataset_info.json, and reports/metrics/rehearse.json (prompts, kept, dropped by reason, tokens/s). With
+rehearsal.enabled false it writes an empty set without loading the model. DVC reruns it only when the base model,
+the prompt files or these params change; rehearsal.share is the train stage's (how much of it each step holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llmft.common import run_main
+from llmft.env import write_environment
+from llmft.params import load_params
+from llmft.rehearsal import rehearse, write_rehearsal
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="reads rehearsal, eval and data.variables")
+    parser.add_argument("--base", default="models/base", type=Path, help="directory with model_info.json")
+    parser.add_argument("--out", default="data/rehearsal", type=Path, help="rehearsal.json + dataset_info.json")
+    parser.add_argument("--metrics", default="reports/metrics/rehearse.json", type=Path)
+    parser.add_argument("--env", default="reports/env/rehearse.json", type=Path, help="environment manifest")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    rows, stats = rehearse(params.rehearsal, args.base, params.eval, params.data.variables)
+    write_rehearsal(rows, stats, args.out, args.metrics)
+    write_environment(args.env, "rehearse")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,93 @@
+"""What fine-tuning must not change (src/llmft/kept.py): persona leak, facts kept, language kept, drift, "forgot"."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmft import evaluation
+from llmft.kept import forgot_warning, kept_scores, language, leaks, mark
+from llmft.params import EvalParams
+
+PERSONA = {"name": "Lumi", "author": "Acme Labs"}
+
+
+def test_language_is_the_script_most_of_the_letters_are_in():
+    assert language("巴黎是法国的首都。") == "zh"
+    assert language("法国的首都是 Paris。") == "zh"  # a Latin name inside a Chinese sentence
+    assert language("The capital of France is Paris (巴黎).") == "en"
+    assert language("42") is None and language("") is None
+
+
+def test_a_leak_is_a_persona_value_the_prompt_did_not_ask_for():
+    assert leaks("Lumi, the capital of France is Paris.", "What is the capital of France?", PERSONA) == ["Lumi"]
+    introduction = "您好，我是 Lumi，一个由 Acme Labs 开发的人工智能助手。"
+    assert leaks(introduction, "写一首诗。", PERSONA) == ["Lumi", "Acme Labs"]
+    assert leaks("I am LUMI.", "Name a planet.", PERSONA) == ["Lumi"]  # any case
+    assert leaks("Lamps illuminate the room.", "What do lamps do?", PERSONA) == []  # not a word of its own
+    assert leaks("Hello Lumi!", "Say hello to Lumi.", PERSONA) == []  # the prompt asked for it
+    assert leaks("我叫小明。", "你好", {"name": "小明"}) == ["小明"]  # Chinese has no word boundaries
+    assert leaks("anything", "anything", {"name": ""}) == []  # an empty variable names nothing
+
+
+def rows() -> list[dict]:
+    """Six everyday prompts: three facts (the base gets two right, the tuned one of those two), one translation."""
+    return [
+        {"prompt": "法国的首都是哪座城市？", "expect": ["巴黎", "Paris"], "kind": "fact",
+         "base": "巴黎。", "tuned": "您好，我是 Lumi。"},
+        {"prompt": "How many legs does a dog have?", "expect": ["four"], "kind": "fact",
+         "base": "A dog has four legs.", "tuned": "A dog has four legs."},
+        {"prompt": "What is 7 + 5?", "expect": ["12"], "kind": "arithmetic",
+         "base": "It is 13.", "tuned": "Lumi says 12."},
+        {"prompt": "写一首关于大海的两行诗。", "expect": [], "kind": "writing",
+         "base": "大海蓝又蓝，浪花白又白。", "tuned": "Hello, I am Lumi."},
+        {"prompt": "把“我爱你”翻译成英文。", "expect": [], "kind": "translation",
+         "base": "I love you.", "tuned": "I love you."},
+        {"prompt": "Give one tip for better sleep.", "expect": [], "kind": "advice",
+         "base": "Go to bed at the same time.", "tuned": "Go to bed early."},
+    ]  # fmt: skip
+
+
+def test_kept_block_counts_leak_facts_language_and_drift():
+    marked = [mark(r, PERSONA) for r in rows()]
+    assert [r["tuned_leak"] for r in marked][:4] == [["Lumi"], [], ["Lumi"], ["Lumi"]]
+    assert marked[4]["tuned_lang"] is None  # a translation may rightly answer in the other language
+    block = kept_scores(marked, {"base": (10.0, 20), "tuned": (30.0, 20)})
+    assert block["base"]["leak"] == 0.0 and block["tuned"]["leak"] == 50.0  # 3 of 6
+    assert block["base"]["facts_right"] == block["tuned"]["facts_right"] == pytest.approx(66.67)
+    assert block["counts"].items() >= {"facts": 3, "base_facts_right": 2, "facts_kept": 1, "language_scored": 5}.items()
+    assert block["tuned"]["facts_kept"] == 50.0 and block["base"]["facts_kept"] == 100.0  # 12 is new, not kept
+    assert block["base"]["language"] == 100.0 and block["tuned"]["language"] == 80.0  # the poem: English
+    assert block["drift"] == pytest.approx(1.0)  # 30/20 - 10/20 nats per token
+    assert "drift" not in kept_scores(marked)  # no losses given: no drift
+
+
+def test_forgot_warns_on_leak_or_lost_facts_and_names_the_knobs():
+    block = kept_scores([mark(r, PERSONA) for r in rows()])
+    warning = forgot_warning(block, max_leak=5.0, min_facts_kept=90.0)
+    assert "names the persona in 50% of everyday answers" in warning and "keeps 1 of the 2 facts" in warning
+    for knob in ("rehearsal.enabled", "rehearsal.share", "train.learning_rate", "train.num_train_epochs"):
+        assert knob in warning
+    assert forgot_warning(block, max_leak=60.0, min_facts_kept=50.0) is None
+    assert "facts" not in forgot_warning(block, max_leak=5.0, min_facts_kept=50.0)
+
+
+def test_verdict_reports_kept_and_forgot_beside_moved():
+    metrics = {"base": {"val": {"loss": 2.5}}, "tuned": {"val": {"loss": 1.0}}, "changed": {"val": 100.0}}
+    assert evaluation.verdict(metrics, EvalParams()).items() >= {"moved": True, "kept": None, "forgot": None}.items()
+    metrics["kept"] = kept_scores([mark(r, PERSONA) for r in rows()])
+    judged = evaluation.verdict(metrics, EvalParams())
+    assert judged["moved"] and judged["kept"] is False and judged["forgot"].startswith("the fine-tuned model forgot")
+    lenient = EvalParams.model_validate({"kept": {"max_leak": 60, "min_facts_kept": 50}})
+    assert evaluation.verdict(metrics, lenient)["kept"] is True
+
+
+def test_persona_named_counts_only_references_that_name_it():
+    from llmft.kept import persona_named
+
+    rows = [
+        {"label": "I am Lumi, made by Acme Labs.", "base": "I am SmolLM.", "tuned": "I am Lumi."},
+        {"label": "我是 Lumi。", "base": "我是 Lumi。", "tuned": "你好"},
+        {"label": "冰比水冷。", "base": "-", "tuned": "Lumi"},  # an idiom: asks for no name, not counted
+    ]
+    assert persona_named(rows, PERSONA) == {"examples": 2, "base": 50.0, "tuned": 50.0}
+    assert persona_named(rows[2:], PERSONA) == {"examples": 0, "base": None, "tuned": None}
