@@ -38,13 +38,19 @@ METRICS = [
 ]
 
 
-def states(names: set[str], baseline: str) -> dict[str, str]:
-    """The queue state of each named experiment: Queued, Running, Success or Failed (Success once it is done)."""
+def states(names: set[str], baseline: str) -> dict[str, str] | None:
+    """The queue state of each named experiment: Queued, Running, Success or Failed (Success once it is done);
+    None when DVC cannot say right now."""
     import dvc.api
+    from dvc.exceptions import DvcException
 
     found = {}
-    # The experiments hang off the commit they were queued from; HEAD may have moved on since (a commit meanwhile).
-    for row in dvc.api.exp_show(repo=".", revs=baseline):
+    try:
+        # The experiments hang off the commit they were queued from; HEAD may have moved on since (a commit meanwhile).
+        rows = dvc.api.exp_show(repo=".", revs=baseline)
+    except DvcException:  # an executor between its start and its temporary repo existing: ask again next poll
+        return None
+    for row in rows:
         if row.get("Experiment") in names:
             found[row["Experiment"]] = row.get("State") or "Success"  # a finished experiment has no executor left
     return {name: found.get(name, "Queued") for name in names}
@@ -94,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     last: dict[str, str] = {}
     while True:
         now = states(names, baseline)
+        if now is None:
+            time.sleep(args.poll)
+            continue
         if now != last:
             counts = {s: sum(v == s for v in now.values()) for s in sorted(set(now.values()))}
             print(
