@@ -104,7 +104,20 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
                 "base": {"passed": 0, "total": 2, "pass_rate": 0.0},
                 "tuned": {"passed": 2, "total": 2, "pass_rate": 100.0},
             },
-            "verdict": {"moved": True, "same_answers_pct": 0.0, "loss_drop_pct": 20.0, "warning": None},
+            "kept": {
+                "base": {"leak": 0.0, "facts_right": 50.0, "facts_kept": 100.0, "language": 100.0},
+                "tuned": {"leak": 25.0, "facts_right": 50.0, "facts_kept": 100.0, "language": 75.0},
+                "drift": 0.0421,
+                "counts": {"prompts": 4, "facts": 2, "base_facts_right": 1, "facts_kept": 1, "language_scored": 4},
+            },
+            "verdict": {
+                "moved": True,
+                "same_answers_pct": 0.0,
+                "loss_drop_pct": 20.0,
+                "warning": None,
+                "kept": False,
+                "forgot": "the fine-tuned model forgot: it names the persona in 25% of everyday answers",
+            },
             "method": "tokens: jieba words; all scores in percent",
         },
     )
@@ -139,6 +152,24 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
             "tuned_pass": True,
         }
         for i, prompt in enumerate(["你是谁？", "Who are you?"])
+    ] + [
+        {
+            "split": "kept",
+            "index": i,
+            "prompt": prompt,
+            "label": "",
+            "expect": [],
+            "kind": "writing",
+            "base": f"A calm answer {i}.",
+            "tuned": f"我是 Lumi。Everyday {i}" if i == 0 else f"A calm answer {i}.",
+            "base_pass": None,
+            "tuned_pass": None,
+            "base_leak": [],
+            "tuned_leak": ["Lumi"] if i == 0 else [],
+            "base_lang": True,
+            "tuned_lang": i != 0,
+        }
+        for i, prompt in enumerate(["Write a haiku about rain.", "Give one tip for sleep.", "Name a colour.", "Hi"])
     ]
     (repo / "reports/predictions.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"

@@ -79,17 +79,24 @@ def test_report_has_every_section_and_embeds_its_images(built):
         "Environment",
     ):
         assert f">{heading}<" in html
-    # the first thing a reader sees: did it learn? loss, probe pass rates, changed answers, then the probes
+    # the first thing a reader sees: did it learn? beside what did it cost?, the verdict, three everyday prompts,
+    # then the probes
     first = html.index(">Did it learn?<")
     assert (
         first
+        < html.index(">What did it cost?<")
         < html.index("Eval loss")
-        < html.index("Probes passed")
+        < html.index("Probes passed: 0/2 → 2/2")
+        < html.index("Persona named unasked (4 everyday prompts): 0% → 25%")
+        < html.index("the fine-tuned model forgot: it names the persona in 25% of everyday answers")
+        < html.index("✗ names Lumi · ✗ other language: 我是 Lumi。Everyday 0")
         < html.index("我是 Lumi。0")
         < html.index(">Data<")
+        < html.index('id="What-it-kept"')
     )
-    assert "base 0/2 (0%) → fine-tuned 2/2 (100%)" in html and "val 100%" in html
-    assert html.count("我是 Lumi。") == 2  # the probes' rows, not among the sample predictions
+    assert "val 100%" in html
+    assert html.count("我是 Lumi。Everyday 0") == 2  # among the three first, and in the whole list
+    assert html.count("我是 Lumi。") == 4  # the probes' rows and the everyday ones, not among the sample predictions
     assert "data/raw/identity.json" in html  # the per-source table
     assert not re.search(r"<script[^>]+src=", html), "no script may come from a CDN"
     assert "import report_data" not in html  # code cells are hidden
