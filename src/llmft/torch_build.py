@@ -1,8 +1,8 @@
 """The PyTorch build `make setup` installs: the pinned torch, built for a CUDA this machine's NVIDIA driver runs.
 
-    python3 src/llmft/tools/torch_build.py            # prints cu130, cu128, cu126 or cpu; the reason on stderr
-    python3 src/llmft/tools/torch_build.py cu126      # a forced choice: make setup TORCH_CUDA=cu126
-    python3 src/llmft/tools/torch_build.py auto --install --python .venv/bin/python   # what make setup runs
+    python3 src/llmft/torch_build.py            # prints cu130, cu128, cu126 or cpu; the reason on stderr
+    python3 src/llmft/torch_build.py cu126      # a forced choice: make setup TORCH_CUDA=cu126
+    python3 src/llmft/torch_build.py auto --install --python .venv/bin/python   # what make setup runs
 
 PyPI's torch==2.11.0 is the CUDA 13.0 build (requirements-lock.txt pins its CUDA 13 wheels); CUDA 13 needs an NVIDIA
 driver >= 580, so on an older driver torch sees no GPU and everything silently runs on the CPU. Where `nvidia-smi`
@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 INDEX = "https://download.pytorch.org/whl"
 PYPI_BUILD = "cu130"  # torch 2.11.0 on PyPI is built for CUDA 13.0: `make setup` installs it from the lock as is
 CHOICES = ("cu130", "cu128", "cu126", "cpu")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llmft.common import run_main
 from llmft.gpu import driver_problem, gpu_names, needed_driver
-from llmft.tools.torch_build import Smi, Unsupported, choose, query_smi, vtext
+from llmft.torch_build import Smi, Unsupported, choose, query_smi, vtext
 
 KERNELS = {  # package -> (module, what it is for, how to get it)
     "liger-kernel": ("liger_kernel", "train.profile fast, on CUDA", "pinned: make setup"),
