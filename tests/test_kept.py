@@ -91,3 +91,12 @@ def test_persona_named_counts_only_references_that_name_it():
     ]
     assert persona_named(rows, PERSONA) == {"examples": 2, "base": 50.0, "tuned": 50.0}
     assert persona_named(rows[2:], PERSONA) == {"examples": 0, "base": None, "tuned": None}
+
+
+def test_an_expected_number_matches_only_as_a_whole_number():
+    from llmft.kept import passes
+
+    assert passes("7 + 5 equals 12.", ["12"]) and passes("答案是12。", ["12"]) and passes("It is 12,", ["12"])
+    assert not passes("It is 112.", ["12"]) and not passes("It is 12.5.", ["12"]) and not passes("-12", ["12"])
+    assert not passes("The freezing point of water is -18.0°C.", ["0°", "zero"])
+    assert passes("Water freezes at 0°C.", ["0°"]) and passes("A spider has EIGHT legs.", ["eight"])

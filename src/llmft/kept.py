@@ -22,9 +22,17 @@ CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LATIN = re.compile(r"[A-Za-z]")
 
 
+def _expected(text: str) -> re.Pattern:
+    """`text` anywhere, in any case; a number only as a whole number: "12" is not in "112" nor "12.5", and "0°" is
+    not in "-18.0°C"."""
+    left = r"(?<![\d.\-])" if text[:1].isdigit() else ""
+    right = r"(?!\d|[.,]\d)" if text[-1:].isdigit() else ""
+    return re.compile(left + re.escape(text) + right, re.IGNORECASE)
+
+
 def passes(answer: str, expect: list[str]) -> bool | None:
-    """Whether an answer contains one of the expected strings (case-insensitive); None when nothing is expected."""
-    return any(e.casefold() in answer.casefold() for e in expect) if expect else None
+    """Whether an answer contains one of the expected strings (see _expected); None when nothing is expected."""
+    return any(_expected(e).search(answer) for e in expect) if expect else None
 
 
 def language(text: str) -> str | None:
