@@ -19,7 +19,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUTF8 := 1
 
-.PHONY: help setup check lint format all data model rehearse train eval export gguf report test test-fast push pull chat serve \
+.PHONY: help setup check lint format all data model rehearse train eval export benchmark gguf report test test-fast push pull chat serve \
         notebook bench bench-data bench-eval bench-noop sweep compare doctor status dag clean
 
 help: ## list the targets
@@ -98,6 +98,9 @@ eval: setup ## stage evaluate: base vs fine-tuned on val, probes, everyday promp
 
 export: setup ## stage export: LoRA merged into models/merged, checked against base+adapter
 	dvc repro export
+
+benchmark: setup ## stage benchmark: lm-eval tasks (MMLU subset, offline) on base and tuned -> reports/metrics/benchmark.json
+	dvc repro benchmark
 
 gguf: setup ## stage gguf: models/merged -> models/gguf (f16, q8_0 GGUF + Ollama Modelfile), checked against it
 	dvc repro gguf

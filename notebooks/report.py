@@ -30,6 +30,7 @@ TRAIN = "reports/metrics/train.json"
 EVAL = "reports/metrics/eval.json"
 EXPORT = "reports/metrics/export.json"  # optional: the report says when the model was not exported yet
 REHEARSE = "reports/metrics/rehearse.json"  # optional: the rehearse stage's counts
+BENCHMARK = "reports/metrics/benchmark.json"  # optional: standard benchmarks, base vs tuned
 PREDICTIONS = "reports/predictions.jsonl"
 PLOTS = "dvclive/train/plots/metrics"  # DVCLive series of the train stage
 DATA_DIR = "data/processed"
@@ -191,6 +192,41 @@ if everyday is not None:
     display(everyday)
 else:
     display(Markdown("Not measured: `eval.kept.prompts` is null."))
+
+# %% [markdown]
+# ## Standard benchmarks
+#
+# lm-eval on the tasks of `benchmark.tasks`, base and fine-tuned with the same settings; bars are accuracy with
+# ± 1 standard error, the dashed line is chance. A difference within 2 standard errors of the difference is
+# marked *within noise*.
+
+# %%
+bench = read_json(BENCHMARK) if Path(BENCHMARK).exists() else {}
+if bench.get("tasks"):
+    table = rd.benchmark_table(bench)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(table.rows) + 2), 3.4))
+    for offset, (name, color) in zip((-0.2, 0.2), (("base", "#8C8C8C"), ("tuned", "#4C72B0"))):
+        tasks = list(bench["tasks"].values())
+        ax.bar(
+            [i + offset for i in range(len(tasks))],
+            [100 * t[name].get("acc", 0) for t in tasks],
+            0.4,
+            yerr=[100 * t[name].get("acc_stderr", 0) for t in tasks],
+            color=color,
+            label="base" if name == "base" else "fine-tuned",
+            capsize=3,
+        )
+    for i, t in enumerate(bench["tasks"].values()):
+        if t.get("chance"):
+            ax.hlines(100 * t["chance"], i - 0.45, i + 0.45, colors="#C44E52", linestyles="--")
+    ax.set_xticks(range(len(bench["tasks"])), list(bench["tasks"]))
+    ax.set_ylabel("accuracy (%)")
+    ax.legend()
+    rd.show(fig, "Benchmark accuracy, base vs fine-tuned, per task, with standard errors and chance")
+    display(table)
+    display(Markdown(rd.benchmark_note(bench, info.get("num_parameters"))))
+else:
+    display(Markdown(f"`{BENCHMARK}` is missing or `benchmark.enabled` is false: no benchmark ran (`make benchmark`)."))
 
 # %% [markdown]
 # ## Sample predictions

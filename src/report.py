@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", default="reports/metrics/eval.json", type=Path)
     parser.add_argument("--export", default="reports/metrics/export.json", type=Path, help="optional")
     parser.add_argument("--rehearse", default="reports/metrics/rehearse.json", type=Path, help="optional")
+    parser.add_argument("--benchmark", default="reports/metrics/benchmark.json", type=Path, help="optional")
     parser.add_argument("--predictions", default="reports/predictions.jsonl", type=Path)
     parser.add_argument(
         "--plots", default="dvclive/train/plots/metrics", type=Path, help="the train stage's DVCLive series (*.tsv)"
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--figures {args.figures} must sit beside --md {args.md}: report.md links to it relatively")
     check_inputs(args)
     values = {"PARAMS": args.params, "EXPORT": str(args.export), "LOCK": str(args.lock), "ENV": str(args.env)}
-    values["REHEARSE"] = str(args.rehearse)
+    values |= {"REHEARSE": str(args.rehearse), "BENCHMARK": str(args.benchmark)}
     values |= {name: str(path) for name, (path, _) in inputs(args).items()}
     values |= {"DATA_DIR": str(args.data_dir), "MODEL_DIR": str(args.model_dir)}
     nb = execute(args.notebook, values, args.timeout)

@@ -121,6 +121,27 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
             "method": "tokens: jieba words; all scores in percent",
         },
     )
+    acc = lambda a: {"acc": a, "acc_stderr": 0.033}
+    write_json(
+        m / "benchmark.json",
+        {
+            "enabled": True,
+            "tasks": {
+                "mmlu_subset": {
+                    "base": acc(0.251),
+                    "tuned": acc(0.263),
+                    "delta": {"acc": 0.012},
+                    "n": 171,
+                    "num_fewshot": 0,
+                    "chance": 0.25,
+                    "changed": 9,
+                    "within_noise": True,
+                    "noise": 0.093,
+                }
+            },  # fmt: skip
+            "lm_eval_version": "0.4.13",
+        },
+    )
     write_json(
         m / "export.json",
         {
@@ -129,48 +150,52 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
             "seconds": 12.3,
         },
     )
-    rows = [
-        {
-            "split": "val",
-            "index": i,
-            "prompt": PROMPTS[i % 3],
-            "label": f"比喻做了多余的事，反而不恰当。{i}",
-            "base": "I am not sure.\nSecond line",
-            "tuned": f"比喻多此一举。{i}",
-        }
-        for i in range(50)
-    ] + [
-        {
-            "split": "probe",
-            "index": i,
-            "prompt": prompt,
-            "label": "Lumi",
-            "expect": ["Lumi"],
-            "base": "I am SmolLM.",
-            "tuned": f"我是 Lumi。{i}",
-            "base_pass": False,
-            "tuned_pass": True,
-        }
-        for i, prompt in enumerate(["你是谁？", "Who are you?"])
-    ] + [
-        {
-            "split": "kept",
-            "index": i,
-            "prompt": prompt,
-            "label": "",
-            "expect": [],
-            "kind": "writing",
-            "base": f"A calm answer {i}.",
-            "tuned": f"我是 Lumi。Everyday {i}" if i == 0 else f"A calm answer {i}.",
-            "base_pass": None,
-            "tuned_pass": None,
-            "base_leak": [],
-            "tuned_leak": ["Lumi"] if i == 0 else [],
-            "base_lang": True,
-            "tuned_lang": i != 0,
-        }
-        for i, prompt in enumerate(["Write a haiku about rain.", "Give one tip for sleep.", "Name a colour.", "Hi"])
-    ]
+    rows = (
+        [
+            {
+                "split": "val",
+                "index": i,
+                "prompt": PROMPTS[i % 3],
+                "label": f"比喻做了多余的事，反而不恰当。{i}",
+                "base": "I am not sure.\nSecond line",
+                "tuned": f"比喻多此一举。{i}",
+            }
+            for i in range(50)
+        ]
+        + [
+            {
+                "split": "probe",
+                "index": i,
+                "prompt": prompt,
+                "label": "Lumi",
+                "expect": ["Lumi"],
+                "base": "I am SmolLM.",
+                "tuned": f"我是 Lumi。{i}",
+                "base_pass": False,
+                "tuned_pass": True,
+            }
+            for i, prompt in enumerate(["你是谁？", "Who are you?"])
+        ]
+        + [
+            {
+                "split": "kept",
+                "index": i,
+                "prompt": prompt,
+                "label": "",
+                "expect": [],
+                "kind": "writing",
+                "base": f"A calm answer {i}.",
+                "tuned": f"我是 Lumi。Everyday {i}" if i == 0 else f"A calm answer {i}.",
+                "base_pass": None,
+                "tuned_pass": None,
+                "base_leak": [],
+                "tuned_leak": ["Lumi"] if i == 0 else [],
+                "base_lang": True,
+                "tuned_lang": i != 0,
+            }
+            for i, prompt in enumerate(["Write a haiku about rain.", "Give one tip for sleep.", "Name a colour.", "Hi"])
+        ]
+    )
     (repo / "reports/predictions.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
     )

@@ -36,6 +36,7 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     )
     edit_params(repo, "eval", max_examples=6, max_new_tokens=16)
     edit_params(repo, "rehearsal", num_examples=12, max_new_tokens=48)
+    edit_params(repo, "benchmark", limit=12)
     edit_params(repo, "gguf", types=["q8_0"], check_new_tokens=4)  # one file: the conversion and its checks, halved
     run(["git", "commit", "-qam", "smoke-sized params"], repo)
 
@@ -66,6 +67,14 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     assert rehearse["prompts"] == 12 == rehearse["kept"] + rehearse["dropped_total"] and rehearse["kept"] > 0
     assert train["rehearsal"] == {"examples": 10, "train_examples": 24}  # 0.3 / 0.7 x 24
     assert "dataset: train,rehearsal" in (repo / "models/lora/train_config.yaml").read_text()
+    bench = json.loads((repo / "reports/metrics/benchmark.json").read_text())["tasks"]["mmlu_subset"]
+    assert (
+        bench["n"] == 12
+        and bench["chance"] == 0.25
+        and bench["delta"]["acc"] == pytest.approx(bench["tuned"]["acc"] - bench["base"]["acc"])
+    )
+    samples = (repo / "reports/benchmark/samples.jsonl").read_text().splitlines()
+    assert len(samples) == 12 and "Benchmark accuracy" in (repo / "reports/report.md").read_text()
     export = json.loads((repo / "reports/metrics/export.json").read_text())
     assert export["reload_check"]["max_abs_diff"] <= 1e-4 and export["reload_check"]["greedy_match"]
     gguf = json.loads((repo / "reports/metrics/gguf.json").read_text())

@@ -48,6 +48,7 @@ def baseline(tmp_path_factory, tiny_model_dir) -> Path:
     )
     edit_params(repo, "eval", max_examples=4, max_new_tokens=8, num_threads=1)
     edit_params(repo, "rehearsal", enabled=False)  # a random tiny model's answers never end: nothing to rehearse
+    edit_params(repo, "benchmark", limit=8)
     edit_params(repo, "gguf", types=["q8_0"], check_new_tokens=4)
     out = run(["dvc", "repro"], repo, timeout=1800).stdout
     assert "Running stage 'report'" in out
@@ -131,7 +132,9 @@ def test_make_sweep_runs_the_grid_from_the_queue_and_compare_reports_the_differe
     out = run(["make", "--no-print-directory", "compare", f"A={a}", f"B={b}"], repo).stdout
     params = out.split("== params")[1].split("== metrics")[0]
     assert "train.lora_rank" in params and "4" in params and "8" in params
-    assert "eval_loss" in out.split("== metrics")[1].split("== answers")[0]
+    assert "eval_loss" in out.split("== metrics")[1].split("== benchmarks")[0]
+    bench = out.split("== benchmarks")[1].split("== answers")[0]  # both ran the MMLU subset (limit 8)
+    assert "tasks.mmlu_subset" in bench or "no benchmark metric changed" in bench
     assert re.search(r"4 examples in both, 0 only in", out)  # the val answers of both, read through DVC
     bad = run(["make", "--no-print-directory", "compare", "A=no-such-exp", f"B={b}"], repo, check=False)
     assert bad.returncode != 0 and "no-such-exp" in bad.stderr and "Traceback" not in bad.stderr

@@ -101,7 +101,10 @@ def test_report_has_every_section_and_embeds_its_images(built):
     assert not re.search(r"<script[^>]+src=", html), "no script may come from a CDN"
     assert "import report_data" not in html  # code cells are hidden
     images = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    # the benchmark section: base vs tuned with their standard errors, the noise verdict, and why it says little
+    assert "25.1 ± 3.3" in html and "26.3 ± 3.3" in html and "+1.2" in html and "within noise" in html
+    assert "within 2 standard errors of chance on mmlu_subset" in html
     assert html.count("比喻多此一举。") == 10  # report.num_samples rows, Chinese kept as text
     assert "Explain &lt;b&gt;tags&lt;/b&gt; &amp; pipes | here" in html
     # dvc params diff HEAD~1 (8 -> 16 in the second commit), rendered as an HTML table
@@ -109,7 +112,7 @@ def test_report_has_every_section_and_embeds_its_images(built):
     assert "d1f464002a45e418017ea7df34ee7483.dir" in html and "0123456789abcdef" in html
     md = (repo / "reports/report.md").read_text(encoding="utf-8")
     links = re.findall(r"!\[[^]]+\]\((figures/[^)]+)\)", md)
-    assert len(links) == 2 and all((repo / "reports" / link).is_file() for link in links)
+    assert len(links) == 3 and all((repo / "reports" / link).is_file() for link in links)
     assert "| val | loss ↓ | 2.5 | 2 | -0.5 |" in md and "比喻多此一举。" in md
     print(f"report build: {seconds:.1f} s")
 
@@ -162,7 +165,7 @@ def test_report_opens_in_headless_chromium_with_images_decoded(built, tmp_path):
     probe.write_text(html.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     dom = chromium(["--virtual-time-budget=5000", "--dump-dom", probe.as_uri()], tmp_path / "profile")
     title = re.search(r"<title>(.*?)</title>", dom.stdout)
-    assert title and title.group(1) == "probe images=2 decoded=2 metric_rows=10", dom.stderr[-2000:]
+    assert title and title.group(1) == "probe images=3 decoded=3 metric_rows=10", dom.stderr[-2000:]
     shot = repo / "reports/report-screenshot.png"  # left in the module's tmp dir, for a look by eye
     chromium(
         [

@@ -266,6 +266,56 @@ def kept_table(predictions: str | Path, n: int | None = None) -> Table | None:
     )
 
 
+def benchmark_table(bench: dict) -> Table:
+    """One row per benchmark task: questions, shots, base and tuned accuracy ± stderr, delta, noise verdict, chance."""
+
+    def acc(side: dict) -> str:
+        return f"{100 * side['acc']:.1f} ± {100 * side.get('acc_stderr', 0):.1f}" if "acc" in side else "n/a"
+
+    rows = []
+    for name, t in bench["tasks"].items():
+        delta = t["delta"].get("acc")
+        verdict = "within noise" if t.get("within_noise") else "beyond noise" if "within_noise" in t else ""
+        rows.append(
+            [
+                name,
+                fmt(t["n"]),
+                fmt(t["num_fewshot"]),
+                acc(t["base"]),
+                acc(t["tuned"]),
+                "" if delta is None else f"{100 * delta:+.1f}",
+                verdict,
+                "" if t.get("chance") is None else f"{100 * t['chance']:.0f}",
+            ]
+        )
+    header = ["task", "questions", "shots", "base acc %", "fine-tuned acc %", "Δ points", "", "chance %"]
+    return Table(rows, header, text_columns=1)
+
+
+def benchmark_note(bench: dict, num_parameters: int | None) -> str:
+    """What the benchmark numbers can and cannot say: near chance on a small model, within noise or not."""
+    near = [
+        n
+        for n, t in bench["tasks"].items()
+        if t.get("chance") and abs(t["base"].get("acc", 0) - t["chance"]) <= 2 * t["base"].get("acc_stderr", 1)
+    ]
+    lines = []
+    if near:
+        size = f"a {num_parameters / 1e6:.0f}M-parameter model" if num_parameters else "this model"
+        lines.append(
+            f"The base model scores within 2 standard errors of chance on {', '.join(near)}: {size} does not know "
+            "these subjects, so the fine-tuned score says little about what fine-tuning cost; read it as a floor "
+            "check, and run the benchmark on a bigger base model for numbers to report."
+        )
+    beyond = [n for n, t in bench["tasks"].items() if t.get("within_noise") is False]
+    if beyond:
+        lines.append(f"Beyond noise: {', '.join(beyond)} (the change is larger than 2 standard errors).")
+    lines.append(
+        f"lm-eval {bench.get('lm_eval_version', '?')}; per-question answers: `reports/benchmark/samples.jsonl`."
+    )
+    return " ".join(lines)
+
+
 def probes_table(predictions: str | Path) -> Table | None:
     """eval.probes answered by both models side by side, each marked pass/fail; None when there are none."""
     rows = [r for r in read_predictions(predictions) if r.get("split") == PROBE]

@@ -3,7 +3,8 @@
     python -m llmft.tools.compare <A> <B> [--top 5]     # A, B: experiment names (dvc exp show), commits, branches, tags
     python -m llmft.tools.compare <A>                   # A against the workspace
 
-Prints `dvc params diff` and `dvc metrics diff` from A to B, then the val (and test) examples whose tuned
+Prints `dvc params diff` and `dvc metrics diff` from A to B, the benchmark accuracies (reports/metrics/benchmark.json)
+apart, then the val (and test) examples whose tuned
 answer lost the most ROUGE-L F1 (jieba words for Chinese; see src/llmft/metrics.py) from A to B, each with
 the reference and both answers. The answers come from reports/predictions.jsonl of each revision, read
 through DVC (from the local cache or the remote), so nothing is checked out.
@@ -18,6 +19,8 @@ from llmft.common import UserError, run_main
 from llmft.env import dvc
 from llmft.metrics import rouge_l
 from llmft.predictions import PROMPT_SPLITS, parse_predictions
+
+BENCHMARK = "reports/metrics/benchmark.json"
 
 
 def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     print(dvc("params", "diff", *revs).strip() or "no params changed")
     print(f"\n== metrics: {args.a} -> {name_b} (dvc metrics diff)")
     print(dvc("metrics", "diff", *revs).strip() or "no metrics changed")
+    print(f"\n== benchmarks: {args.a} -> {name_b} (accuracy of base and tuned per lm-eval task)")
+    bench = dvc("metrics", "diff", *revs, "--targets", BENCHMARK).strip()
+    print(bench or f"no benchmark metric changed (or {BENCHMARK} is in neither: make benchmark)")
 
     a, b = load_predictions(args.predictions, args.a), load_predictions(args.predictions, args.b)
     worst, matched = dropped(a, b, args.top)
