@@ -92,7 +92,9 @@ def make_lora(model_dir: Path, out: Path, scale: float = 0.05) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    with torch.random.fork_rng():  # lora_A's init draws from the global generator, which lm-eval reseeds (1234)
+        torch.manual_seed(0)  # the same adapter whatever ran before
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in peft.named_parameters():

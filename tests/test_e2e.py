@@ -65,7 +65,8 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     assert {"leak", "facts_right", "facts_kept", "language"} <= set(kept["tuned"])
     rehearse = json.loads((repo / "reports/metrics/rehearse.json").read_text())
     assert rehearse["prompts"] == 12 == rehearse["kept"] + rehearse["dropped_total"] and rehearse["kept"] > 0
-    assert train["rehearsal"] == {"examples": 10, "train_examples": 24}  # 0.3 / 0.7 x 24
+    share = yaml.safe_load((repo / "params.yaml").read_text())["rehearsal"]["share"]
+    assert train["rehearsal"] == {"examples": round(share / (1 - share) * 24), "train_examples": 24}
     assert "dataset: train,rehearsal" in (repo / "models/lora/train_config.yaml").read_text()
     bench = json.loads((repo / "reports/metrics/benchmark.json").read_text())["tasks"]["mmlu_subset"]
     assert (

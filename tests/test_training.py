@@ -197,7 +197,8 @@ def test_rehearsal_is_mixed_in_by_llamafactory_and_the_saved_config_finds_both_s
     root = make_project(tmp_path)
     make_rehearsal(root, 10)
     set_train(root, rehearsal={"share": 0.5}, max_steps=2)  # 16 own examples (max_samples) -> 16 rehearsal ones
-    proc = run_stage(root, tiny_model_dir)
+    env = os.environ | {"LLAMAFACTORY_VERBOSITY": "INFO"}  # LLaMA-Factory's own log line below is INFO
+    proc = subprocess.run(stage_cmd(tiny_model_dir), cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "16 of the base model's own answers (10 available; LLaMA-Factory repeats some" in proc.stderr
     assert "Sampled 16 examples from dataset" in proc.stdout + proc.stderr  # LLaMA-Factory's own num_samples
@@ -206,7 +207,8 @@ def test_rehearsal_is_mixed_in_by_llamafactory_and_the_saved_config_finds_both_s
         "train_examples": 16,
     }
     config = (root / "models/lora/train_config.yaml").read_text()
-    assert "dataset: train,rehearsal\nmix_strategy: concat" in config and "dataset_dir: models/lora" in config
+    assert "\ndataset: train,rehearsal\n" in config and "\nmix_strategy: concat\n" in config
+    assert "\ndataset_dir: models/lora\n" in config
     # the record reruns from the repo root: LLaMA-Factory's own parser finds both sets through models/lora
     from llamafactory.data.parser import get_dataset_list
 

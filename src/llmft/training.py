@@ -234,7 +234,7 @@ def collect(
                 shutil.copy2(f, tmp / f.name)
         (tmp / "train_config.yaml").write_text(lf_config.to_yaml(sections, header), encoding="utf-8")
         if mix:  # train_config.yaml's dataset_dir: paths relative to it, so it reruns from the repo root
-            write_dataset_info(mix.info, tmp, absolute=False)
+            write_dataset_info(mix.info, tmp, relative_to=paths.out)
     results = read_json(ckpt / "all_results.json")
     history = read_json(ckpt / "trainer_state.json")["log_history"]
     step = max(e["step"] for e in history)

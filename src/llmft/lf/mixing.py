@@ -73,13 +73,14 @@ def plan_mix(data_dir: Path, rehearsal_dir: Path, r: RehearsalParams, max_sample
     return Mix(info, train, samples, available)
 
 
-def write_dataset_info(info: dict, where: Path, absolute: bool = True) -> Path:
-    """where/dataset_info.json with the entries' files as absolute paths, or relative to `where`."""
-    entries = {
-        name: entry
-        | {"file_name": os.path.abspath(entry["file_name"]) if absolute else os.path.relpath(entry["file_name"], where)}
-        for name, entry in info.items()
-    }
+def write_dataset_info(info: dict, where: Path, relative_to: Path | None = None) -> Path:
+    """where/dataset_info.json with the entries' files as absolute paths, or relative to `relative_to` (the folder
+    the file ends up in: `where` may be a temporary folder of another depth, renamed into place later)."""
+
+    def located(file: str) -> str:
+        return os.path.relpath(file, relative_to) if relative_to else os.path.abspath(file)
+
+    entries = {name: entry | {"file_name": located(entry["file_name"])} for name, entry in info.items()}
     write_json(where / "dataset_info.json", entries)
     return where / "dataset_info.json"
 
