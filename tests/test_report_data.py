@@ -75,6 +75,9 @@ def test_first_table_puts_what_was_learned_beside_what_it_cost_and_the_verdict_w
     learned = "\n".join(rd.learned(evals))
     assert "2.000 → 1.500 (-25.0%)" in learned and "Probes passed: 0/4 → 3/4" in learned and "val 64%" in learned
     assert rd.cost(evals) == ["Not measured: eval.kept.prompts is null."]
+    evals["persona"] = {"examples": 13, "base": 0.0, "tuned": 84.62}
+    assert "Persona named in held-out answers that should (13): 0% → 84.62%" in rd.learned(evals)
+    learned = "\n".join(rd.learned(evals))
     evals["kept"] = {
         "base": {"leak": 0.0, "facts_right": 40.0, "facts_kept": 100.0, "language": 90.0},
         "tuned": {"leak": 3.12, "facts_right": 36.0, "facts_kept": 92.31, "language": 88.0},

@@ -206,6 +206,12 @@ def learned(evals: dict) -> list[str]:
     if (probes.get("tuned") or {}).get("total"):
         b, t = probes["base"], probes["tuned"]
         lines.append(f"Probes passed: {b['passed']}/{b['total']} → {t['passed']}/{t['total']}")
+    persona = evals.get("persona") or {}
+    if persona.get("examples"):
+        lines.append(
+            f"Persona named in held-out answers that should ({persona['examples']}): "
+            f"{persona['base']:g}% → {persona['tuned']:g}%"
+        )
     if evals.get("changed"):
         changed = ", ".join(f"{split} {rate:g}%" for split, rate in evals["changed"].items())
         lines.append(f"Answers changed (fine-tuned ≠ base): {changed}")
