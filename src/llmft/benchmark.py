@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import importlib.util
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import yaml
 
 from llmft.common import UserError, get_logger
 from llmft.infer.loading import check_adapter, merge_adapter, resolve_dtype, set_threads
+from llmft.infer.vllm import require_vllm
 from llmft.model import read_model_info
 from llmft.params import BenchmarkParams
 
@@ -196,14 +196,6 @@ def check_tasks_load(manager, p: BenchmarkParams, online: bool) -> None:
                 ) from None
 
 
-def require_vllm() -> None:
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError(
-            "benchmark.backend=vllm but vllm is not installed; `pip install vllm` on a CUDA machine, "
-            "or set benchmark.backend: hf"
-        )
-
-
 def hf_models(base_dir: Path, adapter_dir: Path, merged_dir: Path | None, batch_size: int) -> Iterator:
     """("base", lm) then ("tuned", lm): lm-eval HFLMs on one set of weights, the adapter folded in between.
 
@@ -353,7 +345,7 @@ def run_benchmark(
     if merged_dir and not (Path(merged_dir) / "config.json").is_file():
         raise UserError(f"{merged_dir}: no merged model here (config.json missing); run `dvc repro export` first")
     if p.backend == "vllm":
-        require_vllm()
+        require_vllm("benchmark.backend")
     manager = task_manager(p)
     # Local tasks never touch the network; lm-eval's own (mmlu, cmmlu, ceval-valid, gsm8k...) fetch their data from
     # the Hub where it answers, and fail at once, in one line, where it does not.

@@ -11,11 +11,10 @@ from llmft.common import UserError
 from llmft.infer.chat_format import ChatFormat
 
 
-def require_vllm() -> None:
+def require_vllm(key: str = "eval.backend") -> None:
+    """UserError naming the params key that asked for vLLM when it is not installed."""
     if importlib.util.find_spec("vllm") is None:
-        raise UserError(
-            "eval.backend=vllm but vllm is not installed; `pip install vllm` on a CUDA machine, or set eval.backend: hf"
-        )
+        raise UserError(f"{key}=vllm but vllm is not installed; `pip install vllm` on a CUDA machine, or set {key}: hf")
 
 
 def vllm_generate(
