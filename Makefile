@@ -90,8 +90,19 @@ model: setup ## stage model: base model -> models/base (embedded SmolLM2 by defa
 rehearse: setup ## stage rehearse: the base model answers general prompts -> data/rehearsal (mixed into training)
 	dvc repro rehearse
 
-train: setup ## stage train: LoRA/QLoRA/full fine-tuning with LLaMA-Factory -> models/lora (resumes)
+# Several processes or nodes (README: Outgrow one machine). NPROC=n processes per node (train.nproc; default one per
+# GPU), NNODES=n nodes (train.nnodes), each node with its NODE_RANK=i and node 0's MASTER_ADDR (and MASTER_PORT).
+# Node 0 runs DVC: NPROC and NNODES become `dvc exp run -S`, so params.yaml and dvc.lock record them. The other
+# nodes run the stage script alone with the same overrides: DVC there would want outputs only node 0 writes.
+WORLD_SET := $(if $(NPROC),train.nproc=$(NPROC)) $(if $(NNODES),train.nnodes=$(NNODES))
+train: setup ## stage train: LoRA/QLoRA/full fine-tuning with LLaMA-Factory -> models/lora (resumes; NPROC=2, NNODES=2 NODE_RANK=i MASTER_ADDR=..)
+ifneq ($(filter-out 0,$(NODE_RANK)),)
+	python src/train.py $(addprefix --set ,$(WORLD_SET))
+else ifneq ($(strip $(WORLD_SET)),)
+	dvc exp run train $(addprefix -S ,$(WORLD_SET))
+else
 	dvc repro train
+endif
 
 eval: setup ## stage evaluate: base vs fine-tuned on val, probes, everyday prompts -> reports/metrics/eval.json
 	dvc repro evaluate

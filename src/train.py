@@ -32,18 +32,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-dir", default=d.live_dir, type=Path, help="DVCLive metrics and plots")
     parser.add_argument("--metrics", default=d.metrics, type=Path)
     parser.add_argument("--env", default="reports/env/train.json", type=Path, help="environment manifest")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override params.yaml, as `dvc exp run -S` (make train NPROC/NNODES on the nodes DVC does not run on)",
+    )
     args = parser.parse_args(argv)
     paths = TrainPaths(
         args.params, args.model_dir, args.data_dir, args.out, args.checkpoints, args.live_dir, args.metrics
     )
-    outcome = train(load_params(args.params), paths)
+    outcome = train(load_params(args.params, args.set), paths)
     if outcome.returncode:
+        several = outcome.metrics.get("world_size", 1) > 1
         print(
-            f"error: llamafactory-cli train exited with code {outcome.returncode}; its messages are above",
+            f"error: llamafactory-cli train exited with code {outcome.returncode}; its messages are above"
+            + (
+                " (with several processes, the first failure is the cause: the others are stopped after it); "
+                "nothing was written to models/lora, and a rerun resumes from the newest complete checkpoint"
+                if several
+                else ""
+            ),
             file=sys.stderr,
         )
         return outcome.returncode
-    write_environment(args.env, "train")
+    if outcome.main_node:
+        write_environment(args.env, "train")
     return 0
 
 

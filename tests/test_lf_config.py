@@ -11,6 +11,7 @@ import yaml
 from lf_configs import config
 from llmft.common import UserError
 from llmft.lf import config as lf_config
+from llmft.lf.world import World
 from scripts import ROOT
 
 
@@ -60,22 +61,25 @@ def test_extra_keys_that_break_the_stage_or_duplicate_a_typed_key_are_rejected()
 
 
 def test_launch_is_plain_llamafactory_cli_on_one_gpu():
-    cmd, env = lf_config.launch_command("/run/cfg.yaml", {"PATH": "/usr/bin"}, deepspeed=None, bin_dir="/venv/bin")
+    cmd, env = lf_config.launch_command("/run/cfg.yaml", {"PATH": "/usr/bin"}, World().launch_env(), "/venv/bin")
     assert cmd == ["/venv/bin/llamafactory-cli", "train", "/run/cfg.yaml"]
     assert "FORCE_TORCHRUN" not in env and env["PATH"] == f"/venv/bin{os.pathsep}/usr/bin"
+    assert env["NPROC_PER_NODE"] == "1"  # LF would otherwise start one process per GPU by itself
 
 
-def test_deepspeed_and_multinode_launches_force_torchrun_and_keep_the_rendezvous_env():
-    _, env = lf_config.launch_command("c.yaml", {"PATH": "/usr/bin"}, deepspeed="z3", bin_dir="/venv/bin")
+def test_deepspeed_and_multinode_launches_force_torchrun_and_set_the_rendezvous_env():
+    _, env = lf_config.launch_command("c.yaml", {"PATH": "/usr/bin"}, World().launch_env(deepspeed=True), "/venv/bin")
     assert env["FORCE_TORCHRUN"] == "1"
-    nodes = {"PATH": "/usr/bin", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
-    _, env = lf_config.launch_command("c.yaml", nodes, deepspeed=None, bin_dir="/venv/bin")
-    assert env["FORCE_TORCHRUN"] == "1" and {k: env[k] for k in nodes if k != "PATH"} == {
+    node1 = World(nnodes=2, nproc=1, node_rank=1, master_addr="10.0.0.1", master_port=29500, rdzv_timeout=60)
+    _, env = lf_config.launch_command("c.yaml", {"PATH": "/usr/bin", "NODE_RANK": "1"}, node1.launch_env(), "/bin")
+    assert {k: env[k] for k in ("FORCE_TORCHRUN", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
+        "FORCE_TORCHRUN": "1",
         "NNODES": "2",
         "NODE_RANK": "1",
         "MASTER_ADDR": "10.0.0.1",
         "MASTER_PORT": "29500",
     }
+    assert env["PET_RDZV_CONF"] == "timeout=60"  # torchrun's own wait for the other nodes, bounded
     for z in ("z2", "z3"):
         ds = json.loads((ROOT / lf_config.DEEPSPEED_CONFIGS[z]).read_text())
         assert ds["zero_optimization"]["stage"] == int(z[1]) and ds["train_micro_batch_size_per_gpu"] == "auto"

@@ -59,3 +59,15 @@ def test_setup_is_a_noop_when_the_pins_are_unchanged():
     # make test already ran setup, so the stamp for today's pins exists.
     assert "pip install" not in make("-n", "setup").stdout
     assert "pip install" in make("-n", "setup", "PINS=changed").stdout
+
+
+def test_train_nproc_and_nnodes_go_through_dvc_on_node_0_and_around_it_elsewhere():
+    """NPROC/NNODES are train.nproc/train.nnodes: node 0 records them with `dvc exp run -S`; the other nodes run
+    the stage script with the same overrides, and no DVC (it would want outputs only node 0 writes)."""
+    assert make("-n", "train").stdout.strip().splitlines()[-1] == "dvc repro train"
+    assert make("-n", "train", "NPROC=2").stdout.strip().splitlines()[-1] == "dvc exp run train -S train.nproc=2"
+    node0 = make("-n", "train", "NNODES=2", "NODE_RANK=0", "MASTER_ADDR=10.0.0.1").stdout
+    assert node0.strip().splitlines()[-1] == "dvc exp run train -S train.nnodes=2"
+    node1 = make("-n", "train", "NPROC=8", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=10.0.0.1").stdout
+    assert node1.strip().splitlines()[-1] == "python src/train.py --set train.nproc=8 --set train.nnodes=2"
+    assert "dvc" not in node1

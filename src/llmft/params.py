@@ -182,10 +182,19 @@ class TrainParams(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deepspeed: Literal[None, "z2", "z3"] = None
     oom_backoff: bool = True
+    nproc: int | Literal["auto"] = "auto"  # processes per node: auto = one per GPU, 1 on a CPU (lf/world.py)
+    nnodes: int = Field(default=1, ge=1)  # nodes; each runs `make train` with its NODE_RANK and MASTER_ADDR
     profile: Literal["auto", "fast", "plain"] = "auto"
     cpu_token_budget: int | None = Field(default=40000, ge=1)  # CPU only: cap a run at this many tokens; null = none
     seed: int = 42
     extra: dict[str, Any] = {}
+
+    @field_validator("nproc")
+    @classmethod
+    def _positive_nproc(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("processes per node: a whole number >= 1, or auto (one per GPU, 1 on a CPU)")
+        return v
 
 
 class Probe(Section):
@@ -351,7 +360,8 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise UserError("; ".join(seen.values())) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
+    """params.yaml, validated; `overrides` are `section.key=value` (YAML values), as `dvc exp run -S` takes them."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -359,7 +369,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise UserError(f"{path}: file not found (run from the repo root, or pass --params)") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
-    return parse_params(raw, str(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        *parents, last = key.split(".")
+        if not sep or not parents or not isinstance(raw, dict):
+            raise UserError(f"{item!r}: an override is section.key=value, e.g. train.nproc=2")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return parse_params(raw, str(path) + (f" with {' '.join(overrides)}" if overrides else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

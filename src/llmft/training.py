@@ -27,6 +27,7 @@ from llmft.lf.encode import example_lengths
 from llmft.lf.memory import estimate_peak_gib
 from llmft.lf.mixing import NAME, Mix, describe, fingerprint_extra, plan_mix, write_dataset_info
 from llmft.lf.profile import probe_runtime
+from llmft.lf.world import World, resolve_world, usable_cores, wait_for_master
 from llmft.model import read_model_info
 from llmft.params import Params, TrainParams
 
@@ -56,6 +57,7 @@ class TrainOutcome:
     metrics: dict
     trained_now: bool  # False: the checkpoints held a finished run of the same inputs, reused as is
     returncode: int = 0  # llamafactory-cli's exit code; non-zero = failed, nothing written
+    main_node: bool = True  # False on nodes other than node 0: they write nothing
 
 
 @dataclasses.dataclass
@@ -85,7 +87,7 @@ def device_checks(t: TrainParams) -> str:
     return lf_config.choose_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
 
 
-def log_estimate(model_path: str, sections: dict, t: TrainParams, precision: str) -> None:
+def log_estimate(model_path: str, sections: dict, t: TrainParams, precision: str, world: World) -> None:
     if not (Path(model_path) / "config.json").exists():
         return log.info("no memory estimate: %s is not a local directory", model_path)
     batch = sections["train"]["per_device_train_batch_size"]
@@ -101,10 +103,13 @@ def log_estimate(model_path: str, sections: dict, t: TrainParams, precision: str
         grad_checkpointing=not any(s.get("disable_gradient_checkpointing") for s in sections.values()),
         lora_dropout=t.lora_dropout,
         liger=any(s.get("enable_liger_kernel") for s in sections.values()),
+        world_size=world.size,
+        zero_stage=int(t.deepspeed[1]) if t.deepspeed else None,
     )
     log.info(
-        "estimated peak GPU memory ~%.1f GiB = %s GiB (%s, %s, batch %d x %d tokens; see lf/memory.py)",
+        "estimated peak GPU memory ~%.1f GiB%s = %s GiB (%s, %s, batch %d x %d tokens; see lf/memory.py)",
         est.pop("total"),
+        f" in each of {world.size} processes" if world.size > 1 else "",
         " + ".join(f"{k} {v:.2f}" for k, v in est.items()),
         t.finetuning_type,
         precision,
@@ -119,20 +124,36 @@ class Launcher:
     transformers' DVCLiveCallback calls Live() with no arguments: it writes ./dvclive and merges its plots into
     ./dvc.yaml, which from the repo root would rewrite the pipeline's own dvc.yaml. So the child runs in a
     scratch directory whose ./dvclive links to the live dir; the dvc.yaml written there is thrown away.
+
+    On a node other than node 0 (`fp` given), nothing of the stage's is written: checkpoints are read (to resume
+    where node 0 resumes, when they are on a shared disk), while what transformers writes on every rank (its
+    rng_state_<rank>.pth) goes to the scratch directory, and so does DVCLive.
     """
 
     def __init__(
-        self, paths: TrainPaths, t: TrainParams, model_path: str, precision: str, header: list[str], mix: Mix | None
+        self,
+        paths: TrainPaths,
+        t: TrainParams,
+        model_path: str,
+        precision: str,
+        header: list[str],
+        mix: Mix | None,
+        world: World,
+        fp: str,
     ):
         self.paths, self.t, self.model_path, self.precision, self.header = paths, t, model_path, precision, header
-        self.mix = mix
+        self.mix, self.world, self.fp = mix, world, fp
         self.resumed = Resumed()  # of the last launch
-        paths.live_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = Path(tempfile.mkdtemp(prefix="train-run-"))
-        (self.run_dir / "dvclive").symlink_to(paths.live_dir.resolve(), target_is_directory=True)
+        live = paths.live_dir if world.is_main else self.run_dir / "live"
+        live.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "dvclive").symlink_to(live.resolve(), target_is_directory=True)
 
     def __call__(self, sections: dict) -> tuple[int, str]:
-        cfg, ckpt = lf_config.absolute_paths(sections), lf_run.newest_complete(self.paths.checkpoints)
+        cfg = lf_config.absolute_paths(sections)
+        ckpt = lf_run.newest_complete(self.paths.checkpoints, None if self.world.is_main else self.fp)
+        if not self.world.is_main:
+            cfg["output"]["output_dir"] = str(self.run_dir / "checkpoints")
         self.resumed = Resumed()
         if ckpt:
             state = read_json(ckpt / "trainer_state.json")
@@ -143,8 +164,12 @@ class Launcher:
             cfg["dataset"]["dataset_dir"] = str(write_dataset_info(self.mix.info, self.run_dir).parent)
         config = self.run_dir / "train_config.yaml"
         config.write_text(lf_config.to_yaml(cfg, self.header), encoding="utf-8")
-        log_estimate(self.model_path, sections, self.t, self.precision)
-        cmd, env = lf_config.launch_command(str(config), os.environ, self.t.deepspeed, str(Path(sys.executable).parent))
+        log_estimate(self.model_path, sections, self.t, self.precision, self.world)
+        world_env = self.world.launch_env(deepspeed=bool(self.t.deepspeed))
+        if self.world.cpu and self.world.size > 1:  # resuming needs torch.load to know "cpu:0" (see there)
+            fix = str(Path(__file__).parent / "lf" / "cpu_ddp")
+            world_env["PYTHONPATH"] = os.pathsep.join(filter(None, [fix, os.environ.get("PYTHONPATH")]))
+        cmd, env = lf_config.launch_command(str(config), os.environ, world_env, str(Path(sys.executable).parent))
         return lf_run.run_child(cmd, env | ({"DVCLIVE_RESUME": "1"} if ckpt else {}), self.run_dir)
 
     def close(self) -> None:
@@ -152,7 +177,7 @@ class Launcher:
 
 
 def build_sections(
-    params: Params, paths: TrainPaths, info: dict, precision: str
+    params: Params, paths: TrainPaths, info: dict, precision: str, world: World | None = None
 ) -> tuple[dict, CpuPlan | None, Mix | None]:
     """The LLaMA-Factory config of this run, checked (unknown or reserved train.extra keys fail here), on a CPU
     what it will cost (steps, tokens, minutes), capped at train.cpu_token_budget, and the rehearsal mixed in."""
@@ -195,7 +220,8 @@ def build_sections(
     if precision == "fp32" and "disable_gradient_checkpointing" not in t.extra:
         # fp32 means a CPU (or a forced choice): RAM is not the limit there, and recomputing activations costs ~30%.
         sections["train"]["disable_gradient_checkpointing"] = True
-    plan = plan_cpu_run(t, lengths, info.get("num_parameters"), rehearsal_lengths) if cpu and lengths else None
+    size = world.size if world else 1
+    plan = plan_cpu_run(t, lengths, info.get("num_parameters"), rehearsal_lengths, size) if cpu and lengths else None
     for note in plan.notes if plan else ():
         log.warning("%s", note) if "over train.cpu_token_budget" in note else log.info("%s", note)
     if plan and plan.max_steps:
@@ -206,10 +232,12 @@ def build_sections(
     return sections, plan, mix
 
 
-def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed) -> dict:
-    """train.json's figures of a run that just finished, from LLaMA-Factory's all_results.json and log history."""
+def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed, world_size: int = 1) -> dict:
+    """train.json's figures of a run that just finished, from LLaMA-Factory's all_results.json and log history.
+
+    tokens_per_sec counts every process: LLaMA-Factory's effective_tokens_per_sec is divided by the world size."""
     epoch = results.get("epoch") or 1
-    tps = results["effective_tokens_per_sec"] * (epoch - resumed.epoch) / epoch  # LF assumes all epochs ran now
+    tps = results["effective_tokens_per_sec"] * world_size * (epoch - resumed.epoch) / epoch  # LF: all epochs now
     # LF's train_loss averages over this launch only (wrong after a resume): report the last logged loss
     last_loss = next((e["loss"] for e in reversed(history) if "loss" in e), results["train_loss"])
     return {
@@ -219,6 +247,7 @@ def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed)
         "epoch": epoch,
         "train_runtime_s": results["train_runtime"],
         "tokens_per_sec": round(tps, 1) if tps else None,
+        "tokens_per_sec_per_process": round(tps / world_size, 1) if tps else None,
     }
 
 
@@ -252,7 +281,7 @@ def collect(
         (plots / name).parent.mkdir(parents=True, exist_ok=True)
         (plots / name).write_text(text)
     if outcome.trained_now:
-        outcome.metrics = run_metrics(results, history, step, resumed) | outcome.metrics
+        outcome.metrics = run_metrics(results, history, step, resumed, outcome.metrics["world_size"]) | outcome.metrics
         atomic_write_json(ckpt / RUN_METRICS, outcome.metrics)
     atomic_write_json(paths.metrics, outcome.metrics)
     log.info(
@@ -267,15 +296,29 @@ def collect(
 
 def train(params: Params, paths: TrainPaths) -> TrainOutcome:
     """Fine-tune models/base on data/processed as params.train says; write the adapter, metrics and curves."""
+    import torch
+
     t = params.train
+    world = resolve_world(t, os.environ, gpus=torch.cuda.device_count(), cores=usable_cores())
     for f, stage in ((paths.model_dir / "model_info.json", "model"), (paths.data_dir / "dataset_info.json", "prepare")):
         if not f.exists():
-            raise UserError(f"{f} not found: run `dvc repro {stage}` first")
+            fix = f"`dvc repro {stage}` first" if world.is_main else "`make pull` on this node (DVC runs on node 0)"
+            raise UserError(f"{f} not found: run {fix}")
     info = read_model_info(paths.model_dir)
     precision = device_checks(t)
-    sections, plan, mix = build_sections(params, paths, info, precision)
-    fp = lf_run.fingerprint(paths.data_dir, paths.model_dir, sections, fingerprint_extra(mix))
-    lf_run.sync_checkpoints(paths.checkpoints, fp)
+    log.info("%s", world.describe())
+    wait_for_master(world)
+    sections, plan, mix = build_sections(params, paths, info, precision, world)
+    fp = lf_run.fingerprint(paths.data_dir, paths.model_dir, sections, fingerprint_extra(mix), world.size)
+    batch = sections["train"]["per_device_train_batch_size"] * sections["train"]["gradient_accumulation_steps"]
+    layout = {
+        "world_size": world.size,
+        "nnodes": world.nnodes,
+        "nproc_per_node": world.nproc,
+        "effective_batch": batch * world.size,
+    }
+    if world.is_main:
+        lf_run.sync_checkpoints(paths.checkpoints, fp, world.size, layout["effective_batch"])
     header = [
         f"llamafactory-cli train {paths.out / 'train_config.yaml'}",
         (
@@ -284,28 +327,34 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         ),
         f"git {git_commit()}; paths are relative to where the stage ran (the repo root).",
     ]
-    if (paths.checkpoints / RUN_METRICS).exists():
+    if world.is_main and (paths.checkpoints / RUN_METRICS).exists():
         log.info(
             "%s holds a finished run of these inputs: nothing to train (delete it to train again)", paths.checkpoints
         )
         outcome = TrainOutcome(sections, read_json(paths.checkpoints / RUN_METRICS), trained_now=False)
         resumed = Resumed()
     else:
-        launcher = Launcher(paths, t, info["path"], precision, header, mix)
+        launcher = Launcher(paths, t, info["path"], precision, header, mix, world, fp)
         try:
-            sections, retries, rc = lf_run.train_with_backoff(sections, launcher, t.oom_backoff)
+            # Across nodes an OOM shows only in the log of the node it hit, so no node could retry in step.
+            backoff = t.oom_backoff and world.nnodes == 1
+            sections, retries, rc = lf_run.train_with_backoff(sections, launcher, backoff)
         finally:
             launcher.close()
         resumed = launcher.resumed
         outcome = TrainOutcome(
             sections,
             {"resumed_from_step": resumed.step, "oom_retries": retries, "precision": precision}
+            | layout
             | ({"cpu_plan": dataclasses.asdict(plan) | {"notes": None}} if plan else {})
             | ({"rehearsal": {"examples": mix.samples, "train_examples": mix.train_examples}} if mix else {}),
             trained_now=True,
             returncode=rc,
+            main_node=world.is_main,
         )
-        if rc != 0:
+        if rc != 0 or not world.is_main:
+            if rc == 0:
+                log.info("node %d of %d finished its part; node 0 writes %s", world.node_rank, world.nnodes, paths.out)
             return outcome
     train_section = outcome.sections["train"]
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):  # what finally ran

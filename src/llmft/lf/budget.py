@@ -33,11 +33,17 @@ class CpuPlan:
 
 
 def plan_cpu_run(
-    t, example_tokens: tuple[int, ...], num_parameters: int | None, rehearsal_tokens: tuple[int, ...] = ()
+    t,
+    example_tokens: tuple[int, ...],
+    num_parameters: int | None,
+    rehearsal_tokens: tuple[int, ...] = (),
+    world_size: int = 1,
 ) -> CpuPlan | None:
     """The steps, tokens and minutes params.train (`t`) asks for on this data; None when the lengths are unknown.
 
-    LLaMA-Factory takes the first max_samples examples; an optimizer step takes batch x accumulation of them.
+    LLaMA-Factory takes the first max_samples examples; an optimizer step takes batch x accumulation x world_size
+    of them (every process its own share). Tokens and minutes count all processes together: processes that share
+    a CPU's cores share its tokens/s too.
     `rehearsal_tokens`: the lengths of the rehearsal examples mixed into each epoch (lf/mixing.py). With them, a
     budget that leaves no room for one epoch is a UserError: a cut would drop some of the user's own examples.
     """
@@ -45,16 +51,17 @@ def plan_cpu_run(
     if not own:
         return None
     lengths = own + [min(n, t.cutoff_len) for n in rehearsal_tokens]
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     steps_per_epoch = math.ceil(len(lengths) / per_step)
     steps = t.max_steps or max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
     tokens = round(sum(lengths) / steps_per_epoch * steps)  # the average step's tokens, times the steps
     rate = REFERENCE_TOKENS_PER_S * REFERENCE_PARAMETERS / (num_parameters or REFERENCE_PARAMETERS)
     plan = CpuPlan(steps, tokens, tokens / rate / 60, rate)
+    procs = f" ({world_size} processes)" if world_size > 1 else ""
     plan.notes.append(
-        f"CPU run: {steps} optimizer steps of {per_step} examples ({len(lengths)} examples, {sum(lengths):,} tokens "
-        f"per epoch) = ~{tokens:,} tokens, ~{plan.minutes:.1f} min at ~{rate:.0f} tokens/s (a rough estimate: "
-        f"SmolLM2-135M measured 76-99 tokens/s on a 2-core CPU)"
+        f"CPU run: {steps} optimizer steps of {per_step} examples{procs} ({len(lengths)} examples, "
+        f"{sum(lengths):,} tokens per epoch) = ~{tokens:,} tokens, ~{plan.minutes:.1f} min at ~{rate:.0f} tokens/s "
+        f"(a rough estimate: SmolLM2-135M measured 76-99 tokens/s on a 2-core CPU)"
     )
     budget = t.cpu_token_budget
     if budget and rehearsal_tokens and budget < sum(lengths):

@@ -4,7 +4,7 @@ train.profile adds speed settings for the machine it will run on (profile.py: pl
 
     sections = build_config(params.train, model_path=..., template=..., ..., runtime=Runtime(cuda=True, ...))
     validate(sections, params.train.extra)   # unknown or reserved keys -> UserError, before any model loads
-    cmd, env = launch_command("train_config.yaml", os.environ, deepspeed="z2", bin_dir=".venv/bin")
+    cmd, env = launch_command("train_config.yaml", os.environ, world.launch_env(), bin_dir=".venv/bin")
 """
 
 from __future__ import annotations
@@ -188,18 +188,16 @@ def to_yaml(sections: Mapping[str, Mapping[str, Any]], header: list[str]) -> str
 
 
 def launch_command(
-    config_path: str, environ: Mapping[str, str], deepspeed: str | None, bin_dir: str
+    config_path: str, environ: Mapping[str, str], world_env: Mapping[str, str], bin_dir: str
 ) -> tuple[list[str], dict[str, str]]:
-    """`llamafactory-cli train <config>` and its environment.
-
-    LLaMA-Factory itself starts torchrun when it sees several GPUs, or FORCE_TORCHRUN; NNODES, NODE_RANK,
-    NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT pass through untouched. DeepSpeed and multi-node runs need
-    torchrun even with one GPU per node, so they force it. `bin_dir` (the venv's) goes first on PATH, where
-    LLaMA-Factory looks for torchrun.
+    """`llamafactory-cli train <config>` and its environment: `environ` with `world_env` over it (world.py's
+    launch_env: FORCE_TORCHRUN, NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_*, OMP_NUM_THREADS). LLaMA-Factory starts
+    torchrun itself from those. `bin_dir` (the venv's) goes first on PATH, where LLaMA-Factory looks for torchrun.
     """
-    env = dict(environ)
-    if deepspeed or int(env.get("NNODES", "1")) > 1:
-        env["FORCE_TORCHRUN"] = "1"
+    env = dict(environ) | dict(world_env)
+    for key in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if not env.get(key):  # set but empty: LF would pass "" to torchrun instead of its default
+            env.pop(key, None)
     env["PATH"] = os.pathsep.join([bin_dir, env["PATH"]] if env.get("PATH") else [bin_dir])
     env.setdefault("DVCLIVE_LOGLEVEL", "ERROR")  # dvclive's "can't save an experiment here" warnings are noise
     return [os.path.join(bin_dir, "llamafactory-cli"), "train", config_path], env

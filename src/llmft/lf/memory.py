@@ -120,13 +120,18 @@ def estimate_peak_gib(
     grad_checkpointing: bool = True,
     lora_dropout: float = 0.0,
     liger: bool = False,
+    world_size: int = 1,
+    zero_stage: int | None = None,
 ) -> dict[str, float]:
-    """Rough peak GPU memory per GPU (no ZeRO sharding), in GiB, from config.json and the size of the weight files:
+    """Rough peak GPU memory per GPU (per process), in GiB, from config.json and the size of the weight files:
 
     weights      n_params x bytes per weight (4 fp32, 2 bf16/fp16, 1 int8, 0.5 int4)
     optimizer    16 bytes per trainable parameter (fp32 copy, gradient, two Adam moments); see trainable_parameters
     activations  and logits: activation_bytes, for batch x seq tokens
     cuda         0.5 for the CUDA context and allocator slack
+
+    Several processes: DDP (no ZeRO) keeps a whole copy on each GPU, plus buckets of gradients as large as the
+    trainable ones (`ddp`); ZeRO-2 splits the optimizer state across the world_size GPUs, ZeRO-3 the weights too.
     """
     dims = ModelDims.from_config(model_config)
     n_params = weights_bytes // {"bfloat16": 2, "float16": 2}.get(dims.dtype, 4)
@@ -140,9 +145,12 @@ def estimate_peak_gib(
         liger=liger,
         checkpointing=grad_checkpointing,
     )
+    trainable = trainable_parameters(dims, n_params, finetuning_type, lora_rank)
+    shards = world_size if zero_stage else 1
     parts = {
-        "weights": n_params * weight_bytes,
-        "optimizer": 16 * trainable_parameters(dims, n_params, finetuning_type, lora_rank),
+        "weights": n_params * weight_bytes / (world_size if zero_stage == 3 else 1),
+        "optimizer": 16 * trainable / shards,
+        **({"ddp": 4 * trainable} if world_size > 1 and not zero_stage else {}),
         **act,
         "cuda": CUDA_OVERHEAD_GIB * GIB,
     }

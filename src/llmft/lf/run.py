@@ -1,7 +1,8 @@
 """Running `llamafactory-cli train` for the train stage: the child process, OOM back-off, checkpoints to resume.
 
-sync_checkpoints(Path("checkpoints"), fingerprint(data_dir, model_dir, sections))  # inputs changed: clear
+sync_checkpoints(Path("checkpoints"), fingerprint(data_dir, model_dir, sections, world_size=2), world_size=2)
 ckpt = newest_complete(Path("checkpoints"))     # torn checkpoints (killed mid-save) are removed
+ckpt = newest_complete(Path("checkpoints"), fp)  # the other nodes: read only, and only if the fingerprint matches
 sections, retries, rc = train_with_backoff(sections, launch, enabled=True)
 """
 
@@ -62,22 +63,29 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def newest_complete(ckpt_dir: Path) -> Path | None:
-    """The newest resumable checkpoint-N; torn ones (killed mid-save) are removed, so no tool ever loads them."""
+def newest_complete(ckpt_dir: Path, read_only_for: str | None = None) -> Path | None:
+    """The newest resumable checkpoint-N; torn ones (killed mid-save) are removed, so no tool ever loads them.
+
+    read_only_for=<fingerprint>: a node other than node 0 looks without removing anything, and only at checkpoints
+    stamped with the same fingerprint (node 0 owns the folder; on a shared disk it may be clearing it)."""
+    if read_only_for is not None and stamp(ckpt_dir).get("fingerprint") != read_only_for:
+        return None
     for ckpt in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
         if (problem := checkpoint_problem(ckpt)) is None:
             return ckpt
-        log.warning("skipping incomplete %s (%s); removing it", ckpt, problem)
-        shutil.rmtree(ckpt)
+        if read_only_for is None:
+            log.warning("skipping incomplete %s (%s); removing it", ckpt, problem)
+            shutil.rmtree(ckpt)
     return None
 
 
-def fingerprint(data_dir: Path, model_dir: Path, sections: dict, extra: str = "") -> str:
+def fingerprint(data_dir: Path, model_dir: Path, sections: dict, extra: str = "", world_size: int = 1) -> str:
     """Hash of the data files, model_info.json, the config minus its output path, and `extra` (the rehearsal data
-    mixed in); only the effective batch counts, so the OOM back-off can resume checkpoints made with a bigger
-    per-device batch."""
+    mixed in). Of the batch only the effective batch counts (per device x accumulation x processes): the OOM
+    back-off can resume checkpoints made with a bigger per-device batch, and a checkpoint resumes at another world
+    size when the effective batch is the same, because then its steps hold the same examples."""
     cfg = {k: v for k, v in flat(sections).items() if k != "output_dir"}
-    cfg["gradient_accumulation_steps"] *= cfg.pop("per_device_train_batch_size")
+    cfg["gradient_accumulation_steps"] *= cfg.pop("per_device_train_batch_size") * world_size
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     for f in sorted(data_dir.glob("*.json")) + [model_dir / "model_info.json"]:
         h.update(f.name.encode() + f.read_bytes())
@@ -85,20 +93,51 @@ def fingerprint(data_dir: Path, model_dir: Path, sections: dict, extra: str = ""
     return h.hexdigest()
 
 
-def sync_checkpoints(ckpt_dir: Path, fp: str) -> None:
-    """Keep checkpoints made from the same inputs; otherwise clear them, in one log line."""
-    stamp = ckpt_dir / "fingerprint.json"
-    old = json.loads(stamp.read_text())["fingerprint"] if stamp.exists() else None
-    if old != fp and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        log.info(
-            "data, model or train params changed since %s was written: starting fresh (removing %d checkpoints)",
-            ckpt_dir,
-            len(list(ckpt_dir.glob("checkpoint-*"))),
-        )
+def stamp(ckpt_dir: Path) -> dict:
+    """checkpoints/fingerprint.json: the fingerprint of the run its checkpoints belong to, and its world size."""
+    path = ckpt_dir / "fingerprint.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def sync_checkpoints(ckpt_dir: Path, fp: str, world_size: int = 1, effective_batch: int | None = None) -> None:
+    """Keep checkpoints made from the same inputs; otherwise clear them, in one log line that says why."""
+    old = stamp(ckpt_dir)
+    old_world = old.get("world_size", 1)
+    if old.get("fingerprint") != fp and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        n = len(list(ckpt_dir.glob("checkpoint-*")))
+        if old_world != world_size and old.get("effective_batch") not in (None, effective_batch):
+            log.info(
+                "world size %d -> %d changed the effective batch %s -> %s since %s was written, so a step no longer "
+                "holds the same examples: starting fresh (removing %d checkpoints)",
+                old_world,
+                world_size,
+                old["effective_batch"],
+                effective_batch,
+                ckpt_dir,
+                n,
+            )
+        else:
+            log.info(
+                "data, model or train params changed since %s was written: starting fresh (removing %d checkpoints)",
+                ckpt_dir,
+                n,
+            )
         for entry in ckpt_dir.iterdir():  # empty it, don't remove it: on Colab it is a symlink to Google Drive
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    elif old_world != world_size and any(ckpt_dir.glob("checkpoint-*")):
+        log.info(
+            "checkpoints in %s were written at world size %d, this run has %d: the same effective batch (%s), so "
+            "they resume",
+            ckpt_dir,
+            old_world,
+            world_size,
+            effective_batch,
+        )
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stamp, {"fingerprint": fp})
+    atomic_write_json(
+        ckpt_dir / "fingerprint.json",
+        {"fingerprint": fp, "world_size": world_size, "effective_batch": effective_batch},
+    )
 
 
 def run_child(cmd: list[str], env: dict, cwd: Path) -> tuple[int, str]:
