@@ -20,7 +20,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONUTF8 := 1
 
 .PHONY: help setup check lint format all data model rehearse train eval export benchmark gguf report test test-fast push pull chat serve \
-        notebook bench bench-data bench-eval bench-noop sweep compare doctor status dag clean
+        notebook bench bench-data bench-eval bench-noop sweep compare doctor status dag clean sky-check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -134,6 +134,9 @@ push: setup ## dvc push every versioned artifact to the default remote (REMOTE=n
 
 pull: setup ## dvc pull every versioned artifact from the default remote (REMOTE=name for another)
 	python -m llmft.tools.remote pull $(if $(REMOTE),-r $(REMOTE))
+
+sky-check: setup ## the SkyPilot task configs/sky/train.yaml: SkyPilot's own loader (in its own venv) and its run section on stubs
+	python -m pytest tests/test_sky.py
 
 bench-eval: setup ## evaluation tokens/s: our evaluate stage vs LLaMA-Factory do_predict, same val set
 	python benchmarks/bench_eval.py
