@@ -198,7 +198,7 @@ def test_two_nodes_over_loopback_train_one_adapter_and_only_node_0_writes(two_pr
     assert main.returncode == 0, main_err[-3000:]
     assert worker.returncode == 0, worker_err[-3000:]
     assert "Multi-node training enabled: num nodes: 2" in main_err
-    assert "world size 2 (2 nodes x 1 processes, node 1, master 127.0.0.1:" in worker_err
+    assert "world size 2 (2 nodes x 1 process, node 1, master 127.0.0.1:" in worker_err
     assert "node 1 of 2 finished its part; node 0 writes models/lora" in worker_err
     m = train_json(nodes[0])
     assert (m["world_size"], m["nnodes"], m["nproc_per_node"]) == (2, 2, 1) and math.isfinite(m["eval_loss"])

@@ -52,7 +52,7 @@ class World:
         where = f"{self.nnodes} nodes x {self.nproc}" if self.nnodes > 1 else f"{self.nproc}"
         node = f", node {self.node_rank}, master {self.master_addr}:{self.master_port}" if self.nnodes > 1 else ""
         threads = f", {self.threads} CPU threads each" if self.threads else ""
-        return f"world size {self.size} ({where} processes{threads}{node})"
+        return f"world size {self.size} ({where} process{'es' if self.nproc > 1 else ''}{threads}{node})"
 
     def launch_env(self, deepspeed: bool = False) -> dict[str, str]:
         """The variables LLaMA-Factory's launcher reads (and torchrun after it); empty keys are left to their
