@@ -24,7 +24,7 @@ from llmft.lf import config as lf_config
 from llmft.lf import run as lf_run
 from llmft.params import TrainParams
 from scripts import ROOT
-from train_project import adapter, make_project, no_weights, set_train, stage_cmd
+from train_project import adapter, make_project, no_weights, set_train, stage_cmd, start_stage, wait_for_checkpoint
 
 CORES = len(os.sched_getaffinity(0))
 TWO = {"nproc": 2, "gradient_accumulation_steps": 1, "lora_dropout": 0.0}  # effective batch 2 x 1 x 2 = 4
@@ -125,18 +125,8 @@ def rank_pids(parent: int, rank: str) -> list[int]:
 @pytest.mark.slow
 def test_killing_one_rank_stops_the_job_and_a_rerun_resumes_at_the_same_world_size(tiny_model_dir, tmp_path):
     root = make_project(tmp_path, **TWO, max_steps=100, save_steps=2, eval_steps=50)
-    proc = subprocess.Popen(
-        stage_cmd(tiny_model_dir),
-        cwd=root,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300  # any complete checkpoint: save_total_limit removes the older ones fast
-    while not any(lf_run.checkpoint_problem(c) is None for c in root.glob("checkpoints/checkpoint-*")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
+    proc = start_stage(root, tiny_model_dir, stderr=subprocess.PIPE)
+    wait_for_checkpoint(proc, root)
     victims = rank_pids(proc.pid, "1")
     assert len(victims) == 1, victims
     os.kill(victims[0], signal.SIGKILL)  # rank 1 alone, as an OOM killer or a lost GPU would

@@ -10,12 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from llmft.lf import run as lf_run
 from train_project import (
     adapter,
     assert_same_adapter,
@@ -25,6 +23,8 @@ from train_project import (
     run_stage,
     set_train,
     stage_cmd,
+    start_stage,
+    wait_for_checkpoint,
 )
 
 
@@ -98,18 +98,8 @@ def test_saved_config_reruns_with_plain_llamafactory_cli(trained, tmp_path):
 @pytest.mark.slow
 def test_rerun_after_kill_9_resumes_from_newest_complete_checkpoint_and_matches(trained, tiny_model_dir, tmp_path):
     root = make_project(tmp_path)
-    proc = subprocess.Popen(
-        stage_cmd(tiny_model_dir),
-        cwd=root,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    first = root / "checkpoints" / "checkpoint-2"
-    deadline = time.time() + 300
-    while not (first.exists() and lf_run.checkpoint_problem(first) is None):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.1)
+    proc = start_stage(root, tiny_model_dir)
+    wait_for_checkpoint(proc, root)
     os.killpg(proc.pid, signal.SIGKILL)  # the stage and its llamafactory-cli child, like a closed terminal
     proc.wait()
     assert not (root / "models" / "lora").exists(), "training finished before the kill; the test proves nothing"

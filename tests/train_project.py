@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -64,6 +65,23 @@ def make_rehearsal(root: Path, count: int) -> Path:
 
 def stage_cmd(model_dir: Path) -> list[str]:
     return [sys.executable, str(ROOT / "src" / "train.py"), "--model-dir", str(model_dir)]
+
+
+def start_stage(root: Path, model_dir: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """The stage in a session of its own (os.killpg ends it and its llamafactory-cli child), not waited for."""
+    return subprocess.Popen(
+        stage_cmd(model_dir), cwd=root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr, text=True
+    )
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 300) -> None:
+    """Until checkpoints/ holds a complete checkpoint (any: save_total_limit removes the older ones fast)."""
+    from llmft.lf.run import checkpoint_problem
+
+    deadline = time.time() + timeout
+    while not any(checkpoint_problem(c) is None for c in root.glob("checkpoints/checkpoint-*")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
 
 
 def run_stage(root: Path, model_dir: Path) -> subprocess.CompletedProcess:
