@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --steps 35 --warmup 5      # the CUDA defaults, spelled out
     python benchmarks/bench_train.py --shape tiny --steps 6 --warmup 2 --arms plain,fast   # CI's smoke test
     python benchmarks/bench_train.py --table                    # Markdown table of reports/bench/*.json
-    python benchmarks/bench_train.py --readme README.md         # ... written between <!-- bench:start/end -->
+    python benchmarks/bench_train.py --readme docs/performance.md   # ... written between <!-- bench:start/end -->
     python benchmarks/bench_train.py --export-tokenizer .bench/tokenizer   # for the GPU machine (gpu/run.sh)
 
 One run builds a random-init Llama of the chosen shape (real weights are not needed for speed), generates
@@ -652,7 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table", action="store_true", help="print the Markdown table of --out-dir/*.json, run nothing"
     )
-    parser.add_argument("--readme", type=Path, help="write that table into this file between the bench markers")
+    parser.add_argument(
+        "--readme", type=Path, help="write that table into this file between the bench markers (docs/performance.md)"
+    )
     parser.add_argument("--export-tokenizer", type=Path, help="copy the tokenizer files here (for gpu/run.sh), exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
