@@ -8,7 +8,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 # The torch build: cu130 (PyPI's, as locked; NVIDIA driver >= 580), cu128 or cu126 (older drivers), or cpu. make setup
 # picks it from nvidia-smi (src/llmft/torch_build.py) and records it in .venv/.torch-cuda; TORCH_CUDA=... switches
-# (and is recorded), TORCH_CUDA=auto picks again. README: GPU set-up.
+# (and is recorded), TORCH_CUDA=auto picks again. docs/gpu.md.
 TORCH_CUDA ?= $(shell cat $(VENV)/.torch-cuda 2>/dev/null)
 TORCH_BUILD := $(or $(filter-out auto,$(TORCH_CUDA)),$(shell $(PYTHON) src/llmft/torch_build.py --quiet 2>/dev/null))
 # The install is redone only when the pins or the torch build change: the stamp's name is a hash of the pin files
@@ -69,12 +69,12 @@ data: setup ## stage prepare: raw tables (data.sources) -> data/processed/{train
 	dvc repro prepare
 
 bench: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> reports/bench/ (CUDA: Llama-2-7B shape; CPU: tiny)
-	@python -c 'import importlib.util as u; u.find_spec("flash_attn") or print("note: flash-attn is not installed, so on CUDA the fast profile uses PyTorch SDPA; README, GPU set-up, says how to add it")'
+	@python -c 'import importlib.util as u; u.find_spec("flash_attn") or print("note: flash-attn is not installed, so on CUDA the fast profile uses PyTorch SDPA; docs/gpu.md says how to add it")'
 	python benchmarks/bench_train.py
 
 # A grid: each -S takes comma-separated values, one experiment per combination.
-# The README's table came from: make sweep SWEEP='-S train.learning_rate=5.0e-5,1.0e-3 -S train.num_train_epochs=1,2
-#   -S train.gradient_accumulation_steps=1,4' STAGE=evaluate
+# The table in docs/training.md came from: make sweep SWEEP='-S train.learning_rate=5.0e-5,1.0e-3
+#   -S train.num_train_epochs=1,2 -S train.gradient_accumulation_steps=1,4' STAGE=evaluate
 SWEEP ?= -S train.learning_rate=5.0e-5,1.0e-3 -S train.gradient_accumulation_steps=1,4
 JOBS ?= 1
 STAGE ?=
@@ -90,7 +90,7 @@ model: setup ## stage model: base model -> models/base (embedded SmolLM2 by defa
 rehearse: setup ## stage rehearse: the base model answers general prompts -> data/rehearsal (mixed into training)
 	dvc repro rehearse
 
-# Several processes or nodes (README: Outgrow one machine). NPROC=n processes per node (train.nproc; default one per
+# Several processes or nodes (docs/distributed.md). NPROC=n processes per node (train.nproc; default one per
 # GPU), NNODES=n nodes (train.nnodes), each node with its NODE_RANK=i and node 0's MASTER_ADDR (and MASTER_PORT).
 # Node 0 runs DVC: NPROC and NNODES become `dvc exp run -S`, so params.yaml and dvc.lock record them. The other
 # nodes run the stage script alone with the same overrides: DVC there would want outputs only node 0 writes.

@@ -53,7 +53,7 @@ REPO_URL = "https://github.com/YOUR-NAME/llm-finetune.git"  # @param {type:"stri
 MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # @param {type:"string"}
 QLORA = False  # @param {type:"boolean"}
 # Empty = the repo's demo (LLaMA-Factory's identity set + Chinese idioms). Or your table, in the repo or on Drive
-# (/content/drive/MyDrive/...), columns as in the README's "Use your own data": then the guide's values below apply.
+# (/content/drive/MyDrive/...), columns as in docs/data.md: then the guide's values below apply.
 DATA = ""  # @param {type:"string"}
 NAME = "Lumi"  # @param {type:"string"}
 DRIVE_DIR = "/content/drive/MyDrive/llm-finetune"  # @param {type:"string"}
@@ -179,7 +179,7 @@ overrides = {
 }
 if DATA:
     overrides["data.sources"] = [{"path": DATA}]  # one table, columns found by name
-    # The guide's values, for a 7B model on thousands of examples on a GPU (README: Choosing the training values).
+    # The guide's values, for a 7B model on thousands of examples on a GPU (docs/training.md).
     # The repo's defaults (lr 1e-3, batch 4 x 1, 2 epochs) are sized for the 139-example demo on a CPU.
     overrides |= {
         "train.learning_rate": 5.0e-5,

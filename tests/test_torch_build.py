@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "src/llmft/torch_build.py"
 
 
-# The decision table (README, GPU set-up): driver and GPUs -> build, and the words that say why.
+# The decision table (docs/gpu.md, GPU set-up): driver and GPUs -> build, and the words that say why.
 TABLE = [
     ("595.45.04", ["9.0"], "cu130", "as locked"),
     ("580.65.06", ["8.0"], "cu130", "as locked"),

@@ -20,7 +20,7 @@ from llmft.torch_build import Smi, Unsupported, choose, query_smi, vtext
 
 KERNELS = {  # package -> (module, what it is for, how to get it)
     "liger-kernel": ("liger_kernel", "train.profile fast, on CUDA", "pinned: make setup"),
-    "flash-attn": ("flash_attn", "train.profile fast, on Ampere or newer", "README: GPU set-up"),
+    "flash-attn": ("flash_attn", "train.profile fast, on Ampere or newer", "docs/gpu.md"),
     "bitsandbytes": ("bitsandbytes", "QLoRA, on CUDA", ".venv/bin/pip install bitsandbytes==0.50.2"),
     "deepspeed": ("deepspeed", "train.deepspeed, on CUDA", ".venv/bin/pip install deepspeed"),
 }
