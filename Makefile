@@ -20,7 +20,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONUTF8 := 1
 
 .PHONY: help setup check lint format all data model rehearse train eval export benchmark gguf report test test-fast push pull chat serve \
-        notebook bench bench-data bench-eval bench-noop sweep compare doctor status dag clean sky-check
+        notebook bench bench-data bench-eval bench-noop sweep compare doctor status dag clean sky-check docs-check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -149,6 +149,9 @@ bench-data: setup ## prepare a generated 1,000,000-row CSV; print rows/s and pea
 
 test: setup ## run every test (what CI runs)
 	python -m pytest
+
+docs-check: setup ## broken relative links and anchors in README.md and docs/
+	python -m pytest tests/test_docs.py
 
 test-fast: setup ## the unit tests: neither slow (real training) nor integration (git, DVC, servers); ~2 min
 	python -m pytest -m "not slow and not integration"
