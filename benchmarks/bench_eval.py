@@ -43,7 +43,7 @@ def count_tokens(tokenizer, texts: list[str], max_new_tokens: int) -> int:
 
 def prepare_ours(args, fmt: ChatFormat):
     """A function that answers the examples with our evaluate path and returns (answer ids, seconds)."""
-    rows = evaluate.load_rows(args.data_dir, args.split, args.max_examples)
+    rows, _ = evaluate.load_rows(args.data_dir, args.split, args.max_examples)
     prompts = [ex["prompt_ids"] for ex in evaluate.encode_split(args.data_dir, args.split, rows, fmt)]
     model = merge_adapter(load_model(fmt), args.adapter)
 

@@ -78,10 +78,11 @@ display(
         + (
             f"; rehearsal: {train['rehearsal']['examples']} of the base model's own answers mixed with "
             f"{train['rehearsal']['train_examples']} training examples an epoch "
-            f"(`rehearsal.share` {params.rehearsal.share})."
+            f"(`rehearsal.share` {params.rehearsal.share}{rd.share_used(train['rehearsal'])})."
             if train.get("rehearsal")
             else "; no rehearsal (`rehearsal.enabled` false)."
         )
+        + rd.cut_and_capped(train, evals)
     )
 )
 

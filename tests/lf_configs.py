@@ -45,5 +45,10 @@ def config(runtime: Runtime = CPU, precision: str = "fp32", **train) -> dict:
     )
 
 
+# The guide's values for a 7B model on thousands of examples on a GPU (docs/training.md); the schema's defaults
+# are the CPU demo's (params.yaml).
+GUIDE_7B = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "learning_rate": 5e-5}
+
+
 def gpu_config(runtime: Runtime = H100, **train) -> dict:
-    return config(runtime, "bf16", **({"cutoff_len": 2048} | train))
+    return config(runtime, "bf16", **(GUIDE_7B | {"cutoff_len": 2048} | train))

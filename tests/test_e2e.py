@@ -66,7 +66,9 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     rehearse = json.loads((repo / "reports/metrics/rehearse.json").read_text())
     assert rehearse["prompts"] == 12 == rehearse["kept"] + rehearse["dropped_total"] and rehearse["kept"] > 0
     share = yaml.safe_load((repo / "params.yaml").read_text())["rehearsal"]["share"]
-    assert train["rehearsal"] == {"examples": round(share / (1 - share) * 24), "train_examples": 24}
+    mix = train["rehearsal"]  # 24 own examples ask for 24 rehearsal ones; no answer is drawn more than twice
+    assert mix["train_examples"] == 24 and mix["available"] == rehearse["kept"] and mix["max_repeats"] <= 2
+    assert mix["examples"] == min(round(share / (1 - share) * 24), 2 * rehearse["kept"])
     assert "dataset: train,rehearsal" in (repo / "models/lora/train_config.yaml").read_text()
     bench = json.loads((repo / "reports/metrics/benchmark.json").read_text())["tasks"]["mmlu_subset"]
     assert (

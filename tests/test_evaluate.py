@@ -131,7 +131,7 @@ def test_sharegpt_split_is_read_as_llamafactory_reads_it(fmt, tmp_path):
         }
     }
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
-    [example] = evaluate.encode_split(tmp_path, "val", evaluate.load_rows(tmp_path, "val", None), fmt)
+    [example] = evaluate.encode_split(tmp_path, "val", evaluate.load_rows(tmp_path, "val", None)[0], fmt)
     assert (example["prompt"], example["label"]) == ("冰寒于水？", "冰比水冷。")
     text = fmt.tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=False)
     assert fmt.tokenizer.decode(example["prompt_ids"]) == text

@@ -110,7 +110,9 @@ def test_packing_is_skipped_where_it_would_change_what_is_learned():
 
 
 def test_fast_forced_on_a_cpu_only_packs():
-    sections = config(Runtime(example_tokens=(60, 50, 70, 74) * 40), profile="fast", cutoff_len=256)
+    sections = config(
+        Runtime(example_tokens=(60, 50, 70, 74) * 40), profile="fast", cutoff_len=256, gradient_accumulation_steps=4
+    )
     assert sections["profile"] == {"neat_packing": True}
     assert (sections["train"]["per_device_train_batch_size"], sections["train"]["gradient_accumulation_steps"]) == (
         4,

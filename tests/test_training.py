@@ -183,31 +183,45 @@ def test_a_cpu_run_says_its_cost_first_and_stops_at_the_token_budget(tiny_model_
 
 
 @pytest.mark.slow
-def test_rehearsal_is_mixed_in_by_llamafactory_and_the_saved_config_finds_both_sets(tiny_model_dir, tmp_path):
+def test_rehearsal_is_mixed_in_by_llamafactory_and_a_budget_cut_keeps_it(tiny_model_dir, tmp_path):
     root = make_project(tmp_path)
     make_rehearsal(root, 10)
-    set_train(root, rehearsal={"share": 0.5}, max_steps=2)  # 16 own examples (max_samples) -> 16 rehearsal ones
+    # 16 own examples (max_samples) ask for 16 rehearsal ones; 10 answers drawn at most twice give them. 32 examples
+    # of ~30 tokens an epoch, 2 epochs = 16 steps of 4: the budget cuts the run inside the first epoch
+    set_train(root, rehearsal={"share": 0.5}, max_steps=None, num_train_epochs=2.0, cpu_token_budget=400)
     env = os.environ | {"LLAMAFACTORY_VERBOSITY": "INFO"}  # LLaMA-Factory's own log line below is INFO
     proc = subprocess.run(stage_cmd(tiny_model_dir), cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "16 of the base model's own answers (10 available; LLaMA-Factory repeats some" in proc.stderr
-    assert "Sampled 16 examples from dataset" in proc.stdout + proc.stderr  # LLaMA-Factory's own num_samples
-    assert json.loads((root / "reports/metrics/train.json").read_text())["rehearsal"] == {
+    assert "16 of the base model's own answers (10 available, none drawn more than twice an epoch)" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Sampled 10 examples from dataset" in out and "Sampled 6 examples from dataset" in out  # LF's own draw
+    metrics = json.loads((root / "reports/metrics/train.json").read_text())
+    assert metrics["rehearsal"] == {
         "examples": 16,
         "train_examples": 16,
+        "share": 0.5,
+        "asked": 16,
+        "available": 10,
+        "max_repeats": 2,
     }
+    plan = metrics["cpu_plan"]
+    assert plan["steps"] == 16 and 0 < plan["max_steps"] == metrics["global_step"] < 8  # cut, not refused
+    assert plan["own_seen"] == round(plan["max_steps"] * 4 / 32 * 16) and plan["own_examples"] == 16
+    assert f"sees ~{plan['own_seen']} of your 16 examples once (with rehearsal in the same share)" in proc.stderr
+    assert "whole CPU run ~" in proc.stderr and " train " in proc.stderr.split("whole CPU run ~")[1]
     config = (root / "models/lora/train_config.yaml").read_text()
-    assert "\ndataset: train,rehearsal\n" in config and "\nmix_strategy: concat\n" in config
+    assert "\ndataset: train,rehearsal,rehearsal_2\n" in config and "\nmix_strategy: concat\n" in config
     assert "\ndataset_dir: models/lora\n" in config
     # the record reruns from the repo root: LLaMA-Factory's own parser finds both sets through models/lora
     from llamafactory.data.parser import get_dataset_list
 
-    attrs = get_dataset_list(["train", "rehearsal"], str(root / "models/lora"))
+    attrs = get_dataset_list(["train", "rehearsal", "rehearsal_2"], str(root / "models/lora"))
     assert [(root / "models/lora" / a.dataset_name).resolve() for a in attrs] == [
         (root / "data/processed/train.json").resolve(),
         (root / "data/rehearsal/rehearsal.json").resolve(),
+        (root / "data/rehearsal/rehearsal.json").resolve(),
     ]
-    assert attrs[1].num_samples == 16
+    assert [a.num_samples for a in attrs[1:]] == [10, 6]
 
 
 @pytest.mark.integration

@@ -22,7 +22,7 @@ from llmft.infer.decode import answer_nll, greedy_generate
 from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
 from llmft.infer.text import complete_decode
 from llmft.infer.vllm import require_vllm, vllm_generate
-from llmft.kept import forgot_warning, kept_scores, mark, passes, persona_named
+from llmft.kept import forgot_warning, kept_scores, language, mark, passes, persona_named
 from llmft.lf.encode import convert_rows, dataset_attr
 from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
 from llmft.params import EvalParams, Probe
@@ -32,8 +32,9 @@ log = get_logger("evaluate")
 SPLITS = ("val", "test")  # test is optional (data.test_size: 0 writes none)
 
 
-def load_rows(data_dir: Path, name: str, max_examples: int | None) -> list:
-    """The first `max_examples` rows of one split; UserError when the file is missing, broken or empty."""
+def load_rows(data_dir: Path, name: str, max_examples: int | None) -> tuple[list, int]:
+    """(The first `max_examples` rows of one split, how many it holds); UserError when the file is missing, broken
+    or empty. The splits are shuffled by prepare, so the first rows are a random sample."""
     file = data_dir / f"{name}.json"
     try:
         rows = json.loads(file.read_text(encoding="utf-8"))
@@ -46,7 +47,7 @@ def load_rows(data_dir: Path, name: str, max_examples: int | None) -> list:
             f"{file}: expected a non-empty JSON list of examples; raise data.val_size "
             "(or data.test_size) and rerun `dvc repro prepare`"
         )
-    return rows[:max_examples]
+    return rows[:max_examples], len(rows)
 
 
 def encode_split(data_dir: Path, name: str, rows: list, fmt: ChatFormat) -> list[dict]:
@@ -95,8 +96,11 @@ def score(fmt: ChatFormat, examples: list[dict], answers: list[list[int]], nll: 
     lf_labels = fmt.tokenizer.batch_decode([ex["answer_ids"] for ex in examples], skip_special_tokens=True)
     loss = nll[0] / max(nll[1], 1)
     stops = set(fmt.stop_ids)
+    # answers in the reference's language: what a table in another language than the base model's teaches first
+    same = [language(a) == lang for a, ex in zip(clean, examples) if (lang := language(ex["label"]))]
     return {
         **text_metrics(clean, [ex["label"] for ex in examples]),
+        **({"language": round(100 * sum(same) / len(same), 2)} if same else {}),
         "loss": round(loss, 6),
         "perplexity": round(math.exp(min(loss, 50)), 4),
         "answer_tokens": round(sum(map(len, answers)) / len(answers), 2),
@@ -206,11 +210,18 @@ def evaluate(
     check_adapter(adapter_dir)  # the cheap checks first: a mistake is reported in a second, not after loading
     if p.backend == "vllm":
         require_vllm()
-    rows = {
-        name: load_rows(data_dir, name, p.max_examples)
-        for name in SPLITS
-        if name == "val" or (data_dir / f"{name}.json").exists()
+    import torch
+
+    cap = p.examples_cap(torch.cuda.is_available())
+    loaded = {
+        name: load_rows(data_dir, name, cap) for name in SPLITS if name == "val" or (data_dir / f"{name}.json").exists()
     }
+    rows = {name: split_rows for name, (split_rows, _) in loaded.items()}
+    available = {name: n for name, (_, n) in loaded.items()}
+    for name, n in available.items():
+        if n > len(rows[name]):
+            why = f"eval.max_examples {p.max_examples}" + (" on a CPU; null = all" if p.max_examples == "auto" else "")
+            log.info("%s: answering the first %d of %d examples (%s)", name, len(rows[name]), n, why)
     kept_items = load_kept(p, variables)
     fmt = load_chat_format(base_dir, p.cutoff_len)
     splits = {name: encode_split(data_dir, name, split_rows, fmt) for name, split_rows in rows.items()}
@@ -286,6 +297,7 @@ def evaluate(
         mark(row, variables)
     metrics["delta"] = delta(metrics["tuned"], metrics["base"])
     metrics["examples"] = {s: len(split) for s, split in splits.items()}
+    metrics["examples_available"] = available
     metrics["speed"] = {**speed, "num_threads": threads}
     metrics["method"] = METHOD
     predictions = [

@@ -109,6 +109,11 @@ def kept_scores(rows: list[dict], nll: dict[str, tuple[float, int]] | None = Non
             "facts_right": _pct(sum(bool(r[f"{name}_pass"]) for r in facts), len(facts)),
             "facts_kept": _pct(sum(bool(r[f"{name}_pass"]) for r in base_right), len(base_right)),
             "language": _pct(sum(bool(r[f"{name}_lang"]) for r in langs), len(langs)),
+            "leak_by_language": {  # a persona tends to leak in one language first (the demo's: Chinese)
+                lang: _pct(sum(bool(r[f"{name}_leak"]) for r in group), len(group))
+                for lang in ("zh", "en")
+                if (group := [r for r in rows if prompt_language(r["prompt"]) == lang])
+            },
         }
         if nll:
             total, tokens = nll[name]

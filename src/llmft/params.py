@@ -165,9 +165,9 @@ class TrainParams(Section):
     use_rslora: bool = False
     quantization_bit: Literal[4, 8] | None = None
     per_device_train_batch_size: int = Field(default=4, ge=1)
-    gradient_accumulation_steps: int = Field(default=4, ge=1)
-    learning_rate: float = Field(default=5e-5, gt=0)
-    num_train_epochs: float = Field(default=3.0, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    num_train_epochs: float = Field(default=2.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
     max_samples: int | None = Field(default=None, ge=1)
     lr_scheduler_type: Literal[
@@ -175,17 +175,17 @@ class TrainParams(Section):
     ] = "cosine"
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     cutoff_len: int = Field(default=512, ge=8)
-    logging_steps: int = Field(default=10, ge=1)
+    logging_steps: int = Field(default=2, ge=1)
     save_steps: int = Field(default=1000, ge=1)
     save_total_limit: int | None = Field(default=2, ge=1)
-    eval_steps: int = Field(default=50, ge=1)
+    eval_steps: int = Field(default=16, ge=1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deepspeed: Literal[None, "z2", "z3"] = None
     oom_backoff: bool = True
     nproc: int | Literal["auto"] = "auto"  # processes per node: auto = one per GPU, 1 on a CPU (lf/world.py)
     nnodes: int = Field(default=1, ge=1)  # nodes; each runs `make train` with its NODE_RANK and MASTER_ADDR
     profile: Literal["auto", "fast", "plain"] = "auto"
-    cpu_token_budget: int | None = Field(default=40000, ge=1)  # CPU only: cap a run at this many tokens; null = none
+    cpu_token_budget: int | None = Field(default=65000, ge=1)  # CPU only: cut a run at this many tokens; null = none
     seed: int = 42
     extra: dict[str, Any] = {}
 
@@ -217,10 +217,16 @@ class KeptParams(Section):
     min_facts_kept: float = Field(default=90.0, ge=0, le=100)  # more % of answers, or keeps fewer % of the facts
 
 
+# eval.max_examples: auto on a CPU: each example is answered by both models (up to eval.max_new_tokens each) and
+# scored teacher-forced, so a long val split of a large table would take most of a CPU run. The cap is stated in
+# eval.json (`examples` against `examples_available`) and the report; a GPU answers them all.
+CPU_MAX_EXAMPLES = 64
+
+
 class EvalParams(Section):
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=16, ge=1)
-    max_examples: int | None = Field(default=None, ge=1)
+    max_examples: int | Literal["auto"] | None = "auto"  # auto = CPU_MAX_EXAMPLES on a CPU, all on a GPU
     cutoff_len: int = Field(default=2048, ge=8)
     backend: Literal["hf", "vllm"] = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -230,6 +236,19 @@ class EvalParams(Section):
     stalled_loss_drop: float = Field(default=2.0, ge=0, le=100)  # ... and eval loss down < this %: "barely moved"
     kept: KeptParams = KeptParams()
 
+    @field_validator("max_examples")
+    @classmethod
+    def _positive_max_examples(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("a count >= 1, auto (a capped subset on a CPU, all on a GPU), or null (all)")
+        return v
+
+    def examples_cap(self, cuda: bool) -> int | None:
+        """max_examples as a count (None = all): auto = CPU_MAX_EXAMPLES on a CPU, all on a GPU."""
+        if self.max_examples == "auto":
+            return None if cuda else CPU_MAX_EXAMPLES
+        return self.max_examples
+
 
 class RehearsalParams(Section):
     """The base model's own answers to general prompts, mixed into training so it stays the assistant it was."""
@@ -237,7 +256,8 @@ class RehearsalParams(Section):
     enabled: bool = True
     prompts: str = Field(default="data/prompts/rehearsal.jsonl", min_length=1)  # JSONL, {"prompt": ...} a line
     num_examples: int | None = Field(default=None, ge=1)  # answer the first N prompts; null = all
-    share: float = 0.3  # of the training examples (so of each step, on average)
+    share: float = 0.5  # of the training examples (so of each step, on average)
+    max_repeats: int = Field(default=2, ge=1)  # times one answer may be drawn an epoch; past it the share comes down
     max_new_tokens: int = Field(default=128, ge=1)  # answers cut here end at their last whole sentence, or go
     batch_size: int = Field(default=16, ge=1)
 

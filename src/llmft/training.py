@@ -22,7 +22,7 @@ from llmft.common import ROOT, UserError, atomic_path, atomic_write_json, get_lo
 from llmft.env import git_commit
 from llmft.lf import config as lf_config
 from llmft.lf import run as lf_run
-from llmft.lf.budget import CpuPlan, plan_cpu_run
+from llmft.lf.budget import CpuPlan, describe_stages, plan_cpu_run, plan_stages
 from llmft.lf.encode import example_lengths
 from llmft.lf.memory import estimate_peak_gib
 from llmft.lf.mixing import NAME, Mix, describe, fingerprint_extra, plan_mix, write_dataset_info
@@ -186,15 +186,18 @@ def build_sections(
     t = params.train
     model_path, cpu = info["path"], not torch.cuda.is_available()
     mix = plan_mix(paths.data_dir, paths.rehearsal_dir, params.rehearsal, t.max_samples)
-    if mix:
-        log.info("%s (rehearsal.share %g)", describe(mix), params.rehearsal.share)
-    lengths, rehearsal_lengths = None, ()
+    for line in describe(mix, params.rehearsal.share) if mix else ():
+        log.info("%s", line)
+    lengths, rehearsal_lengths, val_lengths = None, (), ()
     if cpu:  # the examples' token lengths size the CPU run (and feed the fast profile's packing plan)
         limit = min(t.max_samples or 20000, 20000)
         lengths = example_lengths(
             model_path, info["template"], paths.data_dir, t.cutoff_len, params.model.trust_remote_code, limit=limit
         )
-        if mix:  # LLaMA-Factory draws mix.samples of them at random, repeating some when it needs more
+        val_lengths = example_lengths(
+            model_path, info["template"], paths.data_dir, t.cutoff_len, params.model.trust_remote_code, name="val"
+        )
+        if mix:  # LLaMA-Factory draws mix.samples of them at random, each at most mix.repeats times
             found = example_lengths(
                 model_path,
                 info["template"],
@@ -224,12 +227,40 @@ def build_sections(
     plan = plan_cpu_run(t, lengths, info.get("num_parameters"), rehearsal_lengths, size) if cpu and lengths else None
     for note in plan.notes if plan else ():
         log.warning("%s", note) if "over train.cpu_token_budget" in note else log.info("%s", note)
+    if plan and (world is None or world.is_main):
+        log.info("%s", describe_stages(whole_run(params, plan, val_lengths, info.get("num_parameters"))))
     if plan and plan.max_steps:
         sections["train"]["max_steps"] = plan.max_steps
     if mix:
         sections["dataset"] |= mix.dataset_keys(record_dir=str(paths.out))
     lf_config.validate(sections, t.extra, typed=set(TrainParams.model_fields) - {"extra"})
     return sections, plan, mix
+
+
+def whole_run(params: Params, plan: CpuPlan, val_lengths: tuple[int, ...], num_parameters: int | None) -> dict:
+    """The minutes of every stage of this CPU run (lf/budget.py), from params and the sizes of the prompt lists."""
+
+    def count(path: str | None) -> int:
+        file = Path(path) if path else None
+        return sum(1 for line in file.read_text(encoding="utf-8").splitlines() if line.strip()) if file else 0
+
+    try:
+        kept, rehearsal = count(params.eval.kept.prompts), count(params.rehearsal.prompts)
+    except OSError:  # the estimate is a log line: a missing list is reported by the stage that reads it
+        kept = rehearsal = 0
+    return plan_stages(params, plan, list(val_lengths), kept, rehearsal, num_parameters)
+
+
+def rehearsal_record(mix: Mix) -> dict:
+    """train.json's rehearsal block: what the share asked for, what the pool allowed, and the largest repeat."""
+    return {
+        "examples": mix.samples,
+        "train_examples": mix.train_examples,
+        "share": round(mix.share, 4),
+        "asked": mix.asked,
+        "available": mix.available,
+        "max_repeats": mix.repeats,
+    }
 
 
 def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed, world_size: int = 1) -> dict:
@@ -347,7 +378,7 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
             {"resumed_from_step": resumed.step, "oom_retries": retries, "precision": precision}
             | layout
             | ({"cpu_plan": dataclasses.asdict(plan) | {"notes": None}} if plan else {})
-            | ({"rehearsal": {"examples": mix.samples, "train_examples": mix.train_examples}} if mix else {}),
+            | ({"rehearsal": rehearsal_record(mix)} if mix else {}),
             trained_now=True,
             returncode=rc,
             main_node=world.is_main,

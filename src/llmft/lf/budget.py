@@ -29,6 +29,8 @@ class CpuPlan:
     minutes: float  # at the estimated tokens/s
     tokens_per_s: float
     max_steps: int | None = None  # the cap to apply, None = within budget
+    own_examples: int = 0  # the user's examples in an epoch
+    own_seen: int = 0  # how many of them the run sees (all, when it is not cut inside its first epoch)
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -38,14 +40,17 @@ def plan_cpu_run(
     num_parameters: int | None,
     rehearsal_tokens: tuple[int, ...] = (),
     world_size: int = 1,
+    tokens_per_s: float | None = None,
 ) -> CpuPlan | None:
     """The steps, tokens and minutes params.train (`t`) asks for on this data; None when the lengths are unknown.
 
     LLaMA-Factory takes the first max_samples examples; an optimizer step takes batch x accumulation x world_size
     of them (every process its own share). Tokens and minutes count all processes together: processes that share
-    a CPU's cores share its tokens/s too.
-    `rehearsal_tokens`: the lengths of the rehearsal examples mixed into each epoch (lf/mixing.py). With them, a
-    budget that leaves no room for one epoch is a UserError: a cut would drop some of the user's own examples.
+    a CPU's cores share its tokens/s too. `tokens_per_s`: the rate expected for this model on this machine (the
+    reference scaled by model size when None).
+    `rehearsal_tokens`: the lengths of the rehearsal examples mixed into each epoch (lf/mixing.py). The trainer
+    shuffles them in with the user's, so a run cut short keeps the share in every step: it sees fewer of both.
+    A budget smaller than one optimizer step is a UserError: no run fits it.
     """
     own = [min(n, t.cutoff_len) for n in (example_tokens[: t.max_samples] if t.max_samples else example_tokens)]
     if not own:
@@ -54,28 +59,89 @@ def plan_cpu_run(
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     steps_per_epoch = math.ceil(len(lengths) / per_step)
     steps = t.max_steps or max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
-    tokens = round(sum(lengths) / steps_per_epoch * steps)  # the average step's tokens, times the steps
-    rate = REFERENCE_TOKENS_PER_S * REFERENCE_PARAMETERS / (num_parameters or REFERENCE_PARAMETERS)
-    plan = CpuPlan(steps, tokens, tokens / rate / 60, rate)
+    step_tokens = sum(lengths) / steps_per_epoch  # the average step's tokens
+    tokens = round(step_tokens * steps)
+    rate = tokens_per_s or REFERENCE_TOKENS_PER_S * REFERENCE_PARAMETERS / (num_parameters or REFERENCE_PARAMETERS)
+    plan = CpuPlan(steps, tokens, tokens / rate / 60, rate, own_examples=len(own))
     procs = f" ({world_size} processes)" if world_size > 1 else ""
     plan.notes.append(
         f"CPU run: {steps} optimizer steps of {per_step} examples{procs} ({len(lengths)} examples, "
         f"{sum(lengths):,} tokens per epoch) = ~{tokens:,} tokens, ~{plan.minutes:.1f} min at ~{rate:.0f} tokens/s "
-        f"(a rough estimate: SmolLM2-135M measured 76-99 tokens/s on a 2-core CPU)"
+        "(an estimate from 2-core CPUs, scaled by model size)"
     )
     budget = t.cpu_token_budget
-    if budget and rehearsal_tokens and budget < sum(lengths):
+    if budget and budget < step_tokens:
         raise UserError(
-            f"train.cpu_token_budget={budget:,} leaves no room for rehearsal: one epoch is {sum(lengths):,} tokens "
-            f"({sum(own):,} of your {len(own)} examples + {sum(lengths) - sum(own):,} of {len(rehearsal_tokens)} "
-            "rehearsal examples), and a cut would drop some of your own; raise train.cpu_token_budget, lower "
-            "rehearsal.share, or set rehearsal.enabled: false"
+            f"train.cpu_token_budget={budget:,} is smaller than one optimizer step (~{step_tokens:,.0f} tokens: "
+            f"{per_step} examples of ~{sum(lengths) / len(lengths):.0f} tokens): raise it to at least "
+            f"{math.ceil(step_tokens):,}, lower train.per_device_train_batch_size, or set it to null"
         )
     if budget and tokens > budget:
         plan.max_steps = max(1, math.floor(steps * budget / tokens))
+    run_steps = plan.max_steps or steps
+    passes = run_steps * per_step / len(lengths)  # epochs the run goes through, a fraction when cut inside one
+    plan.own_seen = len(own) if passes >= 1 else round(passes * len(own))
+    if plan.max_steps:
+        seen = (
+            f"sees ~{plan.own_seen} of your {len(own)} examples once"
+            if passes < 1
+            else f"sees your {len(own)} examples {passes:.1f} times"
+        ) + (" (with rehearsal in the same share)" if rehearsal_tokens else "")
         plan.notes.append(
             f"over train.cpu_token_budget={budget:,}: training stops at step {plan.max_steps} of {steps} "
-            f"(~{budget:,} tokens, ~{budget / rate / 60:.1f} min) and the learning-rate schedule ends there; "
-            "raise the budget, or set it to null to train all of it"
+            f"(~{budget:,} tokens, ~{budget / rate / 60:.1f} min) and {seen}; the learning-rate schedule ends "
+            "there. Raise the budget, or set it to null, to train all of it"
         )
     return plan
+
+
+# The other stages of a CPU run, for the whole run's estimate; measured on 2-core CPUs with SmolLM2-135M in
+# `make all` (reports/metrics/*.json) and scaled by model size like training: a rough guide, not a promise.
+DECODE_TOKENS_PER_S = 130.0  # greedy answers, batch 16 (rehearse, evaluate)
+FORWARD_SPEEDUP = 3.0  # a teacher-forced forward pass (eval loss) against a training step's forward + backward
+SECONDS_PER_QUESTION = 0.35  # lm-eval, one multiple-choice question, both models
+SECONDS_PER_GGUF = 32.0  # convert one GGUF type and check it
+SECONDS_FIXED = {"model": 16.0, "export": 12.0, "report": 10.0}
+
+
+def plan_stages(
+    params,
+    train_plan: CpuPlan,
+    val_tokens: list[int],
+    kept_prompts: int,
+    rehearsal_prompts: int,
+    num_parameters: int | None,
+) -> dict[str, float]:
+    """Minutes of each stage of a CPU `make all` with these params: the plan the train stage prints first.
+
+    `val_tokens`: the val split's example lengths (its in-training eval and evaluate's loss); `kept_prompts`,
+    `rehearsal_prompts`: the sizes of eval.kept.prompts and rehearsal.prompts. Answers are counted at 70% of their
+    max_new_tokens (many stop early).
+    """
+    scale = REFERENCE_PARAMETERS / (num_parameters or REFERENCE_PARAMETERS)
+    decode, e, t = DECODE_TOKENS_PER_S * scale, params.eval, params.train
+    cap = e.examples_cap(cuda=False)
+    answered = val_tokens[:cap] if cap else val_tokens
+    run_steps = train_plan.max_steps or train_plan.steps
+    evals = run_steps // t.eval_steps + 1  # every eval_steps, and once at the end
+    forward = train_plan.tokens_per_s * FORWARD_SPEEDUP
+    minutes = {"model": SECONDS_FIXED["model"] / 60}
+    if params.rehearsal.enabled:
+        minutes["rehearse"] = rehearsal_prompts * 0.7 * params.rehearsal.max_new_tokens / decode / 60
+    minutes["train"] = (train_plan.max_steps or train_plan.steps) / train_plan.steps * train_plan.minutes
+    minutes["train"] += evals * sum(min(n, t.cutoff_len) for n in val_tokens) / forward / 60
+    prompts = len(answered) + len(e.probes) + kept_prompts
+    minutes["evaluate"] = 2 * (prompts * 0.7 * e.max_new_tokens / decode + sum(answered) / forward) / 60
+    minutes["export"] = SECONDS_FIXED["export"] / scale / 60
+    if params.benchmark.enabled:
+        questions = params.benchmark.limit or 171  # the shipped MMLU subset; other tasks: their own size
+        minutes["benchmark"] = questions * len(params.benchmark.tasks) * SECONDS_PER_QUESTION / scale / 60
+    minutes["report"] = SECONDS_FIXED["report"] / 60
+    minutes["gguf"] = len(params.gguf.types) * SECONDS_PER_GGUF / scale / 60
+    return minutes
+
+
+def describe_stages(minutes: dict[str, float]) -> str:
+    return f"whole CPU run ~{sum(minutes.values()):.0f} min: " + ", ".join(
+        f"{stage} {m:.1f}" for stage, m in minutes.items()
+    )

@@ -5,12 +5,20 @@
     write_dataset_info(mix.info, run_dir)                                 # where LLaMA-Factory reads it
 
 LLaMA-Factory mixes datasets itself: `dataset: train,rehearsal` with `mix_strategy: concat`, and `num_samples` in
-the rehearsal's dataset_info entry draws that many of its examples (repeating them when it holds fewer). So
-rehearsal.share of the examples of an epoch are rehearsal, and the trainer's shuffling spreads them over the steps:
-each step holds that share on average. Every one of the user's examples is trained on once per epoch, however
-small the rehearsal set. Not interleave_probs: `interleave_under` stops at the first dataset to run out (a small
-rehearsal set would silently cut the user's own examples) and `interleave_over` repeats the user's examples
-until the rehearsal set is used up (LLaMA-Factory itself recommends concat for non-streaming data).
+the rehearsal's dataset_info entry draws that many of its examples. So rehearsal.share of the examples of an
+epoch are rehearsal, and the trainer's shuffling spreads them over the steps: each step (and so any run the CPU
+budget cuts short) holds that share on average. Every one of the user's examples is trained on once per epoch.
+
+No rehearsal answer is drawn more than rehearsal.max_repeats times an epoch: a large table asking for 962 rehearsal
+rows of a pool of 105 would otherwise teach each answer by heart (about nine times an epoch), the opposite of
+rehearsal. When the pool is too small for the share, the share comes down, and one line says so. LLaMA-Factory draws
+`num_samples` without replacement only up to the pool's size (past it, `np.random.choice` repeats at random), so a
+mix that needs repeats lists the same file under several names (rehearsal, rehearsal_2, ...), each drawing at most
+the whole pool once: an answer appears at most once per entry.
+
+Not interleave_probs: `interleave_under` stops at the first dataset to run out (a small rehearsal set would
+silently cut the user's own examples) and `interleave_over` repeats the user's examples until the rehearsal set
+is used up (LLaMA-Factory itself recommends concat for non-streaming data).
 
 LLaMA-Factory reads one dataset_info.json from one dataset_dir, and the two sets are the outputs of two stages
 (data/processed, data/rehearsal). So the train stage writes a dataset_info.json naming both: absolute paths next to
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -35,16 +44,33 @@ def rehearsal_samples(train_examples: int, share: float) -> int:
     return max(1, round(share / (1 - share) * train_examples))
 
 
+def entry_names(samples: int, available: int) -> list[str]:
+    """The dataset names that draw `samples` of a pool of `available`, each at most the whole pool once."""
+    return [NAME if i == 0 else f"{NAME}_{i + 1}" for i in range(math.ceil(samples / available))]
+
+
 @dataclasses.dataclass
 class Mix:
     info: dict  # dataset_info.json entries; file_name relative to the current directory (the repo root)
     train_examples: int  # the user's examples per epoch
-    samples: int  # rehearsal examples per epoch (LLaMA-Factory's num_samples)
+    samples: int  # rehearsal examples per epoch (LLaMA-Factory's num_samples, over all rehearsal entries)
     available: int  # rehearsal examples the rehearse stage wrote
+    asked: int = 0  # what rehearsal.share asked for, before rehearsal.max_repeats capped it
+    max_repeats: int = 1
+
+    @property
+    def share(self) -> float:
+        return self.samples / (self.samples + self.train_examples)
+
+    @property
+    def repeats(self) -> int:
+        """The most times one rehearsal answer is drawn in an epoch."""
+        return math.ceil(self.samples / self.available)
 
     def dataset_keys(self, record_dir: str) -> dict:
         """The train config's dataset keys; dataset_dir is where the recorded dataset_info.json will be."""
-        return {"dataset_dir": record_dir, "dataset": f"train,{NAME}", "mix_strategy": "concat"}
+        names = ",".join(entry_names(self.samples, self.available))
+        return {"dataset_dir": record_dir, "dataset": f"train,{names}", "mix_strategy": "concat"}
 
 
 def plan_mix(data_dir: Path, rehearsal_dir: Path, r: RehearsalParams, max_samples: int | None) -> Mix | None:
@@ -64,13 +90,16 @@ def plan_mix(data_dir: Path, rehearsal_dir: Path, r: RehearsalParams, max_sample
     processed = read_json(data_dir / "dataset_info.json")
     train = len(read_json(data_dir / processed["train"]["file_name"]))
     train = min(train, max_samples or train)
-    samples = rehearsal_samples(train, r.share)
+    asked = rehearsal_samples(train, r.share)
+    samples = min(asked, available * r.max_repeats)
     if max_samples:  # LLaMA-Factory cuts each dataset to max_samples, after drawing num_samples
         samples = min(samples, max_samples)
     info = {name: entry | {"file_name": str(data_dir / entry["file_name"])} for name, entry in processed.items()}
-    entry = rehearsal_info[NAME]
-    info[NAME] = entry | {"file_name": str(rehearsal_dir / entry["file_name"]), "num_samples": samples}
-    return Mix(info, train, samples, available)
+    entry = rehearsal_info[NAME] | {"file_name": str(rehearsal_dir / rehearsal_info[NAME]["file_name"])}
+    names = entry_names(samples, available)
+    for i, name in enumerate(names):  # the first entries draw the whole pool, the last one the rest
+        info[name] = entry | {"num_samples": available if i < len(names) - 1 else samples - available * i}
+    return Mix(info, train, samples, available, asked, r.max_repeats)
 
 
 def write_dataset_info(info: dict, where: Path, relative_to: Path | None = None) -> Path:
@@ -85,17 +114,27 @@ def write_dataset_info(info: dict, where: Path, relative_to: Path | None = None)
     return where / "dataset_info.json"
 
 
-def describe(mix: Mix) -> str:
-    share = mix.samples / (mix.samples + mix.train_examples)
-    repeat = f"; LLaMA-Factory repeats some of the {mix.available}" if mix.samples > mix.available else ""
-    return (
-        f"rehearsal: {mix.samples} of the base model's own answers ({mix.available} available{repeat}) mixed with "
-        f"your {mix.train_examples} training examples: {100 * share:.0f}% of each epoch"
-    )
+def describe(mix: Mix, share: float) -> list[str]:
+    """The log lines of a mix: what is drawn, and why the share came down if the pool was too small."""
+    times = {1: "once", 2: "twice"}.get(mix.repeats, f"{mix.repeats} times")
+    lines = [
+        f"rehearsal: {mix.samples} of the base model's own answers ({mix.available} available, none drawn more "
+        f"than {times} an epoch) mixed with your {mix.train_examples} training examples: {100 * mix.share:.0f}% "
+        f"of each epoch (rehearsal.share {share:g})"
+    ]
+    if mix.samples < mix.asked and mix.samples == mix.available * mix.max_repeats:
+        lines.append(
+            f"rehearsal share down from {share:.0%} to {mix.share:.0%}: {share:g} of an epoch of your "
+            f"{mix.train_examples} examples asks for {mix.asked} rehearsal examples, but {mix.available} answers "
+            f"drawn at most rehearsal.max_repeats={mix.max_repeats} times give {mix.samples}; add prompts to "
+            "rehearsal.prompts (each becomes one more answer) to keep the share"
+        )
+    return lines
 
 
 def fingerprint_extra(mix: Mix | None) -> str:
     """What the checkpoints' fingerprint must also cover: the rehearsal data and how much of it is drawn."""
     if mix is None:
         return ""
-    return json.dumps(mix.info[NAME], sort_keys=True) + Path(mix.info[NAME]["file_name"]).read_text(encoding="utf-8")
+    entries = {name: mix.info[name] for name in entry_names(mix.samples, mix.available)}
+    return json.dumps(entries, sort_keys=True) + Path(mix.info[NAME]["file_name"]).read_text(encoding="utf-8")

@@ -206,6 +206,9 @@ def learned(evals: dict) -> list[str]:
     if (probes.get("tuned") or {}).get("total"):
         b, t = probes["base"], probes["tuned"]
         lines.append(f"Probes passed: {b['passed']}/{b['total']} → {t['passed']}/{t['total']}")
+    val_base, val_tuned = evals["base"]["val"].get("language"), evals["tuned"]["val"].get("language")
+    if val_base is not None and val_tuned is not None:
+        lines.append(f"Answered in the reference's language (val): {val_base:g}% → {val_tuned:g}%")
     persona = evals.get("persona") or {}
     if persona.get("examples"):
         lines.append(
@@ -225,14 +228,43 @@ def cost(evals: dict) -> list[str]:
         return ["Not measured: eval.kept.prompts is null."]
     b, t, n = kept["base"], kept["tuned"], kept["counts"]
     pct = lambda v: "n/a" if v is None else f"{v:g}%"
+    by_lang = ", ".join(f"{lang} {pct(v)}" for lang, v in (t.get("leak_by_language") or {}).items())
     lines = [
-        f"Persona named unasked ({n['prompts']} everyday prompts): {pct(b['leak'])} → {pct(t['leak'])}",
+        f"Persona named unasked ({n['prompts']} everyday prompts): {pct(b['leak'])} → {pct(t['leak'])}"
+        + (f" ({by_lang})" if by_lang else ""),
         f"Facts the base got right, still right: {n['facts_kept']}/{n['base_facts_right']} ({pct(t['facts_kept'])})",
         f"Answered in the prompt's language: {pct(b['language'])} → {pct(t['language'])}",
     ]
     if kept.get("drift") is not None:
         lines.append(f"Drift (base's own answers, nats/token): {kept['drift']:+.3f}")
     return lines
+
+
+def share_used(rehearsal: dict) -> str:
+    """When the rehearsal pool was too small for rehearsal.share: the share used and the largest repeat."""
+    if "share" not in rehearsal or rehearsal["examples"] >= rehearsal["asked"]:
+        return ""
+    return (
+        f", {100 * rehearsal['share']:.0f}% used: {rehearsal['available']} answers, none drawn more than "
+        f"{rehearsal['max_repeats']} times an epoch"
+    )
+
+
+def cut_and_capped(train: dict, evals: dict) -> str:
+    """What the CPU run left out: the steps the token budget cut, the val examples evaluate did not answer."""
+    parts = []
+    plan = train.get("cpu_plan") or {}
+    if plan.get("max_steps"):
+        seen = plan.get("own_seen"), plan.get("own_examples")
+        parts.append(
+            f" **The CPU budget** (`train.cpu_token_budget`) cut training at step {plan['max_steps']} of "
+            f"{plan['steps']}" + (f": it saw ~{seen[0]} of your {seen[1]} training examples." if all(seen) else ".")
+        )
+    shown, available = evals.get("examples") or {}, evals.get("examples_available") or {}
+    for split, n in available.items():
+        if n > shown.get(split, n):
+            parts.append(f" Evaluated on the first {shown[split]} of {n} {split} examples (`eval.max_examples`).")
+    return "".join(parts)
 
 
 def learn_and_cost(evals: dict) -> Table:
