@@ -53,10 +53,10 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(fmt, adapter_dir):
         [fmt.encode([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}])[0]]
     )
     with torch.inference_mode():
-        base = loading.load_model(fmt)
+        base = loading.load_model(fmt, "float32")
         base_logits = base(ids).logits
-        unmerged = PeftModel.from_pretrained(loading.load_model(fmt), str(adapter_dir)).eval()
-        merged = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
+        unmerged = PeftModel.from_pretrained(loading.load_model(fmt, "float32"), str(adapter_dir)).eval()
+        merged = loading.merge_adapter(loading.load_model(fmt, "float32"), adapter_dir)
         expected, got = unmerged(ids).logits, merged(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert (expected - base_logits).abs().max() > 0.1  # the adapter really changes the model
@@ -65,7 +65,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(fmt, adapter_dir):
 def test_cpu_attention_gives_the_logits_of_hf_sdpa_on_a_padded_batch(fmt):
     from transformers import AutoModelForCausalLM
 
-    ours = loading.load_model(fmt)
+    ours = loading.load_model(fmt, "float32")
     assert ours.config._attn_implementation == "sdpa_gqa"
     stock = AutoModelForCausalLM.from_pretrained(fmt.path, dtype=torch.float32, attn_implementation="sdpa").eval()
     ids, mask = decode._left_pad([[5, 6, 7, 8, 9], [10, 11]], fmt.pad_id, "cpu")
@@ -77,7 +77,7 @@ def test_cpu_attention_gives_the_logits_of_hf_sdpa_on_a_padded_batch(fmt):
 
 
 def test_mkl_packed_weights_give_the_same_logits_and_are_unpacked_after(fmt):
-    model = loading.load_model(fmt)
+    model = loading.load_model(fmt, "float32")
     ids = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]])
     with torch.inference_mode():
         expected = model(ids[:, :1]).logits  # 4 rows of one token: the packed path
@@ -90,7 +90,7 @@ def test_mkl_packed_weights_give_the_same_logits_and_are_unpacked_after(fmt):
 
 
 def test_batched_greedy_equals_one_by_one_and_hf_generate(fmt, adapter_dir):
-    model = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
+    model = loading.merge_adapter(loading.load_model(fmt, "float32"), adapter_dir)
     prompts = [
         fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
         for ex in VAL
@@ -110,7 +110,7 @@ def test_batched_greedy_equals_one_by_one_and_hf_generate(fmt, adapter_dir):
 
 
 def test_continuous_batching_refills_finished_rows_and_matches_one_by_one(fmt, adapter_dir, monkeypatch):
-    model = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
+    model = loading.merge_adapter(loading.load_model(fmt, "float32"), adapter_dir)
     prompts = [
         fmt.encode(
             [{"role": "user", "content": f"{ex['instruction']} {'!' * n}"}, {"role": "assistant", "content": ""}]
@@ -171,7 +171,7 @@ def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch)
     from llmft.infer.fast_decode import LeanDecoder
 
     if arch == "llama":
-        model = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
+        model = loading.merge_adapter(loading.load_model(fmt, "float32"), adapter_dir)
         prompts = [
             fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
             for ex in VAL
@@ -201,7 +201,7 @@ def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch)
 def test_greedy_with_the_lean_path_equals_hf_generate(fmt, adapter_dir, monkeypatch):
     from llmft.infer.fast_decode import LeanDecoder
 
-    model = loading.merge_adapter(loading.load_model(fmt), adapter_dir)
+    model = loading.merge_adapter(loading.load_model(fmt, "float32"), adapter_dir)
     prompts = [
         fmt.encode(
             [{"role": "user", "content": f"{ex['instruction']} {'?' * n}"}, {"role": "assistant", "content": ""}]
@@ -258,7 +258,7 @@ def test_unsupported_models_fall_back_to_hf_forward(monkeypatch):
 
 
 def test_answer_nll_scores_only_the_answer_tokens(fmt, adapter_dir):
-    model = loading.load_model(fmt)
+    model = loading.load_model(fmt, "float32")
     pairs = [
         fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ex["output"]}])
         for ex in VAL

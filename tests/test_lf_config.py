@@ -30,7 +30,7 @@ def test_forced_precision_the_device_lacks_says_what_to_use():
 
 
 def test_config_is_llamafactory_house_style_yaml():
-    sections = config(use_dora=True, quantization_bit=4, extra={"gradient_checkpointing": True})
+    sections = config(use_dora=True, quantization_bit=4, extra={"gradient_checkpointing": True}, profile="plain")
     text = lf_config.to_yaml(sections, ["llamafactory-cli train models/lora/train_config.yaml"])
     assert text.startswith("# llamafactory-cli train models/lora/train_config.yaml\n")
     assert [line for line in text.splitlines() if line.startswith("###")] == [

@@ -30,7 +30,7 @@ def fake_launcher(oom_above: int, calls: list):
 def test_cuda_oom_halves_batch_and_doubles_accumulation_until_it_fits():
     """A GPU can't exist here, so a fake launcher plays the OOMing child."""
     calls: list = []
-    start = config(per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    start = config(per_device_train_batch_size=8, gradient_accumulation_steps=2, profile="plain")
     sections, retries, rc = lf_run.train_with_backoff(start, fake_launcher(2, calls), enabled=True)
     assert rc == 0 and retries == 2 and calls == [(8, 2), (4, 4), (2, 8)]
     assert sections["train"]["per_device_train_batch_size"] * sections["train"]["gradient_accumulation_steps"] == 16

@@ -84,8 +84,10 @@ def wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 300
         time.sleep(0.05)
 
 
-def run_stage(root: Path, model_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(stage_cmd(model_dir), cwd=root, capture_output=True, text=True, timeout=600, check=False)
+def run_stage(root: Path, model_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        stage_cmd(model_dir), cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def no_weights(tmp_path: Path) -> Path:

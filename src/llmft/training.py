@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmft.common import ROOT, UserError, atomic_path, atomic_write_json, get_logger, read_json
+from llmft.common import ROOT, UserError, atomic_path, atomic_write_json, get_logger, read_json, write_json
+from llmft.cpu import detect_cpu
 from llmft.env import git_commit
 from llmft.lf import config as lf_config
 from llmft.lf import run as lf_run
@@ -26,7 +27,7 @@ from llmft.lf.budget import CpuPlan, describe_stages, plan_cpu_run, plan_stages
 from llmft.lf.encode import example_lengths
 from llmft.lf.memory import estimate_peak_gib
 from llmft.lf.mixing import NAME, Mix, describe, fingerprint_extra, plan_mix, write_dataset_info
-from llmft.lf.profile import probe_runtime
+from llmft.lf.profile import Profile, plan_profile, probe_runtime, resolve_name
 from llmft.lf.world import World, resolve_world, usable_cores, wait_for_master
 from llmft.model import read_model_info
 from llmft.params import Params, TrainParams
@@ -84,7 +85,13 @@ def device_checks(t: TrainParams) -> str:
     for key, pkg in (("quantization_bit", "bitsandbytes"), ("deepspeed", "deepspeed")):
         if getattr(t, key) and importlib.util.find_spec(pkg) is None:
             raise UserError(f"train.{key} needs the {pkg} package: pip install {pkg}")
-    return lf_config.choose_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    if cuda:
+        return lf_config.choose_precision(t.precision, cuda, torch.cuda.is_bf16_supported())
+    isa, fast = detect_cpu(), resolve_name(t.profile, cuda) == "fast"
+    precision = lf_config.choose_precision(t.precision, cuda, isa.bf16, cpu_fast=fast)
+    if fast and t.precision == "auto" and precision == "fp32":
+        log.info("precision fp32: this CPU (%s) has no bf16 matrix unit, where bf16 would run slower", isa.describe())
+    return precision
 
 
 def log_estimate(model_path: str, sections: dict, t: TrainParams, precision: str, world: World) -> None:
@@ -118,6 +125,23 @@ def log_estimate(model_path: str, sections: dict, t: TrainParams, precision: str
     )
 
 
+def dtype_view(model_dir: Path, view: Path, dtype: str) -> Path:
+    """A folder that loads `model_dir` in `dtype`: links to its files, and a config.json whose dtype says so.
+
+    LLaMA-Factory loads a model as its config.json says (torch_dtype "auto"); the base's weights stay as stored,
+    and from_pretrained casts them once at load. A hub id (no local config.json) is returned as it is."""
+    if not (model_dir / "config.json").exists():
+        return model_dir
+    view.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and not (view / f.name).exists():
+            (view / f.name).symlink_to(f.resolve())
+    config = read_json(model_dir / "config.json")
+    config["dtype"] = config["torch_dtype"] = dtype  # transformers 5 reads dtype; older ones torch_dtype
+    write_json(view / "config.json", config)
+    return view
+
+
 class Launcher:
     """Runs `llamafactory-cli train` on a config, resuming from the newest complete checkpoint.
 
@@ -140,9 +164,10 @@ class Launcher:
         mix: Mix | None,
         world: World,
         fp: str,
+        base_dtype: str | None = None,
     ):
         self.paths, self.t, self.model_path, self.precision, self.header = paths, t, model_path, precision, header
-        self.mix, self.world, self.fp = mix, world, fp
+        self.mix, self.world, self.fp, self.base_dtype = mix, world, fp, base_dtype
         self.resumed = Resumed()  # of the last launch
         self.run_dir = Path(tempfile.mkdtemp(prefix="train-run-"))
         live = paths.live_dir if world.is_main else self.run_dir / "live"
@@ -160,6 +185,9 @@ class Launcher:
             self.resumed = Resumed(state["global_step"], state.get("epoch") or 0)
             cfg["output"]["resume_from_checkpoint"] = str(ckpt.resolve())
             log.info("resuming from %s (step %d)", ckpt, self.resumed.step)
+        if self.base_dtype:  # the train.profile's frozen weights in bf16 on a CPU: a view of the base, not a copy
+            model = cfg["model"]["model_name_or_path"]
+            cfg["model"]["model_name_or_path"] = str(dtype_view(Path(model), self.run_dir / "base", self.base_dtype))
         if self.mix:  # both stages' data sets, named in one dataset_info.json beside the config
             cfg["dataset"]["dataset_dir"] = str(write_dataset_info(self.mix.info, self.run_dir).parent)
         config = self.run_dir / "train_config.yaml"
@@ -178,7 +206,7 @@ class Launcher:
 
 def build_sections(
     params: Params, paths: TrainPaths, info: dict, precision: str, world: World | None = None
-) -> tuple[dict, CpuPlan | None, Mix | None]:
+) -> tuple[dict, CpuPlan | None, Mix | None, Profile]:
     """The LLaMA-Factory config of this run, checked (unknown or reserved train.extra keys fail here), on a CPU
     what it will cost (steps, tokens, minutes), capped at train.cpu_token_budget, and the rehearsal mixed in."""
     import torch
@@ -207,6 +235,9 @@ def build_sections(
                 name=NAME,
             )
             rehearsal_lengths = tuple(found[i % len(found)] for i in range(mix.samples)) if found else ()
+    runtime = probe_runtime(
+        t, model_path, info["template"], paths.data_dir, precision, params.model.trust_remote_code, lengths
+    )
     sections = lf_config.build_config(
         t,
         model_path=model_path,
@@ -216,11 +247,9 @@ def build_sections(
         output_dir=str(paths.checkpoints),
         precision=precision,
         deepspeed_config=os.path.relpath(ROOT / lf_config.DEEPSPEED_CONFIGS[t.deepspeed]) if t.deepspeed else None,
-        runtime=probe_runtime(
-            t, model_path, info["template"], paths.data_dir, precision, params.model.trust_remote_code, lengths
-        ),
+        runtime=runtime,
     )
-    if precision == "fp32" and "disable_gradient_checkpointing" not in t.extra:
+    if precision == "fp32" and not any("disable_gradient_checkpointing" in keys for keys in sections.values()):
         # fp32 means a CPU (or a forced choice): RAM is not the limit there, and recomputing activations costs ~30%.
         sections["train"]["disable_gradient_checkpointing"] = True
     size = world.size if world else 1
@@ -234,7 +263,7 @@ def build_sections(
     if mix:
         sections["dataset"] |= mix.dataset_keys(record_dir=str(paths.out))
     lf_config.validate(sections, t.extra, typed=set(TrainParams.model_fields) - {"extra"})
-    return sections, plan, mix
+    return sections, plan, mix, plan_profile(t, runtime, precision)
 
 
 def whole_run(params: Params, plan: CpuPlan, val_lengths: tuple[int, ...], num_parameters: int | None) -> dict:
@@ -339,7 +368,7 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
     precision = device_checks(t)
     log.info("%s", world.describe())
     wait_for_master(world)
-    sections, plan, mix = build_sections(params, paths, info, precision, world)
+    sections, plan, mix, profile = build_sections(params, paths, info, precision, world)
     fp = lf_run.fingerprint(paths.data_dir, paths.model_dir, sections, fingerprint_extra(mix), world.size)
     batch = sections["train"]["per_device_train_batch_size"] * sections["train"]["gradient_accumulation_steps"]
     layout = {
@@ -358,6 +387,11 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         ),
         f"git {git_commit()}; paths are relative to where the stage ran (the repo root).",
     ]
+    if profile.base_dtype:
+        header.append(
+            f"The stage loaded {paths.model_dir} in {profile.base_dtype} (train.profile fast on a CPU); this file "
+            "loads it as stored, so bf16 autocast casts the weights at each use: the same run, a little slower."
+        )
     if world.is_main and (paths.checkpoints / RUN_METRICS).exists():
         log.info(
             "%s holds a finished run of these inputs: nothing to train (delete it to train again)", paths.checkpoints
@@ -365,7 +399,7 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         outcome = TrainOutcome(sections, read_json(paths.checkpoints / RUN_METRICS), trained_now=False)
         resumed = Resumed()
     else:
-        launcher = Launcher(paths, t, info["path"], precision, header, mix, world, fp)
+        launcher = Launcher(paths, t, info["path"], precision, header, mix, world, fp, profile.base_dtype)
         try:
             # Across nodes an OOM shows only in the log of the node it hit, so no node could retry in step.
             backoff = t.oom_backoff and world.nnodes == 1
@@ -376,6 +410,8 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         outcome = TrainOutcome(
             sections,
             {"resumed_from_step": resumed.step, "oom_retries": retries, "precision": precision}
+            | {"profile": profile.name, "base_dtype": profile.base_dtype or "as stored"}
+            | ({} if torch.cuda.is_available() else {"cpu": detect_cpu().describe()})
             | layout
             | ({"cpu_plan": dataclasses.asdict(plan) | {"notes": None}} if plan else {})
             | ({"rehearsal": rehearsal_record(mix)} if mix else {}),

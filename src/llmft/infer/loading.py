@@ -13,14 +13,22 @@ from llmft.infer.chat_format import ChatFormat
 
 
 def resolve_dtype(dtype: str, device: str):
-    """auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU half math is slow and lossy)."""
+    """auto = bf16 on GPUs that support it, fp16 on older GPUs; on a CPU bf16 where it has a bf16 matrix unit
+    (AVX512-BF16 or AMX), else fp32 (emulated bf16 is slower than fp32 there).
+
+    Measured on a 2-core AMD EPYC (AVX512-BF16), the 64 everyday prompts, greedy, 64 new tokens: bf16 decodes at
+    140 tokens/s against fp32's 81; 35 of the 64 answers differ somewhere (the first token that rounds the other
+    way, then the rest), yet the same facts come out right (12 against 11 of 34) in the same language (42 of 64).
+    """
     import torch
 
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    from llmft.cpu import detect_cpu
+
+    return torch.bfloat16 if detect_cpu().bf16 else torch.float32
 
 
 def physical_cores() -> int:

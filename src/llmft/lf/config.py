@@ -44,14 +44,22 @@ RESERVED = {
 }
 
 
-def choose_precision(requested: str, cuda_available: bool, bf16_supported: bool) -> str:
-    """bf16 where the GPU has it, fp16 on older CUDA GPUs (a T4), fp32 on CPU; a forced choice is checked."""
+def choose_precision(requested: str, cuda_available: bool, bf16_supported: bool, cpu_fast: bool = False) -> str:
+    """bf16 where the GPU has it, fp16 on older CUDA GPUs (a T4); on a CPU bf16 where it has a bf16 matrix unit
+    (`bf16_supported`) and the fast profile runs (`cpu_fast`), else fp32. A forced choice is checked."""
     if requested == "auto":
-        return "fp32" if not cuda_available else "bf16" if bf16_supported else "fp16"
+        if not cuda_available:
+            return "bf16" if cpu_fast and bf16_supported else "fp32"
+        return "bf16" if bf16_supported else "fp16"
     if requested == "fp16" and not cuda_available:
         raise UserError("train.precision=fp16 needs a CUDA GPU; use fp32 (or bf16) on a CPU, or precision: auto")
     if requested == "bf16" and cuda_available and not bf16_supported:
         raise UserError("train.precision=bf16: this GPU has no bf16 support (e.g. a T4); use fp16, or precision: auto")
+    if requested == "bf16" and not cuda_available and not bf16_supported:
+        raise UserError(
+            "train.precision=bf16: this CPU has no bf16 matrix unit (AVX512-BF16 or AMX), so bf16 would run slower "
+            "than fp32; use precision: auto (fp32 here) or fp32"
+        )
     return requested
 
 

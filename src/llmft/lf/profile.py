@@ -3,9 +3,12 @@
     runtime = probe_runtime(params.train, "models/base", "smollm2", Path("data/processed"), "bf16")  # reads the machine
     plan = plan_profile(params.train, runtime, "bf16")   # pure: the keys for a `### profile` section, and why
 
-auto is fast on CUDA and plain on a CPU. plain adds nothing: LLaMA-Factory's defaults. fast adds what keeps
-learning intact (same examples per optimizer step, same loss; only the arithmetic is arranged differently),
-never a key the user set in train.extra:
+auto is fast, on CUDA and on a CPU. plain adds nothing: LLaMA-Factory's defaults (on a CPU in fp32 the train stage
+still turns gradient checkpointing off). fast adds what keeps learning intact (same examples per optimizer step,
+same loss; only the arithmetic is arranged differently), never a key the user set in train.extra (the user wins,
+and the log says so).
+
+On CUDA:
   - flash_attn: fa2 where flash_attn imports, else sdpa (PyTorch's fused kernels)
   - enable_liger_kernel where liger_kernel imports and LLaMA-Factory has kernels for the model (fused
     RMSNorm, SwiGLU, RoPE and a cross-entropy that never materialises the logits)
@@ -17,7 +20,17 @@ never a key the user set in train.extra:
   - disable_gradient_checkpointing when the estimated peak (without it) fits in 80% of the GPU:
     recomputing the forward pass costs a third of a LoRA step
   - dataloader_num_workers 2 where there are >= 4 CPU cores: batches are built while the GPU works
-On a CPU (fast forced), only packing applies; gradient checkpointing is already off in fp32 (training.py).
+On a CPU (measured on a 2-core AMD EPYC with AVX512-BF16, SmolLM2-135M LoRA on the demo data, 30 steps each;
+docs/performance.md): precision bf16 where the CPU has a bf16 matrix unit (lf/cpu.py; training.py picks it), then
+  - the frozen base weights in bf16 (base_dtype): LLaMA-Factory loads a model as its config.json says, and an
+    fp32 base under autocast is cast to bf16 again at every use (1.04x)
+  - flash_attn disabled (eager attention) in bf16: the CPU SDPA kernel's bf16 backward is several times its fp32
+    one (17% of a step on a Xeon); eager attention took 170 -> 215 tokens/s
+  - gradient checkpointing off: a CPU has the RAM, and recomputing the forward pass costs a third of a step
+  - use_cpu: what HF's Trainer needs for bf16 autocast on a CPU
+Not chosen on a CPU, by measurement: two processes of one thread (1.04x in bf16, eaten by the second process's
+start-up on a run of a few minutes; `make train NPROC=2` still does it) and neat_packing (1.11x, and with eager
+attention the loss diverged). LoRA dropout is a training value (params.yaml), not a profile setting.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from llmft.common import get_logger
+from llmft.cpu import CpuIsa, detect_cpu
 from llmft.lf.encode import example_lengths
 from llmft.lf.memory import estimate_peak_gib
 
@@ -77,6 +91,7 @@ class Runtime:
     model_config: Mapping[str, Any] | None = None  # the base model's config.json; None = unknown (a hub id)
     weights_bytes: int = 0  # size of its weight files
     example_tokens: tuple[int, ...] = ()  # tokenized length of each train example (template included), in order
+    cpu_isa: CpuIsa = CpuIsa()  # what the CPU offers (bf16 matrix units); read when there is no GPU
 
 
 CPU = Runtime()
@@ -91,11 +106,12 @@ class Profile:
     batch: tuple[int, int] | None = None  # (per_device_train_batch_size, gradient_accumulation_steps) in packs
     notes: list[str] = dataclasses.field(default_factory=list)
     estimate_gib: float | None = None  # estimated peak GPU memory with gradient checkpointing off
+    base_dtype: str | None = None  # load the frozen base weights in this dtype (a CPU in bf16); None = as stored
 
 
 def resolve_name(profile: str, cuda: bool) -> str:
-    """auto -> fast on CUDA, plain on a CPU."""
-    return profile if profile != "auto" else ("fast" if cuda else "plain")
+    """auto -> fast (CUDA and CPU alike; `cuda` is kept for the callers' symmetry)."""
+    return "fast" if profile == "auto" else profile
 
 
 def greedy_knapsack_count(lengths: list[int], capacity: int) -> int:
@@ -188,14 +204,46 @@ def _checkpointing_off(t, runtime: Runtime, precision: str, micro_tokens: int, l
     return fits
 
 
+def _cpu_keys(t, runtime: Runtime, precision: str, prof: Profile) -> dict[str, Any]:
+    """The fast profile on a CPU (see the module docstring for the measurements behind each choice)."""
+    keys: dict[str, Any] = {"use_cpu": True, "disable_gradient_checkpointing": True}
+    cpu = runtime.cpu_isa.describe()
+    if precision == "bf16":
+        keys["flash_attn"] = "disabled"
+        prof.base_dtype = "bfloat16"
+        prof.notes.append(
+            f"bf16 on this CPU ({cpu}): the frozen base weights load in bf16, LoRA weights and the "
+            "optimizer stay fp32 (LLaMA-Factory upcasts trainable parameters)"
+        )
+        prof.notes.append("flash_attn=disabled: eager attention, as the CPU SDPA kernel's bf16 backward is slow")
+    else:
+        prof.notes.append(f"fp32 on this CPU ({cpu})")
+    prof.notes.append("disable_gradient_checkpointing=True: a CPU has the RAM; recomputing costs a third of a step")
+    return keys
+
+
 def plan_profile(t, runtime: Runtime, precision: str) -> Profile:
     """The settings train.profile adds, from params (`t`, a TrainParams), the machine and the data. Pure: no I/O."""
     extra = t.extra
     prof = Profile(resolve_name(t.profile, runtime.cuda))
     if prof.name == "plain":
-        prof.notes.append("plain: LLaMA-Factory defaults" + (" (auto on a CPU)" if t.profile == "auto" else ""))
+        prof.notes.append("plain: LLaMA-Factory defaults")
         return prof
-    keys = _kernel_keys(runtime, prof.notes) if runtime.cuda else {}
+    if not runtime.cuda:
+        keys = _cpu_keys(t, runtime, precision, prof)
+        prof.keys = {k: v for k, v in keys.items() if k not in extra}
+        for key in keys.keys() & extra.keys():
+            prof.notes.append(f"train.extra.{key}={extra[key]!r} wins over the profile's {keys[key]!r}")
+        if "flash_attn" in extra and prof.base_dtype:
+            prof.notes.append("train.extra.flash_attn set: bf16 attention may run slower than the profile's eager")
+        prof.notes.insert(
+            0,
+            f"fast{' (auto)' if t.profile == 'auto' else ''} on a CPU: "
+            + (", ".join(f"{k}={v}" for k, v in prof.keys.items()) or "nothing to change")
+            + (f", base weights in {prof.base_dtype}" if prof.base_dtype else ""),
+        )
+        return prof
+    keys = _kernel_keys(runtime, prof.notes)
     flash = extra.get("flash_attn", keys.get("flash_attn"))
     liger = bool(extra.get("enable_liger_kernel", keys.get("enable_liger_kernel", False)))
     micro_tokens = t.per_device_train_batch_size * t.cutoff_len  # the longest micro-batch without packing
@@ -204,13 +252,13 @@ def plan_profile(t, runtime: Runtime, precision: str) -> Profile:
         if prof.batch:
             keys["neat_packing"] = True
             micro_tokens = prof.batch[0] * t.cutoff_len
-    if runtime.cuda and precision != "fp32" and "disable_gradient_checkpointing" not in extra:
+    if precision != "fp32" and "disable_gradient_checkpointing" not in extra:
         if _checkpointing_off(t, runtime, precision, micro_tokens, liger, prof):
             keys["disable_gradient_checkpointing"] = True
     prof.keys = {k: v for k, v in keys.items() if k not in extra}
     prof.notes.insert(
         0,
-        f"{prof.name}{' (auto on CUDA)' if t.profile == 'auto' else ''}: "
+        f"{prof.name}{' (auto)' if t.profile == 'auto' else ''} on CUDA: "
         + (", ".join(f"{k}={v}" for k, v in prof.keys.items()) or "nothing to change"),
     )
     return prof
@@ -227,23 +275,23 @@ def probe_runtime(
 ) -> Runtime:
     """What train.profile needs to know here (Runtime), and a log of what it will change.
 
-    The plain profile needs nothing, so nothing slow runs then; the fast profile reads the GPU, which optional
-    kernels import, the model's config.json, and the token length of each train example (`example_tokens` when the
-    caller has measured them already).
+    On a CPU only its ISA is read. On CUDA the plain profile needs nothing, so nothing slow runs then; the fast
+    profile reads the GPU, which optional kernels import, the model's config.json, and the token length of each
+    train example (`example_tokens` when the caller has measured them already).
     """
     import torch
 
     cuda = torch.cuda.is_available()
-    runtime = Runtime(cuda=cuda)
-    if resolve_name(t.profile, cuda) == "fast":
+    runtime = Runtime(cuda=cuda, cpu_isa=CpuIsa() if cuda else detect_cpu())
+    if cuda and resolve_name(t.profile, cuda) == "fast":  # a CPU's fast profile needs only its ISA
         from transformers.utils import is_flash_attn_2_available
 
-        kernels = {"flash_attn"} if cuda and is_flash_attn_2_available() else set()
-        kernels |= {"liger_kernel"} if cuda and importlib.util.find_spec("liger_kernel") else set()
+        kernels = {"flash_attn"} if is_flash_attn_2_available() else set()
+        kernels |= {"liger_kernel"} if importlib.util.find_spec("liger_kernel") else set()
         config = Path(model_path) / "config.json"
         runtime = Runtime(
             cuda=cuda,
-            gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
+            gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
             kernels=frozenset(kernels),
             cpu_count=len(os.sched_getaffinity(0)),
             model_config=json.loads(config.read_text()) if config.exists() else None,
