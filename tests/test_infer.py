@@ -198,6 +198,38 @@ def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch)
     assert len(seen) == 3
 
 
+def test_lean_decode_steps_in_bf16_give_the_logits_of_hf_forward_in_bf16(fmt, adapter_dir):
+    """A CPU with a bf16 unit decodes in bf16 (eval.dtype auto): the lean step follows HF's bf16 forward to bf16
+    rounding (fp32 softmax and norms, as HF computes them)."""
+    from llmft.infer.fast_decode import LeanDecoder
+
+    model = loading.merge_adapter(loading.load_model(fmt, "bfloat16"), adapter_dir)
+    prompts = [
+        fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
+        for ex in VAL
+    ]
+    lean = LeanDecoder.build(model, rows=len(prompts))
+    assert lean is not None and lean.layers[0].qkv.packed is None  # oneDNN's bf16 linear, no MKL packing
+    seen, step = [], lean.step
+    lean.step = lambda *args: seen.append(step(*args)) or seen[-1]
+    with torch.inference_mode():
+        decoder = decode._Decoder(
+            model, prompts, [-1], 0, max_new_tokens=4, batch_size=len(prompts), full_rows=True, lean=lean
+        )
+        decoder.refill(list(range(len(prompts))))
+        for _ in range(3):
+            decoder.step()
+        for i, logits in enumerate(seen):
+            ids, mask = decode._left_pad([p + a[: i + 1] for p, a in zip(prompts, decoder.answers)], 0, "cpu")
+            expected = model(
+                input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1
+            ).logits[:, -1]
+            assert logits.dtype == torch.bfloat16
+            torch.testing.assert_close(logits.float(), expected.float(), atol=0.1, rtol=0.02)
+            assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75  # greedy picks mostly agree
+    assert len(seen) == 3
+
+
 def test_greedy_with_the_lean_path_equals_hf_generate(fmt, adapter_dir, monkeypatch):
     from llmft.infer.fast_decode import LeanDecoder
 

@@ -37,8 +37,10 @@ def unsupported_reason(model) -> str | None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if cfg.model_type not in SUPPORTED:
         return f"model_type {cfg.model_type!r} is not one of {SUPPORTED}"
-    if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkl.is_available():
-        return "the lean path is for CPU, fp32, with MKL"
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+        return "the lean path is for CPU, fp32 or bf16"
+    if model.dtype == torch.float32 and not torch.backends.mkl.is_available():
+        return "the lean path in fp32 needs MKL"
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "the MLP is not a bias-free SiLU gate"
     if rope.get("rope_type", rope.get("type", "default")) not in STATIC_ROPE:
@@ -68,10 +70,14 @@ class _Packed:
                 [b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, linears)]
             )
         )
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows)
+        # fp32: MKL's prepacked copy (sgemm repacks the weight at every call otherwise); bf16: oneDNN's own linear
+        fp32 = self.weight.dtype == torch.float32
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows) if fp32 else None
         self.rows = rows
 
     def __call__(self, x):
+        if self.packed is None:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
 
 
@@ -144,7 +150,15 @@ class LeanDecoder:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (rows, 1, head_dim)
         bias = torch.zeros(mask.shape, dtype=self.embed.dtype).masked_fill_(~mask, float("-inf"))
         bias = bias[:, None].expand(rows, kv_heads, length).reshape(rows * kv_heads, 1, length)
-        rms_norm, silu = torch.nn.functional.rms_norm, torch.nn.functional.silu
+        silu = torch.nn.functional.silu
+        if self.embed.dtype == torch.float32:
+            rms_norm = torch.nn.functional.rms_norm
+        else:  # HF's order in half precision: normalise in fp32, round, then scale by the weight
+
+            def rms_norm(h, shape, weight, eps):
+                h32 = h.float()
+                return weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
         x = self.embed[tokens]
         for layer, cache in zip(self.layers, cache_layers):
             qkv = layer.qkv(rms_norm(x, (hidden_size,), layer.norm1, self.eps))
@@ -161,7 +175,8 @@ class LeanDecoder:
             scores = torch.baddbmm(
                 bias, qk[:, :heads].reshape(rows * kv_heads, group, head_dim), keys.transpose(1, 2), alpha=self.scaling
             )
-            x = x + layer.o(torch.bmm(scores.softmax(-1), values).view(rows, heads * head_dim))
+            probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype)  # in fp32, as HF's attention
+            x = x + layer.o(torch.bmm(probs, values).view(rows, heads * head_dim))
             gate_up = layer.gate_up(rms_norm(x, (hidden_size,), layer.norm2, self.eps))
             x = x + layer.down(silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :])
         return self.lm_head(rms_norm(x, (hidden_size,), self.norm, self.eps))
