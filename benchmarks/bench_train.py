@@ -47,14 +47,17 @@ import time
 from pathlib import Path
 
 from llmft.common import atomic_write_json
+from llmft.cpu import detect_cpu
 from llmft.lf import config as lf_config
 from llmft.lf.profile import Runtime, plan_profile
 from llmft.params import TrainParams
+from llmft.training import dtype_view
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads
     "llama2-7b": (4096, 32, 11008, 32, 32),
+    "smollm2-135m": (576, 30, 1536, 9, 3),  # the embedded model's shape: what a CPU user trains
     "tiny": (64, 2, 128, 4, 2),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -239,34 +242,49 @@ def make_data(
 # ---------- measurements ----------
 
 
-def matmul_ceiling(cuda: bool) -> tuple[float, str]:
-    """TFLOP/s of one large matmul on this device, median of 10 after warm-up.
+def matmul_ceiling(cuda: bool, shape: dict | None = None, bf16: bool = True) -> tuple[float, str]:
+    """TFLOP/s of matmuls on this device, median of 10 after warm-up.
 
-    bf16 8192^3 on CUDA, fp32 1024^3 on CPU.
+    CUDA: bf16 8192^3. CPU: the model's own linear shapes (a micro-batch of 600 tokens times each weight: what a
+    training step multiplies), in bf16 where the CPU has a bf16 unit (`bf16`), else fp32: the rate the arms are
+    measured against.
     """
     import torch
 
-    n, dtype, device = (8192, torch.bfloat16, "cuda") if cuda else (1024, torch.float32, "cpu")
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    times = []
-    for i in range(13):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            a @ b
-            end.record()
-            torch.cuda.synchronize()
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            seconds = time.perf_counter() - t0
-        if i >= 3:
-            times.append(seconds)
-    del a, b
+    if cuda:
+        sizes, dtype, device = [(8192, 8192, 8192)], torch.bfloat16, "cuda"
+    else:
+        h, inter = (shape or {}).get("hidden_size", 1024), (shape or {}).get("intermediate_size", 1024)
+        sizes, dtype, device = (
+            [(600, h, inter), (600, inter, h), (600, h, h)],
+            (torch.bfloat16 if bf16 else torch.float32),
+            "cpu",
+        )
+    rates = []
+    for m, k, n in sizes:
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+        times = []
+        for i in range(13):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                a @ b
+                end.record()
+                torch.cuda.synchronize()
+                seconds = start.elapsed_time(end) / 1000
+            else:
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    a @ b
+                seconds = (time.perf_counter() - t0) / 10
+            if i >= 3:
+                times.append(seconds)
+        rates.append(2 * m * k * n / statistics.median(times) / 1e12)
+        del a, b
     if cuda:
         torch.cuda.empty_cache()
-    return 2 * n**3 / statistics.median(times) / 1e12, f"{'bf16' if cuda else 'fp32'} {n}x{n}x{n}"
+    label = "x".join(map(str, sizes[0])) + ("" if len(sizes) == 1 else " and the other linear shapes")
+    return statistics.mean(rates), f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} {label}"
 
 
 def linear_params(shape: dict, lora_rank: int) -> tuple[int, int]:
@@ -322,8 +340,10 @@ def arm_sections(arm: str, args, model_dir: Path, data_dir: Path, out_dir: Path,
         precision=precision,
         runtime=runtime,
     )
-    if precision == "fp32" and arm != "plain" and "disable_gradient_checkpointing" not in extra:
-        sections["train"]["disable_gradient_checkpointing"] = True  # what src/train.py adds in fp32 (a CPU)
+    plan = plan_profile(t, runtime, precision)
+    if plan.base_dtype:  # what the train stage launches: the base loaded in bf16 (training.dtype_view)
+        view = dtype_view(model_dir, out_dir.parent / f"model-{plan.base_dtype}", plan.base_dtype)
+        sections["model"]["model_name_or_path"] = str(view)
     # Benchmark only: no evaluation, checkpoints, reports or progress bars.
     del sections["dataset"]["eval_dataset"]
     sections["eval"] = {"eval_strategy": "no"}
@@ -335,7 +355,7 @@ def arm_sections(arm: str, args, model_dir: Path, data_dir: Path, out_dir: Path,
         "include_effective_tokens_per_second": False,
         "disable_tqdm": True,
     }
-    return sections, plan_profile(t, runtime, precision)
+    return sections, plan
 
 
 def run_arm(arm: str, sections: dict, work: Path, timeout: int) -> dict:
@@ -602,7 +622,8 @@ def report(r: dict) -> str:
             f"{a['mfu_vs_ceiling']:.1%} of the matmul  peak {a['peak_mem_gib']:.2f} GiB "
             f"({a['memory_vs_plain']:.2f}x)  final loss {a['final_loss']:.4f} "
             f"({a['final_loss_rel_diff']:.2%} from plain; guard {'ok' if a['learning_guard_ok'] else 'FAILED'})"
-            f"  [{a['attn_implementation']}, liger {a['liger']}, grad ckpt {a['gradient_checkpointing']}, "
+            f"  [{r.get('dtypes', {}).get(name, r['dtype'])}, {a['attn_implementation']}, liger {a['liger']}, "
+            f"grad ckpt {a['gradient_checkpointing']}, "
             f"{a['micro_batch']} x {a['accumulation']}]"
         )
     lines += [f"  note: {n}" for n in r["notes"]]
@@ -628,18 +649,20 @@ def liger_works() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=["auto", *SHAPES], default="auto", help="auto: llama2-7b on CUDA, else tiny")
+    parser.add_argument(
+        "--shape", choices=["auto", *SHAPES], default="auto", help="auto: llama2-7b on CUDA, smollm2-135m on a CPU"
+    )
     parser.add_argument("--hidden", type=int, help="override the shape's hidden size")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--intermediate", type=int)
     parser.add_argument("--heads", type=int)
     parser.add_argument("--kv-heads", type=int)
-    parser.add_argument("--cutoff-len", type=int, help="default: 2048 on CUDA, 256 on CPU")
-    parser.add_argument("--steps", type=int, help="optimizer steps per arm, warm-up included (CUDA 35, CPU 8)")
+    parser.add_argument("--cutoff-len", type=int, help="default: 2048 on CUDA, 512 on CPU")
+    parser.add_argument("--steps", type=int, help="optimizer steps per arm, warm-up included (CUDA 35, CPU 14)")
     parser.add_argument("--warmup", type=int, help="first steps left out of the timing (CUDA 5, CPU 2)")
     parser.add_argument("--arms", help="comma-separated: plain,fast,fast-gc (default on CUDA; plain,fast on CPU)")
     parser.add_argument("--batch", type=int, default=4, help="plain's per_device_train_batch_size (params.yaml)")
-    parser.add_argument("--accum", type=int, default=4, help="plain's gradient_accumulation_steps (params.yaml)")
+    parser.add_argument("--accum", type=int, help="plain's gradient_accumulation_steps (CUDA 4, the guide's; CPU 1)")
     parser.add_argument("--per-pack", type=int, default=4, help="examples per block (one pack); divides --batch")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="high, so that the loss moves within a few steps")
@@ -684,11 +707,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    args.shape = args.shape if args.shape != "auto" else ("llama2-7b" if cuda else "tiny")
+    args.shape = args.shape if args.shape != "auto" else ("llama2-7b" if cuda else "smollm2-135m")
     shape_name = args.shape
-    args.cutoff_len = args.cutoff_len or (2048 if cuda else 256)
+    args.cutoff_len = args.cutoff_len or (2048 if cuda else 512)
+    args.accum = args.accum or (4 if cuda else 1)
     args.steps, args.warmup = (
-        args.steps or (35 if cuda else 8),
+        args.steps or (35 if cuda else 14),
         args.warmup if args.warmup is not None else (5 if cuda else 2),
     )
     arms = (args.arms or ("plain,fast,fast-gc" if cuda else "plain,fast")).split(",")
@@ -699,9 +723,19 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     if cuda and args.steps - args.warmup < 30:
         notes.append(f"only {args.steps - args.warmup} timed steps (the goal asks for >= 30)")
+    isa = None if cuda else detect_cpu()
     if not cuda:
-        notes.append("CPU: a smoke test of the code path on a tiny shape; MFU against 989 TFLOP/s means nothing here")
-    precision = lf_config.choose_precision("auto", cuda, cuda and torch.cuda.is_bf16_supported())
+        notes.append(
+            f"CPU ({isa.describe()}): MFU against {args.peak_tflops:g} TFLOP/s means nothing here; the share of "
+            "the measured matmul rate (bf16 where the CPU has a bf16 unit) does"
+        )
+    bf16 = torch.cuda.is_bf16_supported() if cuda else isa.bf16
+    # plain LLaMA-Factory on a CPU is fp32 (autocast only when asked); the fast profile takes bf16 where it pays
+    precisions = {
+        arm: lf_config.choose_precision("auto", cuda, bf16, cpu_fast=arm != "plain")
+        for arm in ("plain", "fast", "fast-gc")
+    }
+    precision = precisions["fast"]
 
     t0 = time.perf_counter()
     enc = Encoder(tok, args.cutoff_len)
@@ -726,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         sum(flops_per_example(shape, args.lora_rank, n) for n in lengths[i : i + per_step])
         for i in range(0, len(lengths), per_step)
     ]
-    ceiling, matmul = matmul_ceiling(cuda)
+    ceiling, matmul = matmul_ceiling(cuda, shape, bf16)
     print(
         f"setup {time.perf_counter() - t0:.0f} s: model, {len(lengths)} examples ({min(lengths)}-{max(lengths)} "
         f"tokens, median {statistics.median(lengths):.0f}), matmul {ceiling:.1f} TFLOP/s",
@@ -750,11 +784,12 @@ def main(argv: list[str] | None = None) -> int:
         model_config=shape,
         weights_bytes=sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
         example_tokens=tuple(lengths),
+        cpu_isa=isa or Runtime().cpu_isa,
     )
 
     results = {}
     for arm in arms:
-        sections, plan = arm_sections(arm, args, model_dir, data_dir, work / arm, precision, runtime, args.steps)
+        sections, plan = arm_sections(arm, args, model_dir, data_dir, work / arm, precisions[arm], runtime, args.steps)
         print(f"arm {arm}: {'; '.join(plan.notes)}", file=sys.stderr)
         raw = run_arm(arm, sections, work, args.timeout)
         results[arm] = summarize(
@@ -797,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(cuda),
         "shape": shape_name,
         "dtype": precision,
+        "dtypes": {arm: precisions[arm] for arm in arms},
         "model": shape | {"params": n_params, "linear_params": linear, "lora_params": lora},
         "lora_rank": args.lora_rank,
         "cutoff_len": args.cutoff_len,

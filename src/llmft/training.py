@@ -23,7 +23,7 @@ from llmft.cpu import detect_cpu
 from llmft.env import git_commit
 from llmft.lf import config as lf_config
 from llmft.lf import run as lf_run
-from llmft.lf.budget import CpuPlan, describe_stages, plan_cpu_run, plan_stages
+from llmft.lf.budget import CpuPlan, describe_stages, plan_cpu_run, plan_stages, reference_rate
 from llmft.lf.encode import example_lengths
 from llmft.lf.memory import estimate_peak_gib
 from llmft.lf.mixing import NAME, Mix, describe, fingerprint_extra, plan_mix, write_dataset_info
@@ -253,7 +253,10 @@ def build_sections(
         # fp32 means a CPU (or a forced choice): RAM is not the limit there, and recomputing activations costs ~30%.
         sections["train"]["disable_gradient_checkpointing"] = True
     size = world.size if world else 1
-    plan = plan_cpu_run(t, lengths, info.get("num_parameters"), rehearsal_lengths, size) if cpu and lengths else None
+    rate = reference_rate(precision, info.get("num_parameters"))
+    plan = (
+        plan_cpu_run(t, lengths, info.get("num_parameters"), rehearsal_lengths, size, rate) if cpu and lengths else None
+    )
     for note in plan.notes if plan else ():
         log.warning("%s", note) if "over train.cpu_token_budget" in note else log.info("%s", note)
     if plan and (world is None or world.is_main):

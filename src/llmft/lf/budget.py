@@ -16,10 +16,18 @@ import math
 
 from llmft.common import UserError
 
-# Measured: LoRA on SmolLM2-135M in fp32 trains at 76-99 tokens/s on a 2-core x86 CPU (Xeon and EPYC). A step's
-# cost grows about linearly with the parameters, so other models are scaled from it; a rough guide, not a promise.
+# Measured: LoRA on SmolLM2-135M trains at 76-124 tokens/s in fp32 on a 2-core x86 CPU (Xeon and EPYC), and at
+# ~215 in bf16 with the fast profile (2-core EPYC, AVX512-BF16; lf/profile.py). A step's cost grows about linearly
+# with the parameters, so other models are scaled from it; a rough guide, not a promise.
 REFERENCE_TOKENS_PER_S = 90.0
+REFERENCE_BF16_TOKENS_PER_S = 200.0
 REFERENCE_PARAMETERS = 134_515_008
+
+
+def reference_rate(precision: str, num_parameters: int | None) -> float:
+    """The tokens/s to plan a CPU run with: the reference for this precision, scaled by model size."""
+    rate = REFERENCE_BF16_TOKENS_PER_S if precision == "bf16" else REFERENCE_TOKENS_PER_S
+    return rate * REFERENCE_PARAMETERS / (num_parameters or REFERENCE_PARAMETERS)
 
 
 @dataclasses.dataclass
@@ -61,7 +69,7 @@ def plan_cpu_run(
     steps = t.max_steps or max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
     step_tokens = sum(lengths) / steps_per_epoch  # the average step's tokens
     tokens = round(step_tokens * steps)
-    rate = tokens_per_s or REFERENCE_TOKENS_PER_S * REFERENCE_PARAMETERS / (num_parameters or REFERENCE_PARAMETERS)
+    rate = tokens_per_s or reference_rate("fp32", num_parameters)
     plan = CpuPlan(steps, tokens, tokens / rate / 60, rate, own_examples=len(own))
     procs = f" ({world_size} processes)" if world_size > 1 else ""
     plan.notes.append(
