@@ -36,7 +36,8 @@ def default_paths(model: str | None, adapter: str | None) -> tuple[str, str | No
 
 
 def load(model_dir: str, adapter: str | None):
-    """(model, ChatFormat): fp32 on CPU, bf16/fp16 on a GPU; an adapter is merged in memory (base-model speed)."""
+    """(model, ChatFormat): bf16/fp16 on a GPU, bf16 on a CPU with a bf16 unit (else fp32); an adapter is merged in
+    memory (base-model speed)."""
     fmt = load_chat_format(model_dir, cutoff_len=10**9)  # fit_context trims the history instead
     model = load_model(fmt)
     return (merge_adapter(model, adapter) if adapter else model), fmt
