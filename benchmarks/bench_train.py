@@ -254,7 +254,8 @@ def matmul_ceiling(cuda: bool, shape: dict | None = None, bf16: bool = True) -> 
     if cuda:
         sizes, dtype, device = [(8192, 8192, 8192)], torch.bfloat16, "cuda"
     else:
-        h, inter = (shape or {}).get("hidden_size", 1024), (shape or {}).get("intermediate_size", 1024)
+        # never below SmolLM2-135M's shapes: a tiny model's own matmuls are too small to show the CPU's rate
+        h, inter = max((shape or {}).get("hidden_size", 0), 576), max((shape or {}).get("intermediate_size", 0), 1536)
         sizes, dtype, device = (
             [(600, h, inter), (600, inter, h), (600, h, h)],
             (torch.bfloat16 if bf16 else torch.float32),
