@@ -159,7 +159,7 @@ class TrainParams(Section):
     finetuning_type: Literal["lora", "full", "freeze"] = "lora"
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     lora_target: str = "all"
     use_dora: bool = False
     use_rslora: bool = False
