@@ -166,22 +166,11 @@ def tiny_qwen2():
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch):
-    from llmft.infer.fast_decode import LeanDecoder
-
-    if arch == "llama":
-        model = loading.merge_adapter(loading.load_model(fmt, "float32"), adapter_dir)
-        prompts = [
-            fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
-            for ex in VAL
-        ]
-    else:
-        model, prompts = tiny_qwen2(), [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
-    lean = LeanDecoder.build(model, rows=len(prompts))
-    assert lean is not None
+def lean_against_hf(model, prompts, lean) -> list[tuple]:
+    """(lean step logits, HF's forward logits on the whole text so far, without a cache) for 3 decode steps."""
     seen, step = [], lean.step
     lean.step = lambda *args: seen.append(step(*args)) or seen[-1]
+    pairs = []
     with torch.inference_mode():
         decoder = decode._Decoder(
             model, prompts, [-1], 0, max_new_tokens=4, batch_size=len(prompts), full_rows=True, lean=lean
@@ -189,13 +178,35 @@ def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch)
         decoder.refill(list(range(len(prompts))))
         for _ in range(3):  # the later steps attend to keys and values the lean path wrote
             decoder.step()
-        for i, logits in enumerate(seen):  # HF's forward on the whole text so far, without a cache
+        for i, logits in enumerate(seen):
             ids, mask = decode._left_pad([p + a[: i + 1] for p, a in zip(prompts, decoder.answers)], 0, "cpu")
             expected = model(
                 input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1
             ).logits[:, -1]
-            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
-    assert len(seen) == 3
+            pairs.append((logits, expected))
+    assert len(pairs) == 3
+    return pairs
+
+
+def val_prompts(fmt) -> list[list[int]]:
+    return [
+        fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
+        for ex in VAL
+    ]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch):
+    from llmft.infer.fast_decode import LeanDecoder
+
+    if arch == "llama":
+        model, prompts = loading.merge_adapter(loading.load_model(fmt, "float32"), adapter_dir), val_prompts(fmt)
+    else:
+        model, prompts = tiny_qwen2(), [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
+    lean = LeanDecoder.build(model, rows=len(prompts))
+    assert lean is not None
+    for logits, expected in lean_against_hf(model, prompts, lean):
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
 def test_lean_decode_steps_in_bf16_give_the_logits_of_hf_forward_in_bf16(fmt, adapter_dir):
@@ -203,31 +214,13 @@ def test_lean_decode_steps_in_bf16_give_the_logits_of_hf_forward_in_bf16(fmt, ad
     rounding (fp32 softmax and norms, as HF computes them)."""
     from llmft.infer.fast_decode import LeanDecoder
 
-    model = loading.merge_adapter(loading.load_model(fmt, "bfloat16"), adapter_dir)
-    prompts = [
-        fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ""}])[0]
-        for ex in VAL
-    ]
+    model, prompts = loading.merge_adapter(loading.load_model(fmt, "bfloat16"), adapter_dir), val_prompts(fmt)
     lean = LeanDecoder.build(model, rows=len(prompts))
     assert lean is not None and lean.layers[0].qkv.packed is None  # oneDNN's bf16 linear, no MKL packing
-    seen, step = [], lean.step
-    lean.step = lambda *args: seen.append(step(*args)) or seen[-1]
-    with torch.inference_mode():
-        decoder = decode._Decoder(
-            model, prompts, [-1], 0, max_new_tokens=4, batch_size=len(prompts), full_rows=True, lean=lean
-        )
-        decoder.refill(list(range(len(prompts))))
-        for _ in range(3):
-            decoder.step()
-        for i, logits in enumerate(seen):
-            ids, mask = decode._left_pad([p + a[: i + 1] for p, a in zip(prompts, decoder.answers)], 0, "cpu")
-            expected = model(
-                input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1
-            ).logits[:, -1]
-            assert logits.dtype == torch.bfloat16
-            torch.testing.assert_close(logits.float(), expected.float(), atol=0.1, rtol=0.02)
-            assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75  # greedy picks mostly agree
-    assert len(seen) == 3
+    for logits, expected in lean_against_hf(model, prompts, lean):
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), expected.float(), atol=0.1, rtol=0.02)
+        assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75  # greedy picks mostly agree
 
 
 def test_greedy_with_the_lean_path_equals_hf_generate(fmt, adapter_dir, monkeypatch):
