@@ -43,10 +43,10 @@ def slug(text: str) -> str:
     return "".join(keep).replace(" ", "-")
 
 
-def prose_lines(text: str) -> list[str]:
-    """The lines outside fenced code blocks, code spans blanked (so `[a](b)` in code is not a link)."""
+def prose_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks, code spans blanked (so `[a](b)` in code is not a link)."""
     out, fence = [], None
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         m = FENCE.match(line)
         if fence:
             if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):
@@ -55,7 +55,7 @@ def prose_lines(text: str) -> list[str]:
         if m:
             fence = m.group(1)
             continue
-        out.append(CODE_SPAN.sub(lambda s: " " * len(s.group(0)), line))
+        out.append((number, CODE_SPAN.sub(lambda s: " " * len(s.group(0)), line)))
     return out
 
 
@@ -63,7 +63,7 @@ def anchors(path: Path) -> set[str]:
     """Every anchor GitHub makes for this page: one per heading, numbered on repeats, plus HTML name/id."""
     seen: dict[str, int] = {}
     found = set()
-    for line in prose_lines(path.read_text(encoding="utf-8")):
+    for _, line in prose_lines(path.read_text(encoding="utf-8")):
         found.update(HTML_ANCHOR.findall(line))
         m = HEADING.match(line)
         if not m:
@@ -82,17 +82,7 @@ def anchors(path: Path) -> set[str]:
 def links(path: Path) -> list[tuple[int, str]]:
     """(line number, target) of every link and image on the page, external ones included."""
     out = []
-    fence, number = None, 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        m = FENCE.match(line)
-        if fence:
-            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):
-                fence = None
-            continue
-        if m:
-            fence = m.group(1)
-            continue
-        line = CODE_SPAN.sub(lambda s: " " * len(s.group(0)), line)
+    for number, line in prose_lines(path.read_text(encoding="utf-8")):
         out += [(number, t) for t in INLINE_LINK.findall(line)]
         ref = REFERENCE_DEF.match(line)
         if ref:
