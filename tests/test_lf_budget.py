@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from llmft.common import UserError
-from llmft.lf.budget import REFERENCE_PARAMETERS, REFERENCE_TOKENS_PER_S, describe_stages, plan_cpu_run, plan_stages
+from llmft.lf.budget import (
+    EVAL_SHARE,
+    FORWARD_SPEEDUP,
+    REFERENCE_PARAMETERS,
+    REFERENCE_TOKENS_PER_S,
+    describe_stages,
+    plan_cpu_eval,
+    plan_cpu_run,
+    plan_stages,
+)
 from llmft.params import Params, TrainParams
 
 GUIDE = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "num_train_epochs": 3.0}
@@ -85,5 +94,28 @@ def test_the_whole_run_is_planned_stage_by_stage_with_the_val_split_capped_on_a_
     many = plan_stages(params, plan, [300] * 64, 64, 120, None)
     more = plan_stages(params, plan, [300] * 64 + [300] * 936, 64, 120, None)
     assert more["evaluate"] == many["evaluate"] > short["evaluate"]
-    assert more["train"] > many["train"]  # the in-training eval passes go over the whole val split
+    assert more["train"] == many["train"]  # the in-training eval reads the same 64 (plan_cpu_eval)
     assert describe_stages(short).startswith(f"whole CPU run ~{sum(short.values()):.0f} min: model ")
+
+
+def test_a_cheap_in_training_eval_is_left_as_asked():
+    t = TrainParams(eval_steps=16)
+    plan = plan_cpu_eval([60] * 20, 64, 124, t, train_minutes=6.0, tokens_per_s=200.0)
+    assert (plan.examples, plan.available, plan.eval_steps, plan.passes) == (20, 20, 16, 124 // 16 + 1)
+    assert plan.minutes == pytest.approx(8 * 20 * 60 / (200.0 * FORWARD_SPEEDUP) / 60) and plan.note == ""
+
+
+def test_a_long_val_split_is_drawn_down_and_spaced_out_to_a_fifth_of_training():
+    # a 1,000-row table: 100 val examples of ~600 tokens; 50 steps asked for 4 passes over all of them
+    t = TrainParams(eval_steps=16, cutoff_len=2048)
+    plan = plan_cpu_eval([600] * 100, 64, 50, t, train_minutes=6.0, tokens_per_s=200.0)
+    per_pass = 64 * 600 / (200.0 * FORWARD_SPEEDUP) / 60  # 1.07 min: one pass fits in a fifth of 6 min
+    assert (plan.examples, plan.available) == (64, 100)
+    assert plan.passes == 1 and plan.eval_steps > 50 and plan.minutes == pytest.approx(per_pass)
+    assert "64 of the 100 val examples" in plan.note and "asked for 4" in plan.note
+    # twice the training time: two passes fit, and the interval leaves exactly two (one mid-run, one at the end)
+    longer = plan_cpu_eval([600] * 100, 64, 50, t, train_minutes=12.0, tokens_per_s=200.0)
+    assert longer.passes == 2 and 50 // longer.eval_steps == 1
+    assert longer.minutes <= EVAL_SHARE * 12.0
+    # no cap (a GPU's eval.max_examples, or null): every example, still spaced out
+    assert plan_cpu_eval([600] * 100, None, 50, t, 6.0, 200.0).examples == 100

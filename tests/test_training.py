@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from train_project import (
     adapter,
@@ -239,6 +240,28 @@ def test_rehearsal_is_mixed_in_by_llamafactory_and_a_budget_cut_keeps_it(tiny_mo
         (root / "data/rehearsal/rehearsal.json").resolve(),
     ]
     assert [a.num_samples for a in attrs[1:]] == [10, 6]
+
+
+@pytest.mark.slow
+def test_a_cpu_run_draws_its_in_training_eval_from_a_long_val_split(tiny_model_dir, tmp_path):
+    # 6 val examples, eval.max_examples 2: each in-training eval reads 2 of them, drawn by LLaMA-Factory itself
+    root = make_project(tmp_path, cpu_token_budget=100_000, eval_steps=2)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(params | {"eval": {"max_examples": 2}}))
+    env = os.environ | {"LLAMAFACTORY_VERBOSITY": "INFO"}  # LLaMA-Factory's own log line below is INFO
+    proc = subprocess.run(stage_cmd(tiny_model_dir), cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in-training eval loss on a CPU: 2 of the 6 val examples (drawn with the seed)" in proc.stderr
+    assert "Sampled 2 examples from dataset" in proc.stdout + proc.stderr
+    metrics = json.loads((root / "reports/metrics/train.json").read_text())
+    assert metrics["cpu_plan"]["eval"]["examples"] == 2 and metrics["cpu_plan"]["eval"]["available"] == 6
+    # the record reruns from the repo root with the same draw: LLaMA-Factory's parser reads it through models/lora
+    assert "\ndataset_dir: models/lora\n" in (root / "models/lora/train_config.yaml").read_text()
+    from llamafactory.data.parser import get_dataset_list
+
+    (val,) = get_dataset_list(["val"], str(root / "models/lora"))
+    assert val.num_samples == 2
+    assert (root / "models/lora" / val.dataset_name).resolve() == (root / "data/processed/val.json").resolve()
 
 
 @pytest.mark.integration

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -23,10 +24,10 @@ from llmft.cpu import detect_cpu
 from llmft.env import git_commit
 from llmft.lf import config as lf_config
 from llmft.lf import run as lf_run
-from llmft.lf.budget import CpuPlan, describe_stages, plan_cpu_run, plan_stages, reference_rate
+from llmft.lf.budget import CpuPlan, describe_stages, plan_cpu_eval, plan_cpu_run, plan_stages, reference_rate
 from llmft.lf.encode import example_lengths
 from llmft.lf.memory import estimate_peak_gib
-from llmft.lf.mixing import NAME, Mix, describe, fingerprint_extra, plan_mix, write_dataset_info
+from llmft.lf.mixing import NAME, Mix, describe, fingerprint_extra, plan_mix, run_datasets, write_dataset_info
 from llmft.lf.profile import Profile, plan_profile, probe_runtime, resolve_name
 from llmft.lf.world import World, resolve_world, usable_cores, wait_for_master
 from llmft.model import read_model_info
@@ -161,13 +162,13 @@ class Launcher:
         model_path: str,
         precision: str,
         header: list[str],
-        mix: Mix | None,
+        datasets: dict | None,
         world: World,
         fp: str,
         base_dtype: str | None = None,
     ):
         self.paths, self.t, self.model_path, self.precision, self.header = paths, t, model_path, precision, header
-        self.mix, self.world, self.fp, self.base_dtype = mix, world, fp, base_dtype
+        self.datasets, self.world, self.fp, self.base_dtype = datasets, world, fp, base_dtype
         self.resumed = Resumed()  # of the last launch
         self.run_dir = Path(tempfile.mkdtemp(prefix="train-run-"))
         live = paths.live_dir if world.is_main else self.run_dir / "live"
@@ -188,8 +189,8 @@ class Launcher:
         if self.base_dtype:  # the train.profile's frozen weights in bf16 on a CPU: a view of the base, not a copy
             model = cfg["model"]["model_name_or_path"]
             cfg["model"]["model_name_or_path"] = str(dtype_view(Path(model), self.run_dir / "base", self.base_dtype))
-        if self.mix:  # both stages' data sets, named in one dataset_info.json beside the config
-            cfg["dataset"]["dataset_dir"] = str(write_dataset_info(self.mix.info, self.run_dir).parent)
+        if self.datasets:  # the rehearsal mix, a draw of val: one dataset_info.json beside the config
+            cfg["dataset"]["dataset_dir"] = str(write_dataset_info(self.datasets, self.run_dir).parent)
         config = self.run_dir / "train_config.yaml"
         config.write_text(lf_config.to_yaml(cfg, self.header), encoding="utf-8")
         log_estimate(self.model_path, sections, self.t, self.precision, self.world)
@@ -263,10 +264,26 @@ def build_sections(
         log.info("%s", describe_stages(whole_run(params, plan, val_lengths, info.get("num_parameters"))))
     if plan and plan.max_steps:
         sections["train"]["max_steps"] = plan.max_steps
+    in_training = None
+    if plan and "eval" in sections:
+        run_steps = plan.max_steps or plan.steps
+        minutes = run_steps / plan.steps * plan.minutes
+        in_training = plan_cpu_eval(
+            list(val_lengths), params.eval.examples_cap(cuda=False), run_steps, t, minutes, plan.tokens_per_s
+        )
+    if in_training:
+        plan.eval = in_training
+        sections["eval"]["eval_steps"] = in_training.eval_steps
+        if in_training.note and (world is None or world.is_main):
+            log.info("%s", in_training.note)
+    drawn = in_training.examples if in_training and in_training.examples < in_training.available else None
+    datasets = run_datasets(mix, paths.data_dir, drawn)
     if mix:
         sections["dataset"] |= mix.dataset_keys(record_dir=str(paths.out))
+    elif datasets:
+        sections["dataset"]["dataset_dir"] = str(paths.out)
     lf_config.validate(sections, t.extra, typed=set(TrainParams.model_fields) - {"extra"})
-    return sections, plan, mix, plan_profile(t, runtime, precision)
+    return sections, plan, mix, datasets, plan_profile(t, runtime, precision)
 
 
 def whole_run(params: Params, plan: CpuPlan, val_lengths: tuple[int, ...], num_parameters: int | None) -> dict:
@@ -315,7 +332,7 @@ def run_metrics(results: dict, history: list[dict], step: int, resumed: Resumed,
 
 
 def collect(
-    paths: TrainPaths, sections: dict, header: list[str], outcome: TrainOutcome, resumed: Resumed, mix: Mix | None
+    paths: TrainPaths, sections: dict, header: list[str], outcome: TrainOutcome, resumed: Resumed, datasets: dict | None
 ) -> None:
     """models/lora <- the final adapter and LLaMA-Factory's records (one rename); metrics JSON; redrawn plots."""
     ckpt = paths.checkpoints
@@ -325,8 +342,8 @@ def collect(
             if f.is_file() and f.name not in ("fingerprint.json", RUN_METRICS):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "train_config.yaml").write_text(lf_config.to_yaml(sections, header), encoding="utf-8")
-        if mix:  # train_config.yaml's dataset_dir: paths relative to it, so it reruns from the repo root
-            write_dataset_info(mix.info, tmp, relative_to=paths.out)
+        if datasets:  # train_config.yaml's dataset_dir: paths relative to it, so it reruns from the repo root
+            write_dataset_info(datasets, tmp, relative_to=paths.out)
     results = read_json(ckpt / "all_results.json")
     history = read_json(ckpt / "trainer_state.json")["log_history"]
     step = max(e["step"] for e in history)
@@ -371,8 +388,9 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
     precision = device_checks(t)
     log.info("%s", world.describe())
     wait_for_master(world)
-    sections, plan, mix, profile = build_sections(params, paths, info, precision, world)
-    fp = lf_run.fingerprint(paths.data_dir, paths.model_dir, sections, fingerprint_extra(mix), world.size)
+    sections, plan, mix, datasets, profile = build_sections(params, paths, info, precision, world)
+    drawn = json.dumps((datasets or {}).get("val", {}).get("num_samples"))  # the in-training eval's draw
+    fp = lf_run.fingerprint(paths.data_dir, paths.model_dir, sections, fingerprint_extra(mix) + drawn, world.size)
     batch = sections["train"]["per_device_train_batch_size"] * sections["train"]["gradient_accumulation_steps"]
     layout = {
         "world_size": world.size,
@@ -404,7 +422,7 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
         outcome = TrainOutcome(sections, read_json(paths.checkpoints / RUN_METRICS), trained_now=False)
         resumed = Resumed()
     else:
-        launcher = Launcher(paths, t, info["path"], precision, header, mix, world, fp, profile.base_dtype)
+        launcher = Launcher(paths, t, info["path"], precision, header, datasets, world, fp, profile.base_dtype)
         try:
             # Across nodes an OOM shows only in the log of the node it hit, so no node could retry in step.
             backoff = t.oom_backoff and world.nnodes == 1
@@ -431,5 +449,5 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
     train_section = outcome.sections["train"]
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):  # what finally ran
         train_section[key] = outcome.metrics[key] = outcome.metrics.get(key, train_section[key])
-    collect(paths, outcome.sections, header, outcome, resumed, mix)
+    collect(paths, outcome.sections, header, outcome, resumed, datasets)
     return outcome

@@ -94,12 +94,30 @@ def plan_mix(data_dir: Path, rehearsal_dir: Path, r: RehearsalParams, max_sample
     samples = min(asked, available * r.max_repeats)
     if max_samples:  # LLaMA-Factory cuts each dataset to max_samples, after drawing num_samples
         samples = min(samples, max_samples)
-    info = {name: entry | {"file_name": str(data_dir / entry["file_name"])} for name, entry in processed.items()}
+    info = processed_entries(data_dir)
     entry = rehearsal_info[NAME] | {"file_name": str(rehearsal_dir / rehearsal_info[NAME]["file_name"])}
     names = entry_names(samples, available)
     for i, name in enumerate(names):  # the first entries draw the whole pool, the last one the rest
         info[name] = entry | {"num_samples": available if i < len(names) - 1 else samples - available * i}
     return Mix(info, train, samples, available, asked, r.max_repeats)
+
+
+def processed_entries(data_dir: Path) -> dict:
+    """The prepare stage's dataset_info.json entries (train, val), their files located from the repo root."""
+    processed = read_json(data_dir / "dataset_info.json")
+    return {name: entry | {"file_name": str(data_dir / entry["file_name"])} for name, entry in processed.items()}
+
+
+def run_datasets(mix: Mix | None, data_dir: Path, val_examples: int | None) -> dict | None:
+    """The dataset_info.json the train stage writes beside its config, or None when data/processed's own will do:
+    the rehearsal mix, and on a CPU a draw of `val_examples` of the val split for the in-training eval
+    (lf/budget.py plan_cpu_eval; LLaMA-Factory's num_samples, drawn with the seed)."""
+    if mix is None and val_examples is None:
+        return None
+    info = dict(mix.info) if mix else processed_entries(data_dir)
+    if val_examples is not None:
+        info["val"] = info["val"] | {"num_samples": val_examples}
+    return info
 
 
 def write_dataset_info(info: dict, where: Path, relative_to: Path | None = None) -> Path:
