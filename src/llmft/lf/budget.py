@@ -151,10 +151,11 @@ def plan_cpu_eval(
     plan = CpuEval(examples, len(lengths), eval_steps, passes, passes * per_pass)
     if examples < len(lengths) or eval_steps != t.eval_steps:
         drawn = f"{examples} of the {len(lengths)} val examples (drawn with the seed)"
+        when = f"every {eval_steps} steps and at the end ({passes} passes, " if passes > 1 else "once, at the end ("
         plan.note = (
-            f"in-training eval loss on a CPU: {drawn}, every {eval_steps} steps and at the end ({passes} passes, "
-            f"~{plan.minutes:.1f} min; train.eval_steps {t.eval_steps} asked for {run_steps // t.eval_steps + 1}), "
-            f"so it stays near {EVAL_SHARE:.0%} of training; evaluate measures the tuned model after"
+            f"in-training eval loss on a CPU: {drawn}, {when}~{plan.minutes:.1f} min; train.eval_steps "
+            f"{t.eval_steps} asked for {run_steps // t.eval_steps + 1} passes), so it stays near {EVAL_SHARE:.0%} of "
+            "training; evaluate measures the tuned model after"
         )
     return plan
 
