@@ -112,7 +112,8 @@ def test_a_long_val_split_is_drawn_down_and_spaced_out_to_a_fifth_of_training():
     per_pass = 64 * 600 / (200.0 * FORWARD_SPEEDUP) / 60  # 1.07 min: one pass fits in a fifth of 6 min
     assert (plan.examples, plan.available) == (64, 100)
     assert plan.passes == 1 and plan.eval_steps > 50 and plan.minutes == pytest.approx(per_pass)
-    assert "64 of the 100 val examples" in plan.note and "once, at the end" in plan.note and "asked for 4 passes" in plan.note
+    assert "64 of the 100 val examples" in plan.note and "once, at the end" in plan.note
+    assert "train.eval_steps 16 asked for 4 passes" in plan.note
     # twice the training time: two passes fit, and the interval leaves exactly two (one mid-run, one at the end)
     longer = plan_cpu_eval([600] * 100, 64, 50, t, train_minutes=12.0, tokens_per_s=200.0)
     assert longer.passes == 2 and 50 // longer.eval_steps == 1
