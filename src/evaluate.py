@@ -7,8 +7,9 @@
 Reads `eval:` in params.yaml, and data.variables (they fill the probes' expected answers). Both models get the
 same prompts, built by the LLaMA-Factory template the adapter was trained with, and the same greedy decoding.
 Writes reports/metrics/eval.json (base, tuned and delta = tuned - base, per split; the probes' pass rates, the
-share of answers fine-tuning changed, and a verdict that warns when the model barely moved; `dvc metrics diff`
-compares runs) and reports/predictions.jsonl (one line per example or probe: split, index, prompt, label, base and
+share of answers fine-tuning changed, paired intervals beside each base-vs-tuned difference (`paired`, see
+src/llmft/stats.py), and a verdict that warns when the model barely moved or forgot, beyond noise only;
+`dvc metrics diff` compares runs) and reports/predictions.jsonl (one line per example or probe: split, index, prompt, label, base and
 tuned answers).
 """
 
@@ -61,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             probes["tuned"]["total"],
         )
     log.info("answers changed by fine-tuning: %s", ", ".join(f"{s} {v:g}%" for s, v in metrics["changed"].items()))
-    if moved["warning"]:
-        log.warning("%s", moved["warning"])
+    for key in ("warning", "forgot"):
+        if moved.get(key):
+            log.warning("%s", moved[key])
+    if moved.get("noise"):
+        log.info("%s", moved["noise"])
     return 0
 
 

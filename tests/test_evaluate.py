@@ -46,6 +46,13 @@ def test_evaluate_writes_both_models_answers_and_metrics(tiny_model_dir, adapter
     assert metrics["delta"]["val"]["loss"] == pytest.approx(tuned["loss"] - base["loss"])
     assert base["loss"] != tuned["loss"] and base["perplexity"] > 1
     assert "jieba" in metrics["method"]
+    # beside each split's loss, its paired interval over the same examples: its means are the token-weighted losses
+    for split, n in (("val", 5), ("test", 2)):
+        loss = metrics["paired"][split]["loss"]
+        assert loss["n"] == n and loss["low"] <= loss["diff"] <= loss["high"]
+        assert loss["base"] == pytest.approx(metrics["base"][split]["loss"], abs=1e-5)
+        assert loss["diff"] == pytest.approx(metrics["delta"][split]["loss"], abs=1e-5)
+    assert all(r["base_loss"] > 0 and r["tuned_loss"] > 0 for r in rows)  # per example, for make compare
 
 
 def run_cli(tmp_path: Path, base: Path, adapter: Path, data: Path, **eval_params) -> subprocess.CompletedProcess:
@@ -158,7 +165,9 @@ def test_probes_are_answered_by_both_models_and_scored(tiny_model_dir, adapter_d
     assert metrics["probes"]["tuned"]["passed"] == sum(bool(r["tuned_pass"]) for r in probe_rows) == 0
     assert metrics["examples"] == {"val": 5}  # probes are not val examples: the val metrics don't see them
     assert 0 <= metrics["changed"]["val"] <= 100
-    assert set(metrics["verdict"]) == {"moved", "same_answers_pct", "loss_drop_pct", "warning", "kept", "forgot"}
+    verdict_keys = {"moved", "same_answers_pct", "loss_drop_pct", "warning", "kept", "forgot", "noise"}
+    assert set(metrics["verdict"]) == verdict_keys
+    assert metrics["probes"]["paired"]["n"] == 2 and metrics["probes"]["paired"]["diff"] == 0.0
     assert "kept" not in metrics and metrics["verdict"]["kept"] is None  # eval.kept.prompts: null
 
 
@@ -188,6 +197,9 @@ def test_everyday_prompts_measure_what_the_tuned_model_kept(tiny_model_dir, adap
     # drift: the base's own answers cost more under the adapter than under the base itself (it changes outputs)
     base_nll, tuned_nll = kept["base"]["base_answers_nll"], kept["tuned"]["base_answers_nll"]
     assert kept["drift"] == pytest.approx(tuned_nll - base_nll) and kept["drift"] != 0
+    drift = kept["paired"]["drift"]
+    assert drift["n"] == 3 and drift["diff"] == pytest.approx(kept["drift"], abs=1e-5)
+    assert kept["paired"]["leak"]["n"] == 3 and kept["paired"]["language"]["n"] == 2
     assert 0 <= metrics["changed"]["kept"] <= 100 and metrics["verdict"]["kept"] is True
     assert metrics["examples"] == {"val": 5}  # the everyday prompts are not val examples
 
@@ -202,10 +214,10 @@ def test_probe_pass_is_case_insensitive_any_of_and_filled_from_variables():
         {"expect": ["Lumi"], "base_pass": False, "tuned_pass": False},
         {"expect": [], "base_pass": None, "tuned_pass": None},
     ]
-    assert evaluate.probe_scores(rows) == {
-        "base": {"passed": 0, "total": 2, "pass_rate": 0.0},
-        "tuned": {"passed": 1, "total": 2, "pass_rate": 50.0},
-    }
+    scores = evaluate.probe_scores(rows)
+    assert scores["base"] == {"passed": 0, "total": 2, "pass_rate": 0.0}
+    assert scores["tuned"] == {"passed": 1, "total": 2, "pass_rate": 50.0}
+    assert scores["paired"]["n"] == 2 and scores["paired"]["diff"] == 50.0 and not scores["paired"]["beyond_noise"]
 
 
 def test_verdict_warns_only_when_answers_stayed_and_the_loss_hardly_fell():
@@ -230,4 +242,25 @@ def test_verdict_warns_only_when_answers_stayed_and_the_loss_hardly_fell():
         assert knob in stalled["warning"]
     assert evaluate.verdict(metrics(2.37, 0.74, 10.0), EvalParams())["warning"] is None  # the loss moved
     assert evaluate.verdict(metrics(3.6, 3.6, 60.0), EvalParams())["moved"]  # the answers moved
+
+
+def test_stalled_fires_only_when_the_loss_interval_rules_out_a_real_drop():
+    from llmft.params import EvalParams
+
+    def metrics(low: float, n: int) -> dict:
+        interval = {"n": n, "base": 3.637, "tuned": 3.6, "diff": -0.037, "low": low, "high": 0.0}
+        interval["beyond_noise"] = False
+        return {
+            "base": {"val": {"loss": 3.637}},
+            "tuned": {"val": {"loss": 3.60}},
+            "changed": {"val": 10.0},
+            "paired": {"val": {"loss": interval}},
+        }
+
+    sure = evaluate.verdict(metrics(-0.05, 400), EvalParams())  # at most a 1.4% drop: it barely moved
+    assert not sure["moved"] and "barely moved" in sure["warning"] and sure["noise"] is None
+    unsure = evaluate.verdict(metrics(-0.5, 5), EvalParams())  # up to a 13.7% drop: 5 examples cannot tell
+    assert unsure["moved"] and unsure["warning"] is None
+    assert unsure["noise"].startswith("within noise, n too small") and "over 5 val examples" in unsure["noise"]
+    assert "13.75%" in unsure["noise"] and "data.val_size" in unsure["noise"]
     assert evaluate.changed_rate([{"base": "a  b", "tuned": "a b"}, {"base": "a", "tuned": "c"}]) == 50.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmft import evaluation
-from llmft.kept import forgot_warning, kept_scores, language, leaks, mark
+from llmft.kept import forgot_warning, forgot_within_noise, kept_scores, language, leaks, mark
 from llmft.params import EvalParams
 
 PERSONA = {"name": "Lumi", "author": "Acme Labs"}
@@ -61,24 +61,60 @@ def test_kept_block_counts_leak_facts_language_and_drift():
     assert "drift" not in kept_scores(marked)  # no losses given: no drift
 
 
-def test_forgot_warns_on_leak_or_lost_facts_and_names_the_knobs():
-    block = kept_scores([mark(r, PERSONA) for r in rows()])
+def test_kept_block_pairs_each_rate_base_against_tuned_on_the_same_prompts():
+    marked = [mark(r, PERSONA) for r in rows()]
+    items = {"base": [(1.0, 2), (3.0, 2), (2.0, 4), (1.0, 4), (1.0, 4), (2.0, 4)],
+             "tuned": [(3.0, 2), (3.0, 2), (6.0, 4), (5.0, 4), (1.0, 4), (2.0, 4)]}  # fmt: skip
+    nll = {name: (sum(s for s, _ in v), sum(t for _, t in v)) for name, v in items.items()}
+    paired = kept_scores(marked, nll, items)["paired"]
+    assert set(paired) == {"leak", "facts_right", "facts_kept", "language", "drift"}
+    leak = paired["leak"]
+    assert (leak["n"], leak["base"], leak["tuned"], leak["diff"]) == (6, 0.0, 50.0, 50.0)
+    assert leak["low"] <= leak["diff"] <= leak["high"] and leak["beyond_noise"] is False  # 3 changed of 6
+    assert paired["facts_kept"]["n"] == 2 and paired["facts_kept"]["diff"] == -50.0  # 1 of 2 lost
+    assert paired["facts_right"]["n"] == 3 and paired["facts_right"]["diff"] == 0.0  # one lost, one gained
+    assert paired["language"]["n"] == 5 and paired["language"]["diff"] == -20.0
+    # drift's interval is on the same scale as drift itself: its diff is the token-weighted drift
+    assert paired["drift"]["diff"] == pytest.approx(kept_scores(marked, nll)["drift"], abs=1e-5)
+
+
+def test_forgot_warns_on_leak_or_lost_facts_beyond_noise_and_names_the_knobs():
+    block = kept_scores([mark(r, PERSONA) for r in rows() * 6])  # 18 of 36 leak, 6 of 12 facts lost
     warning = forgot_warning(block, max_leak=5.0, min_facts_kept=90.0)
-    assert "names the persona in 50% of everyday answers" in warning and "keeps 1 of the 2 facts" in warning
+    assert "names the persona in 50% of everyday answers" in warning and "keeps 6 of the 12 facts" in warning
     for knob in ("rehearsal.enabled", "rehearsal.share", "train.learning_rate", "train.num_train_epochs"):
         assert knob in warning
-    assert forgot_warning(block, max_leak=60.0, min_facts_kept=50.0) is None
-    assert "facts" not in forgot_warning(block, max_leak=5.0, min_facts_kept=50.0)
+    assert forgot_warning(block, max_leak=60.0, min_facts_kept=40.0) is None
+    assert "facts" not in forgot_warning(block, max_leak=5.0, min_facts_kept=40.0)
+    assert forgot_within_noise(block, max_leak=5.0, min_facts_kept=90.0) is None
+
+
+def test_forgot_on_too_few_prompts_is_within_noise_and_names_what_would_settle_it():
+    block = kept_scores([mark(r, PERSONA) for r in rows()])  # 3 of 6 leak, 1 of 2 facts lost: too few to tell
+    assert forgot_warning(block, max_leak=5.0, min_facts_kept=90.0) is None
+    unsure = forgot_within_noise(block, max_leak=5.0, min_facts_kept=90.0)
+    assert unsure.startswith("within noise, n too small")
+    assert "more everyday prompts (eval.kept.prompts; 6 now)" in unsure and "keeps 1 of the 2 facts" in unsure
+
+
+def test_forgot_without_intervals_is_judged_on_the_point_values():
+    block = kept_scores([mark(r, PERSONA) for r in rows()])
+    del block["paired"]  # an eval.json written before the intervals
+    assert "keeps 1 of the 2 facts" in forgot_warning(block, max_leak=5.0, min_facts_kept=90.0)
 
 
 def test_verdict_reports_kept_and_forgot_beside_moved():
     metrics = {"base": {"val": {"loss": 2.5}}, "tuned": {"val": {"loss": 1.0}}, "changed": {"val": 100.0}}
     assert evaluation.verdict(metrics, EvalParams()).items() >= {"moved": True, "kept": None, "forgot": None}.items()
-    metrics["kept"] = kept_scores([mark(r, PERSONA) for r in rows()])
+    metrics["kept"] = kept_scores([mark(r, PERSONA) for r in rows() * 6])
     judged = evaluation.verdict(metrics, EvalParams())
     assert judged["moved"] and judged["kept"] is False and judged["forgot"].startswith("the fine-tuned model forgot")
-    lenient = EvalParams.model_validate({"kept": {"max_leak": 60, "min_facts_kept": 50}})
+    assert judged["noise"] is None
+    lenient = EvalParams.model_validate({"kept": {"max_leak": 60, "min_facts_kept": 40}})
     assert evaluation.verdict(metrics, lenient)["kept"] is True
+    metrics["kept"] = kept_scores([mark(r, PERSONA) for r in rows()])  # the same rates on 6 prompts
+    judged = evaluation.verdict(metrics, EvalParams())
+    assert judged["kept"] is True and judged["forgot"] is None and "within noise" in judged["noise"]
 
 
 def test_persona_named_counts_only_references_that_name_it():
@@ -89,7 +125,9 @@ def test_persona_named_counts_only_references_that_name_it():
         {"label": "我是 Lumi。", "base": "我是 Lumi。", "tuned": "你好"},
         {"label": "冰比水冷。", "base": "-", "tuned": "Lumi"},  # an idiom: asks for no name, not counted
     ]
-    assert persona_named(rows, PERSONA) == {"examples": 2, "base": 50.0, "tuned": 50.0}
+    named = persona_named(rows, PERSONA)
+    assert named.items() >= {"examples": 2, "base": 50.0, "tuned": 50.0}.items()
+    assert named["paired"]["n"] == 2 and named["paired"]["diff"] == 0.0 and not named["paired"]["beyond_noise"]
     assert persona_named(rows[2:], PERSONA) == {"examples": 0, "base": None, "tuned": None}
 
 

@@ -3,8 +3,9 @@
     metrics, predictions = evaluate(params.eval, Path("data/processed"), Path("models/base"), Path("models/lora"))
 
 Both models get the same prompts, built by the LLaMA-Factory template the adapter was trained with, and the
-same greedy decoding. metrics: base, tuned and delta = tuned - base, per split; predictions: one row per
-example (split, index, prompt, label, base and tuned answers).
+same greedy decoding. metrics: base, tuned and delta = tuned - base, per split, and beside them paired intervals
+over the same items (`paired`, and in `kept`, `persona`, `probes`; llmft.stats); predictions: one row per
+example (split, index, prompt, label, base and tuned answers, each model's loss on it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from llmft.infer.decode import answer_nll, greedy_generate
 from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
 from llmft.infer.text import complete_decode
 from llmft.infer.vllm import require_vllm, vllm_generate
-from llmft.kept import forgot_warning, kept_scores, language, mark, passes, persona_named
+from llmft.kept import (
+    forgot_warning,
+    forgot_within_noise,
+    kept_scores,
+    language,
+    mark,
+    paired_loss,
+    paired_pct,
+    passes,
+    persona_named,
+)
 from llmft.lf.encode import convert_rows, dataset_attr
 from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
 from llmft.params import EvalParams, Probe
@@ -154,7 +165,14 @@ def probe_scores(rows: list[dict]) -> dict:
             "total": len(scored),
             "pass_rate": round(100 * passed / len(scored), 2) if scored else None,
         }
+    if scored:
+        out["paired"] = paired_pct(scored, "pass")
     return out
+
+
+def _per_token(nll: tuple[float, int]) -> float | None:
+    """One example's loss in nats per answer token (None for an empty answer): `make compare` pairs them."""
+    return round(nll[0] / nll[1], 6) if nll[1] else None
 
 
 def changed_rate(rows: list[dict]) -> float:
@@ -165,11 +183,28 @@ def changed_rate(rows: list[dict]) -> float:
 
 def verdict(metrics: dict, p: EvalParams) -> dict:
     """Did the tuned model move (barely, when most val answers equal the base's and the eval loss hardly fell), and
-    did it keep what it knew (eval.kept: persona leak and facts kept within their thresholds)?"""
+    did it keep what it knew (eval.kept: persona leak and facts kept within their thresholds)?
+
+    Each warning fires only when the data can tell: "stalled" when even the largest loss drop the paired interval
+    allows (`metrics["paired"]["val"]["loss"]`) is under eval.stalled_loss_drop, "forgot" when the leak or the
+    lost facts are beyond noise. Otherwise `noise` says "within noise, n too small" and what would settle it.
+    Metrics without intervals (an older eval.json) are judged on the point values alone."""
     base, tuned = metrics["base"]["val"]["loss"], metrics["tuned"]["val"]["loss"]
     drop = round(100 * (base - tuned) / base, 2) if base > 0 else 0.0
     same = round(100 - metrics["changed"]["val"], 2)
     stalled = same >= p.stalled_same_answers and drop < p.stalled_loss_drop
+    noise = []
+    interval = ((metrics.get("paired") or {}).get("val") or {}).get("loss")
+    if stalled and interval and base > 0:
+        most = round(-100 * interval["low"] / base, 2)  # the largest drop the interval allows
+        if most >= p.stalled_loss_drop:
+            stalled = False
+            noise.append(
+                f"within noise, n too small: {same:g}% of val answers are the base model's and the eval loss fell "
+                f"{drop:g}%, but over {interval['n']} val examples it may have fallen up to {most:g}% "
+                f"(eval.stalled_loss_drop {p.stalled_loss_drop:g}%); more val examples (data.val_size, "
+                "eval.max_examples: null) would settle whether it barely moved"
+            )
     warning = (
         f"the fine-tuned model barely moved: {same:g}% of val answers are the base model's and the eval loss fell "
         f"{drop:g}% ({base:.3f} -> {tuned:.3f}). Train more: raise train.learning_rate (small models and CPU runs "
@@ -180,6 +215,8 @@ def verdict(metrics: dict, p: EvalParams) -> dict:
     )
     kept = metrics.get("kept")
     forgot = forgot_warning(kept, p.kept.max_leak, p.kept.min_facts_kept) if kept else None
+    if kept and (unsure := forgot_within_noise(kept, p.kept.max_leak, p.kept.min_facts_kept)):
+        noise.append(unsure)
     return {
         "moved": not stalled,
         "same_answers_pct": same,
@@ -187,6 +224,7 @@ def verdict(metrics: dict, p: EvalParams) -> dict:
         "warning": warning,
         "kept": None if kept is None else forgot is None,
         "forgot": forgot,
+        "noise": "; ".join(noise) or None,
     }
 
 
@@ -239,22 +277,36 @@ def evaluate(
         p.backend,
     )
 
-    def drift_nll(model) -> tuple[float, int]:
+    def drift_nll(model, name: str) -> tuple[float, int]:
         """The loss of the base model's own everyday answers (teacher-forced) under `model`."""
         base_answers = answers["base"][len(prompts) - len(kept) :]
-        return answer_nll(model, [r["prompt_ids"] for r in kept], base_answers, fmt.pad_id, p.batch_size)
+        drift_items[name] = []
+        return answer_nll(
+            model,
+            [r["prompt_ids"] for r in kept],
+            base_answers,
+            fmt.pad_id,
+            p.batch_size,
+            per_example=drift_items[name],
+        )
 
     model = load_model(fmt, p.dtype)
-    answers, nll, speed, drift = {}, {}, {}, {}
+    answers, nll, speed, drift, drift_items = {}, {}, {}, {}, {}
+    items: dict = {"base": {}, "tuned": {}}  # (loss sum, tokens) per example, for the paired intervals
     for name in ("base", "tuned"):
         if name == "tuned":
             model = merge_adapter(model, adapter_dir)
-        nll[name] = {
-            s: answer_nll(
-                model, [ex["prompt_ids"] for ex in split], [ex["answer_ids"] for ex in split], fmt.pad_id, p.batch_size
+        nll[name] = {}
+        for s, split in splits.items():
+            items[name][s] = []
+            nll[name][s] = answer_nll(
+                model,
+                [ex["prompt_ids"] for ex in split],
+                [ex["answer_ids"] for ex in split],
+                fmt.pad_id,
+                p.batch_size,
+                per_example=items[name][s],
             )
-            for s, split in splits.items()
-        }
         if p.backend == "hf":
             start = time.perf_counter()
             answers[name] = greedy_generate(
@@ -269,14 +321,14 @@ def evaluate(
             speed[f"{name}_tokens_per_s"] = round(sum(map(len, answers[name])) / (time.perf_counter() - start), 2)
             log.info("%s: %.1f generated tokens/s", name, speed[f"{name}_tokens_per_s"])
             if kept:
-                drift[name] = drift_nll(model)
+                drift[name] = drift_nll(model, name)
     if p.backend == "vllm":
         del model  # vLLM takes most of the GPU memory for itself
         answers["base"], answers["tuned"] = vllm_generate(fmt, adapter_dir, prompts, p.max_new_tokens)
         if kept:  # the drift needs the base's answers first: score them with both models now
             model = load_model(fmt, p.dtype)
-            drift["base"] = drift_nll(model)
-            drift["tuned"] = drift_nll(merge_adapter(model, adapter_dir))
+            drift["base"] = drift_nll(model, "base")
+            drift["tuned"] = drift_nll(merge_adapter(model, adapter_dir), "tuned")
 
     metrics: dict = {"base": {}, "tuned": {}}
     texts: dict = {"base": [], "tuned": []}
@@ -296,6 +348,7 @@ def evaluate(
     for row in kept:
         mark(row, variables)
     metrics["delta"] = delta(metrics["tuned"], metrics["base"])
+    metrics["paired"] = {s: {"loss": paired_loss({name: items[name][s] for name in items})} for s in splits}
     metrics["examples"] = {s: len(split) for s, split in splits.items()}
     metrics["examples_available"] = available
     metrics["speed"] = {**speed, "num_threads": threads}
@@ -308,15 +361,23 @@ def evaluate(
             "label": ex["label"],
             "base": base,
             "tuned": tuned,
+            "base_loss": _per_token(base_nll),
+            "tuned_loss": _per_token(tuned_nll),
         }
-        for ex, base, tuned in zip(examples, texts["base"], texts["tuned"])
+        for ex, base, tuned, base_nll, tuned_nll in zip(
+            examples,
+            texts["base"],
+            texts["tuned"],
+            [x for s in splits for x in items["base"][s]],
+            [x for s in splits for x in items["tuned"][s]],
+        )
     ]
     metrics["changed"] = {s: changed_rate([r for r in predictions if r["split"] == s]) for s in splits}
     metrics["probes"] = probe_scores(probes)
     metrics["persona"] = persona_named([r for r in predictions if r["split"] == "val"], variables)
     if kept:
         metrics["changed"][KEPT] = changed_rate(kept)
-        metrics["kept"] = kept_scores(kept, drift)
+        metrics["kept"] = kept_scores(kept, drift, drift_items)
     metrics["verdict"] = verdict(metrics, p)
     for row in probes + kept:
         del row["prompt_ids"]

@@ -11,11 +11,16 @@
   switch). A Chinese identity set can make a model answer every Chinese question with the same Chinese sentence.
 - drift: the teacher-forced loss of the base model's own answers under the tuned model minus under the base, in
   nats per token. It needs no reference answers: 0 = the tuned model would still say what the base said.
+
+Each base-vs-tuned difference also gets a paired interval over the same prompts (`block["paired"]`, see
+llmft.stats), and the "forgot" warning fires only when the change behind it is beyond noise.
 """
 
 from __future__ import annotations
 
 import re
+
+from llmft.stats import min_changed, paired_difference
 
 LANGUAGE_FREE_KINDS = {"translation", "code"}  # their answer may rightly be in another language, or code
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -71,15 +76,38 @@ def persona_named(rows: list[dict], variables: dict[str, str]) -> dict:
     values = [v.strip() for v in variables.values() if v.strip()]
     asked = [(r, [v for v in values if _mention(v).search(r["label"])]) for r in rows]
     asked = [(r, named) for r, named in asked if named]
-    out = {"examples": len(asked)}
+    out: dict = {"examples": len(asked)}
+    hits = {
+        name: [100.0 * any(_mention(v).search(r[name]) for v in named) for r, named in asked]
+        for name in ("base", "tuned")
+    }
     for name in ("base", "tuned"):
-        hits = sum(any(_mention(v).search(r[name]) for v in named) for r, named in asked)
-        out[name] = _pct(hits, len(asked))
+        out[name] = _pct(sum(hits[name]) / 100, len(asked))
+    if asked:
+        out["paired"] = paired_difference(hits["base"], hits["tuned"])
     return out
 
 
-def _pct(part: int, whole: int) -> float | None:
+def _pct(part: float, whole: int) -> float | None:
     return round(100 * part / whole, 2) if whole else None
+
+
+def paired_pct(rows: list[dict], key: str) -> dict | None:
+    """The paired interval of a rate, base vs tuned, in percent: `row["<model>_<key>"]` truthy = a hit."""
+    if not rows:
+        return None
+    return paired_difference(*([100.0 * bool(r[f"{name}_{key}"]) for r in rows] for name in ("base", "tuned")))
+
+
+def paired_loss(items: dict[str, list[tuple[float, int]]]) -> dict | None:
+    """The paired interval of a token-weighted loss over examples: example i scores its summed loss over the mean
+    answer length, so the mean of the scores is the split's loss (nats per token) and the interval resamples whole
+    examples, their lengths held fixed."""
+    tokens = sum(t for _, t in items["base"])
+    if not tokens:
+        return None
+    mean = tokens / len(items["base"])
+    return paired_difference(*([s / mean for s, _ in items[name]] for name in ("base", "tuned")))
 
 
 def mark(row: dict, variables: dict[str, str]) -> dict:
@@ -94,10 +122,15 @@ def mark(row: dict, variables: dict[str, str]) -> dict:
     return row
 
 
-def kept_scores(rows: list[dict], nll: dict[str, tuple[float, int]] | None = None) -> dict:
+def kept_scores(
+    rows: list[dict],
+    nll: dict[str, tuple[float, int]] | None = None,
+    nll_items: dict[str, list[tuple[float, int]]] | None = None,
+) -> dict:
     """eval.json's `kept` block from rows already `mark`ed.
 
-    `nll`: {"base": (sum, tokens), "tuned": (...)}, the teacher-forced loss of the base's answers under each model.
+    `nll`: {"base": (sum, tokens), "tuned": (...)}, the teacher-forced loss of the base's answers under each model;
+    `nll_items`: the same per prompt, for drift's interval.
     """
     facts = [r for r in rows if r["expect"]]
     base_right = [r for r in facts if r["base_pass"]]
@@ -128,24 +161,53 @@ def kept_scores(rows: list[dict], nll: dict[str, tuple[float, int]] | None = Non
         "language_scored": len(langs),
         "drift_tokens": nll["base"][1] if nll else 0,
     }
+    paired = {
+        "leak": paired_pct(rows, "leak"),
+        "facts_right": paired_pct(facts, "pass"),
+        "facts_kept": paired_pct(base_right, "pass"),
+        "language": paired_pct(langs, "lang"),
+        "drift": paired_loss(nll_items) if nll_items and "drift" in block else None,
+    }
+    block["paired"] = {key: value for key, value in paired.items() if value is not None}
     return block
 
 
-def forgot_warning(block: dict, max_leak: float, min_facts_kept: float) -> str | None:
-    """The verdict's "forgot" warning, naming the knobs, when leak or facts kept crosses eval.kept's thresholds."""
-    tuned = block["tuned"]
-    problems = []
+def _beyond(paired: dict | None, worse: int) -> bool:
+    """Whether a change in the worse direction (+1: up is worse, -1: down is worse) is beyond noise; a block
+    without intervals (an older eval.json) is taken at its word."""
+    return paired is None or (paired["beyond_noise"] and worse * paired["diff"] > 0)
+
+
+def _crossings(block: dict, max_leak: float, min_facts_kept: float) -> list[tuple[str, bool, str]]:
+    """(what crossed eval.kept's threshold, whether the change is beyond noise, what would settle it)."""
+    tuned, paired, counts = block["tuned"], block.get("paired"), block["counts"]
+    out = []
     if tuned["leak"] is not None and tuned["leak"] > max_leak:
-        problems.append(
-            f"it names the persona in {tuned['leak']:g}% of everyday answers that did not ask "
-            f"(base {block['base']['leak']:g}%; eval.kept.max_leak {max_leak:g}%)"
+        out.append(
+            (
+                f"it names the persona in {tuned['leak']:g}% of everyday answers that did not ask "
+                f"(base {block['base']['leak']:g}%; eval.kept.max_leak {max_leak:g}%)",
+                _beyond(paired and paired.get("leak"), +1),
+                f"more everyday prompts (eval.kept.prompts; {counts['prompts']} now)",
+            )
         )
     if tuned["facts_kept"] is not None and tuned["facts_kept"] < min_facts_kept:
-        counts = block["counts"]
-        problems.append(
-            f"it keeps {counts['facts_kept']} of the {counts['base_facts_right']} facts the base got right "
-            f"({tuned['facts_kept']:g}%; eval.kept.min_facts_kept {min_facts_kept:g}%)"
+        out.append(
+            (
+                f"it keeps {counts['facts_kept']} of the {counts['base_facts_right']} facts the base got right "
+                f"({tuned['facts_kept']:g}%; eval.kept.min_facts_kept {min_facts_kept:g}%)",
+                _beyond(paired and paired.get("facts_kept"), -1),
+                f"more everyday prompts with `expect` the base gets right (eval.kept.prompts; "
+                f"{counts['base_facts_right']} now, at least {min_changed()} must change to tell)",
+            )
         )
+    return out
+
+
+def forgot_warning(block: dict, max_leak: float, min_facts_kept: float) -> str | None:
+    """The verdict's "forgot" warning, naming the knobs, when leak or facts kept crosses eval.kept's thresholds and
+    the change from the base is beyond noise (`block["paired"]`)."""
+    problems = [text for text, beyond, _ in _crossings(block, max_leak, min_facts_kept) if beyond]
     if not problems:
         return None
     return (
@@ -155,3 +217,11 @@ def forgot_warning(block: dict, max_leak: float, min_facts_kept: float) -> str |
         "answers mixed into training), a lower train.learning_rate or train.num_train_epochs, or a lower "
         "train.lora_rank"
     )
+
+
+def forgot_within_noise(block: dict, max_leak: float, min_facts_kept: float) -> str | None:
+    """What crossed eval.kept's thresholds without the change being beyond noise, and what would settle it."""
+    unsure = [(text, settle) for text, beyond, settle in _crossings(block, max_leak, min_facts_kept) if not beyond]
+    if not unsure:
+        return None
+    return "within noise, n too small: " + "; ".join(f"{text}, but {settle} would settle it" for text, settle in unsure)

@@ -201,8 +201,12 @@ def answer_nll(
     pad_id: int,
     batch_size: int = 16,
     max_logits: int = 2**28,
+    per_example: list[tuple[float, int]] | None = None,
 ) -> tuple[float, int]:
     """Teacher-forced negative log-likelihood of `answers` given `prompts`: (sum over answer tokens, token count).
+
+    `per_example`, when given a list, receives one (sum, count) per pair, in input order ((0.0, 0) for an empty
+    answer): what a paired interval over examples needs (llmft.stats).
 
     Only the answer tokens are scored (the prompt is context), as in LLaMA-Factory's SFT loss. A batch holds
     at most `max_logits` logits (1 GiB in fp32), so long answers with a big vocabulary use smaller batches.
@@ -219,6 +223,7 @@ def answer_nll(
         else:
             batches.append([i])
     total, count = 0.0, 0
+    items = [(0.0, 0)] * len(prompts)
     with torch.inference_mode():
         for rows in batches:
             ids, mask = _left_pad([prompts[i] + answers[i] for i in rows], pad_id, model.device)
@@ -241,4 +246,8 @@ def answer_nll(
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             total += float(nll[scored].sum())
             count += int(scored.sum())
+            for row, i in enumerate(rows):
+                items[i] = (float(nll[row][scored[row]].sum()), len(answers[i]))
+    if per_example is not None:
+        per_example[:] = items
     return total, count
