@@ -15,7 +15,8 @@
 # # Fine-tuning report
 #
 # Built by `make report` (stage `report` in dvc.yaml, script `src/report.py`) from what the pipeline wrote:
-# it only reads metrics, predictions and logs, and draws them.
+# it only reads metrics, predictions and logs, and draws them. Each rate carries its count and 95% Wilson interval,
+# each base → fine-tuned change its paired 95% interval over the same items (`src/llmft/stats.py`).
 #
 # ## Did it learn, and what did it cost?
 #
@@ -60,6 +61,9 @@ info = read_model_info(MODEL_DIR) if (Path(MODEL_DIR) / "model_info.json").exist
 t = params.train
 display(rd.learn_and_cost(evals))
 display(Markdown(rd.verdict(evals)))
+reach = rd.benchmark_reach(read_json(BENCHMARK)) if Path(BENCHMARK).exists() else ""
+if reach:
+    display(Markdown(reach))
 everyday = rd.kept_table(PREDICTIONS, 3)
 if everyday is not None:
     display(Markdown("Three of the everyday prompts (`eval.kept.prompts`; all of them under *What it kept*):"))
@@ -189,7 +193,7 @@ if evals.get("method"):
 # %%
 everyday = rd.kept_table(PREDICTIONS)
 if everyday is not None:
-    display(rd.kv_table(rd.flatten(evals["kept"]), [EVAL + ": kept", ""]))
+    display(rd.kv_table(rd.flatten({k: v for k, v in evals["kept"].items() if k != "paired"}), [EVAL + ": kept", ""]))
     display(everyday)
 else:
     display(Markdown("Not measured: `eval.kept.prompts` is null."))

@@ -67,6 +67,11 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
         },
     )
 
+    def interval(n, base, tuned, low, high, beyond, diff=None) -> dict:
+        """A paired_difference block (llmft.stats) as eval.json and benchmark.json hold it."""
+        return {"n": n, "base": base, "tuned": tuned, "diff": tuned - base if diff is None else diff,
+                "low": low, "high": high, "beyond_noise": beyond}  # fmt: skip
+
     def scores(shift: float) -> dict:
         return {
             "val": {
@@ -98,17 +103,20 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
                     for k, v in tuned["val"].items()
                 }
             },
+            "paired": {"val": {"loss": interval(50, 2.5, 2.0, -0.62, -0.38, True)}},
             "examples": {"val": 50},
             "changed": {"val": 100.0},
             "probes": {
                 "base": {"passed": 0, "total": 2, "pass_rate": 0.0},
                 "tuned": {"passed": 2, "total": 2, "pass_rate": 100.0},
+                "paired": interval(2, 0.0, 100.0, 100.0, 100.0, False),
             },
             "kept": {
                 "base": {"leak": 0.0, "facts_right": 50.0, "facts_kept": 100.0, "language": 100.0},
                 "tuned": {"leak": 25.0, "facts_right": 50.0, "facts_kept": 100.0, "language": 75.0},
                 "drift": 0.0421,
                 "counts": {"prompts": 4, "facts": 2, "base_facts_right": 1, "facts_kept": 1, "language_scored": 4},
+                "paired": {"leak": interval(4, 0.0, 25.0, 0.0, 75.0, False)},
             },
             "verdict": {
                 "moved": True,
@@ -117,6 +125,7 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
                 "warning": None,
                 "kept": False,
                 "forgot": "the fine-tuned model forgot: it names the persona in 25% of everyday answers",
+                "noise": "within noise, n too small: more everyday prompts would settle it",
             },
             "method": "tokens: jieba words; all scores in percent",
         },
@@ -137,6 +146,8 @@ def write_outputs(repo: Path, steps: int = 30) -> None:
                     "changed": 9,
                     "within_noise": True,
                     "noise": 0.093,
+                    "above_chance": False,
+                    "paired": interval(171, 0.251, 0.263, -0.03, 0.054, False),
                 }
             },  # fmt: skip
             "lm_eval_version": "0.4.13",

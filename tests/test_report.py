@@ -87,14 +87,18 @@ def test_report_has_every_section_and_embeds_its_images(built):
         < html.index(">What did it cost?<")
         < html.index("Eval loss")
         < html.index("Probes passed: 0/2 → 2/2")
-        < html.index("Persona named unasked (4 everyday prompts): 0% → 25%")
+        < html.index("Persona named unasked: 0/4 (0%, 95% CI 0–49%) → 1/4 (25%, 95% CI 5–70%)")
         < html.index("the fine-tuned model forgot: it names the persona in 25% of everyday answers")
+        < html.index("Not settled")
+        < html.index("(the base is at chance, so a loss would not show): mmlu_subset")
         < html.index("✗ names Lumi · ✗ other language: 我是 Lumi。Everyday 0")
         < html.index("我是 Lumi。0")
         < html.index(">Data<")
         < html.index('id="What-it-kept"')
     )
     assert "val 100%" in html
+    assert "Δ -0.500 nats/token, 95% CI -0.620 to -0.380, beyond noise, n 50" in html
+    assert "mmlu_subset (Δ +1.2 points, 95% CI -3.0 to +5.4, within noise)" in html
     assert html.count("我是 Lumi。Everyday 0") == 2  # among the three first, and in the whole list
     assert html.count("我是 Lumi。") == 4  # the probes' rows and the everyday ones, not among the sample predictions
     assert "data/raw/identity.json" in html  # the per-source table

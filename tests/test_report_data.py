@@ -76,20 +76,22 @@ def test_first_table_puts_what_was_learned_beside_what_it_cost_and_the_verdict_w
     assert "2.000 → 1.500 (-25.0%)" in learned and "Probes passed: 0/4 → 3/4" in learned and "val 64%" in learned
     assert rd.cost(evals) == ["Not measured: eval.kept.prompts is null."]
     evals["persona"] = {"examples": 13, "base": 0.0, "tuned": 84.62}
-    assert "Persona named in held-out answers that should (13): 0% → 84.62%" in rd.learned(evals)
+    assert "Persona named in held-out answers that should: 0/13 (0%, 95% CI 0–23%) → 11/13 (85%, 95% CI 58–96%)" in (
+        rd.learned(evals)
+    )
     learned = "\n".join(rd.learned(evals))
     evals["kept"] = {
         "base": {"leak": 0.0, "facts_right": 40.0, "facts_kept": 100.0, "language": 90.0},
         "tuned": {"leak": 3.12, "facts_right": 36.0, "facts_kept": 92.31, "language": 88.0},
         "drift": 0.1234,
-        "counts": {"prompts": 64, "facts": 26, "base_facts_right": 13, "facts_kept": 12},
+        "counts": {"prompts": 64, "facts": 26, "base_facts_right": 13, "facts_kept": 12, "language_scored": 50},
     }
     table = rd.learn_and_cost(evals)
     assert table.header == ["Did it learn?", "What did it cost?"] and table.rows[0][0] == learned
     assert table.rows[0][1].splitlines() == [
-        "Persona named unasked (64 everyday prompts): 0% → 3.12%",
-        "Facts the base got right, still right: 12/13 (92.31%)",
-        "Answered in the prompt's language: 90% → 88%",
+        "Persona named unasked: 0/64 (0%, 95% CI 0–6%) → 2/64 (3%, 95% CI 1–11%)",
+        "Facts the base got right, kept: 12/13 (92%, 95% CI 67–99%)",
+        "Answered in the prompt's language: 45/50 (90%, 95% CI 79–96%) → 44/50 (88%, 95% CI 76–94%)",
         "Drift (base's own answers, nats/token): +0.123",
     ]
     assert "kept what it knew" in rd.verdict(evals)
@@ -143,3 +145,92 @@ def test_sources_table_lists_each_table_with_drops_and_splits():
     table = rd.sources_table(prep)
     assert table.rows[0] == ["a", "data/raw/a.csv", "6", "6", "5", "duplicate 1", "4", "1"]
     assert table.rows[1][5] == "none" and rd.sources_table({"splits": {}}) is None
+
+
+def interval(n, base, tuned, low, high, beyond):
+    return {
+        "n": n,
+        "base": base,
+        "tuned": tuned,
+        "diff": tuned - base,
+        "low": low,
+        "high": high,
+        "beyond_noise": beyond,
+    }
+
+
+def test_first_table_gives_each_change_its_paired_interval_and_noise_verdict():
+    evals = {
+        "base": {"val": {"loss": 2.0}},
+        "tuned": {"val": {"loss": 1.5}},
+        "paired": {"val": {"loss": interval(40, 2.0, 1.5, -0.61, -0.39, True)}},
+        "persona": {"examples": 11, "base": 0.0, "tuned": 81.82, "paired": interval(11, 0.0, 81.82, 54.5, 100.0, True)},
+        "kept": {
+            "base": {"leak": 0.0, "facts_kept": 100.0, "language": 100.0},
+            "tuned": {"leak": 6.25, "facts_kept": 81.82, "language": 100.0},
+            "drift": 0.05,
+            "counts": {"prompts": 16, "base_facts_right": 11, "facts_kept": 9, "language_scored": 16},
+            "paired": {
+                "leak": interval(16, 0.0, 6.25, 0.0, 18.75, False),
+                "facts_kept": interval(11, 100.0, 81.82, -45.45, 0.0, False),
+                "drift": interval(16, 1.0, 1.05, 0.01, 0.09, True),
+            },
+        },
+    }
+    learned = rd.learned(evals)
+    assert learned[0] == "Eval loss (val): 2.000 → 1.500 (-25.0%; Δ -0.500 nats/token, 95% CI -0.610 to -0.390, " + (
+        "beyond noise, n 40)"
+    )
+    assert learned[1].endswith("→ 9/11 (82%, 95% CI 52–95%) (Δ +82 points, 95% CI +54 to +100, beyond noise)")
+    cost = rd.cost(evals)
+    assert cost[0].endswith("→ 1/16 (6%, 95% CI 1–28%) (Δ +6 points, 95% CI +0 to +19, within noise)")
+    assert cost[1] == "Facts the base got right, kept: 9/11 (82%, 95% CI 52–95%) (Δ -18 points, 95% CI -45 to +0, " + (
+        "within noise)"
+    )
+    assert cost[3] == "Drift (base's own answers, nats/token): +0.050 (Δ +0.050, 95% CI +0.010 to +0.090, beyond noise)"
+
+
+def test_rate_of_no_items_is_not_a_number():
+    assert rd.rate(None, 0) == "n/a" and rd.rate(50.0, 0) == "n/a"
+    assert rd.rate(100.0, 3) == "3/3 (100%, 95% CI 44–100%)"
+
+
+def test_verdict_within_noise_is_said_and_does_not_claim_it_kept():
+    evals = {"verdict": {"moved": True, "warning": None, "kept": True, "forgot": None,
+                         "noise": "within noise, n too small: more everyday prompts would settle it"}}  # fmt: skip
+    text = rd.verdict(evals)
+    assert "**Not settled**: within noise, n too small: more everyday prompts would settle it." in text
+    assert "kept what it knew" not in text
+    evals["verdict"]["noise"] = None
+    assert "kept what it knew" in rd.verdict(evals) and "Not settled" not in rd.verdict(evals)
+
+
+def test_benchmark_reach_names_the_tasks_that_can_and_cannot_see_a_change():
+    bench = {
+        "tasks": {
+            "arc_easy": {"above_chance": True, "paired": interval(500, 0.42, 0.40, -0.035, -0.005, True)},
+            "mmlu": {"above_chance": False, "paired": interval(171, 0.251, 0.263, -0.03, 0.054, False)},
+            "ceval": {"above_chance": False},
+        }
+    }
+    line = rd.benchmark_reach(bench)
+    assert "can see a change for this model (the base scores beyond chance): arc_easy (Δ -2.0 points, 95% CI " in line
+    assert "-3.5 to -0.5, beyond noise)" in line
+    assert "(the base is at chance, so a loss would not show): mmlu (Δ +1.2 points" in line and "ceval." in line
+    assert rd.benchmark_reach({"tasks": {"mmlu": {"acc": 0.25}}}) == ""  # an older benchmark.json: no line
+    assert rd.benchmark_reach({}) == ""
+    row = rd.benchmark_table(
+        {
+            "tasks": {
+                "arc_easy": {
+                    "base": {"acc": 0.42},
+                    "tuned": {"acc": 0.40},
+                    "delta": {"acc": -0.02},
+                    "n": 500,
+                    "num_fewshot": 0,
+                    "paired": bench["tasks"]["arc_easy"]["paired"],
+                }
+            }
+        }  # fmt: skip
+    ).rows[0]
+    assert row[5:7] == ["-2.0 (-3.5 to -0.5)", "beyond noise"]

@@ -23,6 +23,7 @@ from llmft.common import read_json
 from llmft.env import cpu_name, git_commit, package_version, run_dvc
 from llmft.model import read_model_info
 from llmft.predictions import KEPT, PROBE, PROMPT_SPLITS, read_predictions
+from llmft.stats import proportion_interval
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -198,22 +199,55 @@ def _answer(text: Any) -> str:
     return "(empty)" if text is None or not str(text).strip() else str(text)  # a blank cell reads as missing
 
 
+def rate(pct: float | None, n: int | None) -> str:
+    """A rate as its count and Wilson interval, "9/11 (82%, 95% CI 52–95%)", from eval.json's % of n items."""
+    if pct is None or not n:
+        return "n/a"
+    hits = round(pct * n / 100)
+    low, high = proportion_interval(hits, n)
+    return f"{hits}/{n} ({pct:.0f}%, 95% CI {100 * low:.0f}–{100 * high:.0f}%)"
+
+
+def change(paired: dict | None, unit: str = " points", digits: int = 0, scale: float = 1.0) -> str:
+    """A paired difference with its interval, "Δ +25 points, 95% CI +8 to +42, beyond noise" ("" without one)."""
+    if not paired:
+        return ""
+    d, low, high = (scale * paired[k] for k in ("diff", "low", "high"))
+    noise = "beyond noise" if paired["beyond_noise"] else "within noise"
+    return f"Δ {d:+.{digits}f}{unit}, 95% CI {low:+.{digits}f} to {high:+.{digits}f}, {noise}"
+
+
+def _with(text: str, paired: dict | None, **kw) -> str:
+    return f"{text} ({change(paired, **kw)})" if paired else text
+
+
 def learned(evals: dict) -> list[str]:
-    """Did it learn? Eval loss, probe pass rates and changed answers, one line each."""
+    """Did it learn? Eval loss, probe pass rates and changed answers, one line each, each change with its interval
+    (eval.json's paired blocks; an older eval.json without them gives the point values)."""
     base, tuned = evals["base"]["val"]["loss"], evals["tuned"]["val"]["loss"]
-    lines = [f"Eval loss (val): {base:.3f} → {tuned:.3f} ({100 * (tuned - base) / base:+.1f}%)"]
+    loss = ((evals.get("paired") or {}).get("val") or {}).get("loss")
+    lines = [
+        f"Eval loss (val): {base:.3f} → {tuned:.3f} ({100 * (tuned - base) / base:+.1f}%"
+        + (f"; {change(loss, ' nats/token', 3)}, n {loss['n']})" if loss else ")")
+    ]
     probes = evals.get("probes") or {}
     if (probes.get("tuned") or {}).get("total"):
         b, t = probes["base"], probes["tuned"]
-        lines.append(f"Probes passed: {b['passed']}/{b['total']} → {t['passed']}/{t['total']}")
+        lines.append(
+            _with(f"Probes passed: {b['passed']}/{b['total']} → {t['passed']}/{t['total']}", probes.get("paired"))
+        )
     val_base, val_tuned = evals["base"]["val"].get("language"), evals["tuned"]["val"].get("language")
     if val_base is not None and val_tuned is not None:
         lines.append(f"Answered in the reference's language (val): {val_base:g}% → {val_tuned:g}%")
     persona = evals.get("persona") or {}
     if persona.get("examples"):
+        n = persona["examples"]
         lines.append(
-            f"Persona named in held-out answers that should ({persona['examples']}): "
-            f"{persona['base']:g}% → {persona['tuned']:g}%"
+            _with(
+                f"Persona named in held-out answers that should: {rate(persona['base'], n)} → "
+                f"{rate(persona['tuned'], n)}",
+                persona.get("paired"),
+            )
         )
     if evals.get("changed"):
         changed = ", ".join(f"{split} {rate:g}%" for split, rate in evals["changed"].items())
@@ -226,17 +260,32 @@ def cost(evals: dict) -> list[str]:
     kept = evals.get("kept")
     if not kept:
         return ["Not measured: eval.kept.prompts is null."]
-    b, t, n = kept["base"], kept["tuned"], kept["counts"]
+    b, t, n, paired = kept["base"], kept["tuned"], kept["counts"], kept.get("paired") or {}
     pct = lambda v: "n/a" if v is None else f"{v:g}%"
     by_lang = ", ".join(f"{lang} {pct(v)}" for lang, v in (t.get("leak_by_language") or {}).items())
+    scored = n.get("language_scored")
     lines = [
-        f"Persona named unasked ({n['prompts']} everyday prompts): {pct(b['leak'])} → {pct(t['leak'])}"
-        + (f" ({by_lang})" if by_lang else ""),
-        f"Facts the base got right, still right: {n['facts_kept']}/{n['base_facts_right']} ({pct(t['facts_kept'])})",
-        f"Answered in the prompt's language: {pct(b['language'])} → {pct(t['language'])}",
+        _with(
+            f"Persona named unasked: {rate(b['leak'], n['prompts'])} → {rate(t['leak'], n['prompts'])}"
+            + (f" (tuned: {by_lang})" if by_lang else ""),
+            paired.get("leak"),
+        ),
+        _with(
+            f"Facts the base got right, kept: {rate(t['facts_kept'], n['base_facts_right'])}", paired.get("facts_kept")
+        ),
+        _with(
+            f"Answered in the prompt's language: {rate(b['language'], scored)} → {rate(t['language'], scored)}"
+            if scored
+            else f"Answered in the prompt's language: {pct(b['language'])} → {pct(t['language'])}",
+            paired.get("language"),
+        ),
     ]
     if kept.get("drift") is not None:
-        lines.append(f"Drift (base's own answers, nats/token): {kept['drift']:+.3f}")
+        lines.append(
+            _with(
+                f"Drift (base's own answers, nats/token): {kept['drift']:+.3f}", paired.get("drift"), unit="", digits=3
+            )
+        )
     return lines
 
 
@@ -278,9 +327,37 @@ def verdict(evals: dict) -> str:
     moved = evals.get("verdict") or {}
     lines = [f"> **Warning**: {moved[key]}." for key in ("warning", "forgot") if moved.get(key)]
     if not lines and moved:
-        kept = " and kept what it knew (within eval.kept's thresholds)" if moved.get("kept") else ""
+        kept = (
+            " and kept what it knew (within eval.kept's thresholds)"
+            if moved.get("kept") and not moved.get("noise")
+            else ""
+        )
         lines.append(f"**Verdict**: the fine-tuned model answers differently from the base model{kept}.")
+    if moved.get("noise"):
+        lines.append(f"**Not settled**: {moved['noise']}.")
     return "\n\n".join(lines)
+
+
+def benchmark_reach(bench: dict) -> str:
+    """Markdown: which benchmark tasks can see a change for this model (the base scores beyond chance) and which
+    can't, with each task's paired base-vs-tuned difference; "" for a benchmark.json without `above_chance`."""
+    tasks = {name: t for name, t in (bench.get("tasks") or {}).items() if "above_chance" in t}
+    if not tasks:
+        return ""
+    can = [name for name, t in tasks.items() if t["above_chance"]]
+    cannot = [name for name, t in tasks.items() if not t["above_chance"]]
+
+    def task(name: str) -> str:
+        paired = tasks[name].get("paired")
+        scale = 100 if paired and max(abs(paired["base"]), abs(paired["tuned"])) <= 1 else 1  # acc 0-1 or %
+        return f"{name} ({change(paired, scale=scale, digits=1)})" if paired else name
+
+    parts = []
+    if can:
+        parts.append(f"can see a change for this model (the base scores beyond chance): {', '.join(map(task, can))}")
+    if cannot:
+        parts.append(f"can't (the base is at chance, so a loss would not show): {', '.join(map(task, cannot))}")
+    return "**Benchmark tasks** " + "; ".join(parts) + "."
 
 
 def kept_table(predictions: str | Path, n: int | None = None) -> Table | None:
@@ -314,6 +391,11 @@ def benchmark_table(bench: dict) -> Table:
     for name, t in bench["tasks"].items():
         delta = t["delta"].get("acc")
         verdict = "within noise" if t.get("within_noise") else "beyond noise" if "within_noise" in t else ""
+        paired = t.get("paired")
+        if paired and not verdict:
+            verdict = "beyond noise" if paired["beyond_noise"] else "within noise"
+        scale = 100 if paired and max(abs(paired["base"]), abs(paired["tuned"])) <= 1 else 1  # acc 0-1 or %
+        interval = f" ({scale * paired['low']:+.1f} to {scale * paired['high']:+.1f})" if paired else ""
         rows.append(
             [
                 name,
@@ -321,12 +403,12 @@ def benchmark_table(bench: dict) -> Table:
                 fmt(t["num_fewshot"]),
                 acc(t["base"]),
                 acc(t["tuned"]),
-                "" if delta is None else f"{100 * delta:+.1f}",
+                "" if delta is None else f"{100 * delta:+.1f}{interval}",
                 verdict,
                 "" if t.get("chance") is None else f"{100 * t['chance']:.0f}",
             ]
         )
-    header = ["task", "questions", "shots", "base acc %", "fine-tuned acc %", "Δ points", "", "chance %"]
+    header = ["task", "questions", "shots", "base acc %", "fine-tuned acc %", "Δ points (95% CI)", "", "chance %"]
     return Table(rows, header, text_columns=1)
 
 
