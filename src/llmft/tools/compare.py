@@ -4,10 +4,16 @@
     python -m llmft.tools.compare <A>                   # A against the workspace
 
 Prints `dvc params diff` and `dvc metrics diff` from A to B, the benchmark accuracies (reports/metrics/benchmark.json)
-apart, then the val (and test) examples whose tuned
+apart, then each tuned-model difference from A to B with its paired 95% interval over the same items (llmft.stats:
+per-example val/test loss and ROUGE-L F1; facts right, persona leak and language on the everyday prompts; probes
+passed), `*` marking those beyond noise, then the val (and test) examples whose tuned
 answer lost the most ROUGE-L F1 (jieba words for Chinese; see src/llmft/metrics.py) from A to B, each with
 the reference and both answers. The answers come from reports/predictions.jsonl of each revision, read
 through DVC (from the local cache or the remote), so nothing is checked out.
+
+Two runs evaluated on different items (another val split, other everyday prompts or probes) are not paired: that
+split gets one line saying so and no interval, the rest of the comparison still prints, and the exit status is 0
+(the params and metrics diffs say why the items differ). A pair needs the very same items in both.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ from pathlib import Path
 from llmft.common import UserError, run_main
 from llmft.env import dvc
 from llmft.metrics import rouge_l
-from llmft.predictions import PROMPT_SPLITS, parse_predictions
+from llmft.predictions import KEPT, PROBE, PROMPT_SPLITS, parse_predictions
+from llmft.stats import paired_difference
 
 BENCHMARK = "reports/metrics/benchmark.json"
 
 
-def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
-    """Prediction rows of one revision (None = the workspace), keyed by split, prompt and reference."""
+def load_predictions(path: str, rev: str | None, prompts: bool = False) -> dict[tuple, dict]:
+    """Prediction rows of one revision (None = the workspace), keyed by split, prompt and reference; the probes'
+    and everyday prompts' rows only with `prompts`."""
     import dvc.api
 
     try:
@@ -40,8 +48,66 @@ def load_predictions(path: str, rev: str | None) -> dict[tuple, dict]:
             f"check the name with `dvc exp show`, or `dvc pull` / `dvc exp pull` it"
         ) from None
     return {
-        (r["split"], r["prompt"], r["label"]): r for r in parse_predictions(text) if r["split"] not in PROMPT_SPLITS
+        (r["split"], r["prompt"], r["label"]): r
+        for r in parse_predictions(text)
+        if prompts or r["split"] not in PROMPT_SPLITS
     }
+
+
+# What is paired, per split: (label, the score of a row's tuned answer; None = not scored).
+SCORES = {
+    "examples": [
+        ("loss (nats/token)", lambda r: r.get("tuned_loss")),
+        ("ROUGE-L F1 (%)", lambda r: rouge_l(r["tuned"], r["label"])),
+    ],
+    KEPT: [
+        ("facts right (%)", lambda r: None if r.get("tuned_pass") is None else 100.0 * r["tuned_pass"]),
+        ("persona leak (%)", lambda r: None if "tuned_leak" not in r else 100.0 * bool(r["tuned_leak"])),
+        ("language kept (%)", lambda r: None if r.get("tuned_lang") is None else 100.0 * r["tuned_lang"]),
+    ],
+    PROBE: [("probes passed (%)", lambda r: None if r.get("tuned_pass") is None else 100.0 * r["tuned_pass"])],
+}
+
+
+def paired(a: dict[tuple, dict], b: dict[tuple, dict]) -> list[tuple[str, str, dict | None, str]]:
+    """(split, metric, paired_difference of the tuned answers from A to B or None, why none) per split and metric.
+
+    A split whose items differ between A and B gets one entry, with no interval: its items are not pairs.
+    """
+    out = []
+    for split in sorted({k[0] for k in a.keys() | b.keys()}):
+        keys_a, keys_b = {k for k in a if k[0] == split}, {k for k in b if k[0] == split}
+        if keys_a != keys_b:
+            why = (
+                f"different eval sets ({len(keys_a - keys_b)} items only in A, {len(keys_b - keys_a)} only in B): "
+                "not compared; evaluate both on the same items"
+            )
+            out.append((split, "all", None, why))
+            continue
+        keys = sorted(keys_a)
+        for label, score in SCORES.get(split, SCORES["examples"]):
+            pairs = [(score(a[k]), score(b[k])) for k in keys]
+            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+            if not pairs:
+                out.append((split, label, None, "not in these predictions (evaluated before it was recorded)"))
+                continue
+            out.append((split, label, paired_difference([x for x, _ in pairs], [y for _, y in pairs]), ""))
+    return out
+
+
+def paired_lines(rows: list[tuple[str, str, dict | None, str]]) -> list[str]:
+    """One line per split and metric: n, A, B, the difference with its interval, `*` when beyond noise."""
+    lines = []
+    for split, label, p, why in rows:
+        if p is None:
+            lines.append(f"{split:6} {label:20} {why}")
+            continue
+        lines.append(
+            f"{split:6} {label:20} n {p['n']:<4} {p['base']:9.4g} -> {p['tuned']:<9.4g} "
+            f"diff {p['diff']:+.4g} (95% CI {p['low']:+.4g} to {p['high']:+.4g})"
+            + ("  * beyond noise" if p["beyond_noise"] else "  within noise")
+        )
+    return lines
 
 
 def dropped(a: dict[tuple, dict], b: dict[tuple, dict], top: int) -> tuple[list[dict], int]:
@@ -85,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     bench = dvc("metrics", "diff", *revs, "--targets", BENCHMARK).strip()
     print(bench or f"no benchmark metric changed (or {BENCHMARK} is in neither: make benchmark)")
 
-    a, b = load_predictions(args.predictions, args.a), load_predictions(args.predictions, args.b)
+    a_all = load_predictions(args.predictions, args.a, prompts=True)
+    b_all = load_predictions(args.predictions, args.b, prompts=True)
+    print(f"\n== tuned model, {args.a} -> {name_b}, paired over the same items (* = beyond noise)")
+    print("\n".join(paired_lines(paired(a_all, b_all))))
+
+    a = {k: r for k, r in a_all.items() if k[0] not in PROMPT_SPLITS}
+    b = {k: r for k, r in b_all.items() if k[0] not in PROMPT_SPLITS}
     worst, matched = dropped(a, b, args.top)
     print(
         f"\n== answers that got worse: tuned ROUGE-L F1 (%), {args.a} -> {name_b}; {matched} examples in both, "
