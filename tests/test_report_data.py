@@ -190,6 +190,12 @@ def test_first_table_gives_each_change_its_paired_interval_and_noise_verdict():
     assert cost[3] == "Drift (base's own answers, nats/token): +0.050 (Δ +0.050, 95% CI +0.010 to +0.090, beyond noise)"
 
 
+def test_a_change_on_too_few_items_is_not_called_beyond_noise():
+    assert rd.change(interval(2, 0.0, 100.0, 100.0, 100.0, False)) == (
+        "Δ +100 points, 95% CI +100 to +100, within noise: too few items changed to tell"
+    )
+
+
 def test_rate_of_no_items_is_not_a_number():
     assert rd.rate(None, 0) == "n/a" and rd.rate(50.0, 0) == "n/a"
     assert rd.rate(100.0, 3) == "3/3 (100%, 95% CI 44–100%)"

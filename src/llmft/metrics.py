@@ -32,7 +32,8 @@ METHOD = (
     "bleu4: corpus BLEU-4, no smoothing; rouge1/2/L: F1 per example, averaged; exact_match: after "
     "collapsing whitespace; loss: nats per answer token, teacher-forced, prompt not scored; "
     "llamafactory: LLaMA-Factory do_predict scores (rouge-chinese on jieba tokens, character BLEU-4 "
-    "with smoothing method3) against its decoded training targets; all scores in percent"
+    "with smoothing method3) against its decoded training targets; all scores in percent; paired: tuned - base over "
+    "the same items, 95% seeded paired bootstrap (src/llmft/stats.py)"
 )
 
 

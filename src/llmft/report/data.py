@@ -213,7 +213,12 @@ def change(paired: dict | None, unit: str = " points", digits: int = 0, scale: f
     if not paired:
         return ""
     d, low, high = (scale * paired[k] for k in ("diff", "low", "high"))
-    noise = "beyond noise" if paired["beyond_noise"] else "within noise"
+    if paired["beyond_noise"]:
+        noise = "beyond noise"
+    elif paired["low"] > 0 or paired["high"] < 0:  # llmft.stats.min_changed: a few unanimous items are no proof
+        noise = "within noise: too few items changed to tell"
+    else:
+        noise = "within noise"
     return f"Δ {d:+.{digits}f}{unit}, 95% CI {low:+.{digits}f} to {high:+.{digits}f}, {noise}"
 
 
