@@ -264,3 +264,28 @@ def test_stalled_fires_only_when_the_loss_interval_rules_out_a_real_drop():
     assert unsure["noise"].startswith("within noise, n too small") and "over 5 val examples" in unsure["noise"]
     assert "13.75%" in unsure["noise"] and "data.val_size" in unsure["noise"]
     assert evaluate.changed_rate([{"base": "a  b", "tuned": "a b"}, {"base": "a", "tuned": "c"}]) == 50.0
+
+
+def test_per_example_losses_come_back_in_input_order(fmt):
+    """The paired loss interval pairs example i of base with example i of tuned: answer_nll batches by length, so
+    its per-example list must be put back in the order it was given."""
+    import torch
+
+    from llmft.infer import decode, loading
+
+    model = loading.load_model(fmt, "float32")
+    pairs = [
+        fmt.encode([{"role": "user", "content": ex["instruction"]}, {"role": "assistant", "content": ex["output"]}])
+        for ex in VAL
+    ]
+    per_example: list = []
+    total, count = decode.answer_nll(
+        model, [p for p, _ in pairs], [a for _, a in pairs], fmt.pad_id, batch_size=2, per_example=per_example
+    )
+    assert len({len(a) for _, a in pairs}) > 1  # lengths differ: the batches are not in input order
+    with torch.inference_mode():
+        for (prompt, answer), (nll, tokens) in zip(pairs, per_example):
+            labels = torch.tensor([[-100] * len(prompt) + answer])
+            expected = float(model(torch.tensor([prompt + answer]), labels=labels).loss) * len(answer)
+            assert tokens == len(answer) and nll == pytest.approx(expected, rel=1e-4)
+    assert sum(n for n, _ in per_example) == pytest.approx(total) and sum(t for _, t in per_example) == count
