@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from llmft import evaluation as evaluate
-from llmft.infer.chat_format import ChatFormat, load_chat_format
+from llmft.infer.chat_format import ChatFormat, decode_answers, load_chat_format
 from llmft.infer.decode import greedy_generate
 from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
 from llmft.params import load_params
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             ours_times.append(run_ours()[1])
             load = max(load, os.getloadavg()[0])
     seconds, lf_seconds, exact = min(ours_times), min(lf_times), sum(map(len, answers))
-    ours = evaluate.decode_answers(fmt, answers)[1]
+    ours = decode_answers(fmt, answers)[1]
 
     tokens = count_tokens(fmt.tokenizer, ours, args.max_new_tokens)
     lf_tokens = count_tokens(fmt.tokenizer, theirs, args.max_new_tokens)

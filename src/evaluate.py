@@ -9,8 +9,8 @@ same prompts, built by the LLaMA-Factory template the adapter was trained with, 
 Writes reports/metrics/eval.json (base, tuned and delta = tuned - base, per split; the probes' pass rates, the
 share of answers fine-tuning changed, paired intervals beside each base-vs-tuned difference (`paired`, see
 src/llmft/stats.py), and a verdict that warns when the model barely moved or forgot, beyond noise only;
-`dvc metrics diff` compares runs) and reports/predictions.jsonl (one line per example or probe: split, index, prompt, label, base and
-tuned answers).
+`dvc metrics diff` compares runs) and reports/predictions.jsonl (one line per example or probe: split, index,
+prompt, label, base and tuned answers).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from llmft.evaluation import decode_answers
+from llmft.infer.chat_format import decode_answers
 from llmft.infer.text import REPLACEMENT, StreamCleaner, complete_decode, strip_partial
 from llmft.tools import chat, serve
 

@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 from llmft.common import UserError, get_logger
-from llmft.data.prepare import PLACEHOLDER
 from llmft.data.prompts import read_prompts
-from llmft.infer.chat_format import ChatFormat, load_chat_format
+from llmft.infer.chat_format import ChatFormat, chat_rows, decode_answers, load_chat_format
 from llmft.infer.decode import answer_nll, greedy_generate
 from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
-from llmft.infer.text import complete_decode
 from llmft.infer.vllm import require_vllm, vllm_generate
 from llmft.kept import (
     forgot_warning,
@@ -38,6 +36,7 @@ from llmft.lf.encode import convert_rows, dataset_attr
 from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
 from llmft.params import EvalParams, Probe
 from llmft.predictions import KEPT, PROBE
+from llmft.variables import fill
 
 log = get_logger("evaluate")
 SPLITS = ("val", "test")  # test is optional (data.test_size: 0 writes none)
@@ -86,21 +85,6 @@ def encode_split(data_dir: Path, name: str, rows: list, fmt: ChatFormat) -> list
     return examples
 
 
-def decode_answers(fmt: ChatFormat, answers: list[list[int]]) -> tuple[list[str], list[str]]:
-    """(clean answers, answers decoded as LLaMA-Factory decodes its predictions).
-
-    A clean answer has no stop token, and, when max_new_tokens cut it, no half character at the end.
-    """
-    tok, stops = fmt.tokenizer, set(fmt.stop_ids)
-    clean = [
-        tok.decode(a[:-1], skip_special_tokens=True).strip()
-        if a and a[-1] in stops
-        else complete_decode(tok, a, skip_special_tokens=True).strip()
-        for a in answers
-    ]
-    return clean, tok.batch_decode(answers, skip_special_tokens=True)
-
-
 def score(fmt: ChatFormat, examples: list[dict], answers: list[list[int]], nll: tuple[float, int]):
     """(metrics of one model on one split, clean answer texts)."""
     clean, as_lf = decode_answers(fmt, answers)
@@ -122,31 +106,6 @@ def score(fmt: ChatFormat, examples: list[dict], answers: list[list[int]], nll: 
 
 def delta(tuned: dict, base: dict) -> dict:
     return {k: delta(v, base[k]) if isinstance(v, dict) else round(v - base[k], 6) for k, v in tuned.items()}
-
-
-def fill(text: str, variables: dict[str, str]) -> str:
-    """{{key}} -> its value from data.variables (a probe expects the name the data gave the model)."""
-    return PLACEHOLDER.sub(lambda m: variables.get(m[1], m[0]), text)
-
-
-def chat_rows(split: str, items: list[dict], fmt: ChatFormat) -> list[dict]:
-    """Single prompts (eval.probes, eval.kept.prompts) as examples: a chat prompt each, and what a good answer
-    contains (`expect`, any of them)."""
-    rows = []
-    for i, item in enumerate(items):
-        messages = [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": ""}]
-        rows.append(
-            {
-                "split": split,
-                "index": i,
-                "prompt": item["prompt"],
-                "label": " | ".join(item["expect"]),
-                "expect": item["expect"],
-                **({"kind": item["kind"]} if item.get("kind") else {}),
-                "prompt_ids": fmt.encode(messages)[0],
-            }
-        )
-    return rows
 
 
 def probe_items(probes: list[Probe], variables: dict[str, str]) -> list[dict]:

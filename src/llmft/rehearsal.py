@@ -18,8 +18,7 @@ from pathlib import Path
 
 from llmft.common import UserError, atomic_path, atomic_write_json, get_logger, write_json
 from llmft.data.prompts import overlap, read_prompts
-from llmft.evaluation import chat_rows, decode_answers
-from llmft.infer.chat_format import load_chat_format
+from llmft.infer.chat_format import chat_rows, decode_answers, load_chat_format
 from llmft.infer.decode import greedy_generate
 from llmft.infer.loading import load_model, set_threads
 from llmft.infer.vllm import require_vllm, vllm_generate

@@ -15,6 +15,7 @@ from llmft.common import UserError, atomic_path, atomic_write_json, get_logger, 
 from llmft.data.mapping import DROP_REASONS, Built, build_examples
 from llmft.data.tables import read_table
 from llmft.params import DataParams, SourceParams
+from llmft.variables import PLACEHOLDER
 
 log = get_logger("prepare")
 
@@ -72,9 +73,6 @@ def dataset_info(kind: str, names: list[str], present: set[str], tags: dict[str,
     columns = {"prompt": "instruction", "query": "input", "response": "output"}
     columns |= {f: f for f in ("system", "history") if f in present}
     return {n: {"file_name": f"{n}.json", "columns": columns} for n in names}
-
-
-PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def fill_variables(columns: dict[str, list], variables: dict[str, str], path: str, where: str) -> dict[str, list]:

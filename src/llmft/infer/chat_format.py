@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmft.common import UserError
+from llmft.infer.text import complete_decode
 from llmft.model import read_model_info
 
 
@@ -77,3 +78,38 @@ def load_chat_format(base_dir: str | Path, cutoff_len: int = 2048) -> ChatFormat
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     tokenizer.padding_side = "left"
     return ChatFormat(tokenizer, template, data_args, info["path"], trust)
+
+
+def chat_rows(split: str, items: list[dict], fmt: ChatFormat) -> list[dict]:
+    """Single prompts (eval.probes, eval.kept.prompts) as examples: a chat prompt each, and what a good answer
+    contains (`expect`, any of them)."""
+    rows = []
+    for i, item in enumerate(items):
+        messages = [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": ""}]
+        rows.append(
+            {
+                "split": split,
+                "index": i,
+                "prompt": item["prompt"],
+                "label": " | ".join(item["expect"]),
+                "expect": item["expect"],
+                **({"kind": item["kind"]} if item.get("kind") else {}),
+                "prompt_ids": fmt.encode(messages)[0],
+            }
+        )
+    return rows
+
+
+def decode_answers(fmt: ChatFormat, answers: list[list[int]]) -> tuple[list[str], list[str]]:
+    """(clean answers, answers decoded as LLaMA-Factory decodes its predictions).
+
+    A clean answer has no stop token, and, when max_new_tokens cut it, no half character at the end.
+    """
+    tok, stops = fmt.tokenizer, set(fmt.stop_ids)
+    clean = [
+        tok.decode(a[:-1], skip_special_tokens=True).strip()
+        if a and a[-1] in stops
+        else complete_decode(tok, a, skip_special_tokens=True).strip()
+        for a in answers
+    ]
+    return clean, tok.batch_decode(answers, skip_special_tokens=True)
