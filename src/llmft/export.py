@@ -25,6 +25,7 @@ from llmft.common import UserError, atomic_path, get_logger, write_json
 from llmft.env import git_commit
 from llmft.infer.chat_format import load_chat_format
 from llmft.infer.loading import check_adapter
+from llmft.infer.probe import agreement, probe
 from llmft.model import read_model_info
 from llmft.params import ExportParams, TrainParams
 
@@ -70,36 +71,10 @@ def load_base(weights: str):
     return AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval(), stored
 
 
-def probe(
-    model, prompts: list, new_tokens: int, stop_ids: list[int], ref: list | None = None, dtype: str = "double"
-) -> list:
-    """(greedy sequence, logits as `dtype`) per prompt; with `ref`, logits are taken on ref's sequences so they line up.
-
-    The merge check compares in float64; the GGUF check (llmft.gguf) in float32.
-    """
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for i, ids in enumerate(prompts):
-            seq = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=stop_ids,
-                pad_token_id=stop_ids[0],
-            )
-            out.append((seq, getattr(model(ref[i][0] if ref else seq).logits, dtype)()))
-    return out
-
-
 def compare(got: list, ref: list, atol: float, what: str, strict: bool = True) -> dict:
     """max |Δ logits| and greedy agreement of `got` with `ref`; UserError when strict and they disagree."""
-    import torch
-
-    diff = torch.stack([(g[1] - r[1]).abs().max() for g, r in zip(got, ref)]).max().item()  # NaN propagates
-    same = sum(g[0].shape == r[0].shape and bool((g[0] == r[0]).all()) for g, r in zip(got, ref))
+    check = agreement(got, ref)
+    diff, same = check["max_abs_diff"], check["greedy_same"]
     log.info("%s: max |Δ logits| = %.3g (atol %g), same greedy answers on %d/%d", what, diff, atol, same, len(ref))
     if strict and not (diff <= atol and same == len(ref)):
         raise UserError(

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from llmft.common import ROOT, UserError, atomic_path, get_logger
-from llmft.export import probe
+from llmft.infer.probe import agreement, probe
 from llmft.params import GgufParams
 
 log = get_logger("gguf")
@@ -214,15 +214,9 @@ def encode(tokenizer, texts: list[str]) -> list:
 
 def compare(name: str, got: list, ref: list, prompt_lens: list[int], atol: float, key: str, exact: bool) -> dict:
     """max |Δ logits| and greedy agreement of `got` with `ref`; UserError past `atol` (or on a greedy mismatch)."""
-    import torch
-
-    diff = torch.stack([(g[1] - r[1]).abs().max() for g, r in zip(got, ref)]).max().item()  # NaN propagates, fails
-    same = sum(g[0].shape == r[0].shape and bool((g[0] == r[0]).all()) for g, r in zip(got, ref))
-    agree = total = 0
-    for (g, _), (r, _), n in zip(got, ref, prompt_lens):
-        a, b = g[0, n:].tolist(), r[0, n:].tolist()
-        total += len(b)
-        agree += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    check = agreement(got, ref, prompt_lens)
+    diff, same = check["max_abs_diff"], check["greedy_same"]
+    agree, total = check["greedy_tokens_agree"], check["greedy_tokens"]
     log.info(
         "%s: max |Δ logits| = %.3g (gguf.%s %g), same greedy answers on %d/%d, %d/%d tokens before the first "
         "difference",
