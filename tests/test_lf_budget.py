@@ -118,5 +118,8 @@ def test_a_long_val_split_is_drawn_down_and_spaced_out_to_a_fifth_of_training():
     longer = plan_cpu_eval([600] * 100, 64, 50, t, train_minutes=12.0, tokens_per_s=200.0)
     assert longer.passes == 2 and 50 // longer.eval_steps == 1
     assert longer.minutes <= EVAL_SHARE * 12.0
+    # an eval that costs under a minute in all is left as asked, however short the training
+    tiny = plan_cpu_eval([30] * 6, 64, 6, TrainParams(eval_steps=2), train_minutes=0.01, tokens_per_s=200.0)
+    assert (tiny.eval_steps, tiny.passes, tiny.note) == (2, 4, "")
     # no cap (a GPU's eval.max_examples, or null): every example, still spaced out
     assert plan_cpu_eval([600] * 100, None, 50, t, 6.0, 200.0).examples == 100

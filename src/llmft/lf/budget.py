@@ -113,7 +113,8 @@ SECONDS_PER_GGUF = 32.0  # convert one GGUF type and check it
 SECONDS_FIXED = {"model": 16.0, "export": 12.0, "report": 10.0}
 
 
-EVAL_SHARE = 0.2  # of training's minutes the in-training eval may take on a CPU
+EVAL_SHARE = 0.2  # of training's minutes the in-training eval may take on a CPU ...
+EVAL_FLOOR_MINUTES = 1.0  # ... or this long in all, whichever is more: a cheap eval is left as asked
 
 
 @dataclasses.dataclass
@@ -144,7 +145,8 @@ def plan_cpu_eval(
     examples = min(len(lengths), cap or len(lengths))
     per_pass = sum(lengths) / len(lengths) * examples / (tokens_per_s * FORWARD_SPEEDUP) / 60
     eval_steps, passes = t.eval_steps, run_steps // t.eval_steps + 1
-    fit = max(1, math.floor(EVAL_SHARE * train_minutes / per_pass)) if per_pass else passes
+    allowed = max(EVAL_SHARE * train_minutes, EVAL_FLOOR_MINUTES)
+    fit = max(1, math.floor(allowed / per_pass)) if per_pass else passes
     if passes > fit:  # the largest interval that leaves `fit` passes, the final one included
         eval_steps = math.ceil((run_steps + 1) / fit)
         passes = run_steps // eval_steps + 1
