@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             str(ROOT / "src/prepare_data.py"),
             "--params",
             str(tmp / "params.yaml"),
-            "--out-dir",
+            "--out",
             str(tmp / "processed"),
-            "--stats",
+            "--metrics",
             str(tmp / "stats.json"),
         ]
         t0 = time.perf_counter()

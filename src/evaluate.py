@@ -15,10 +15,9 @@ prompt, label, base and tuned answers).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from llmft.common import atomic_write_json, get_logger, run_main
+from llmft.common import atomic_write_json, get_logger, run_main, stage_parser
 from llmft.env import write_environment
 from llmft.evaluation import evaluate
 from llmft.params import load_params
@@ -28,14 +27,12 @@ log = get_logger("evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="reads eval, and data.variables for the probes")
+    parser = stage_parser(__doc__, "evaluate")
     parser.add_argument("--data-dir", default="data/processed", type=Path, help="val.json, test.json, dataset_info")
     parser.add_argument("--base", default="models/base", type=Path, help="directory with model_info.json")
     parser.add_argument("--adapter", default="models/lora", type=Path, help="the LoRA adapter to evaluate")
     parser.add_argument("--metrics", default="reports/metrics/eval.json", type=Path)
     parser.add_argument("--predictions", default="reports/predictions.jsonl", type=Path)
-    parser.add_argument("--env", default="reports/env/evaluate.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)

@@ -2,7 +2,7 @@
 
     dvc repro export             # or: make export
     python src/export.py --params params.yaml --base models/base --adapter models/lora --out models/merged \
-        --data data/processed --eval reports/metrics/eval.json --metrics reports/metrics/export.json
+        --data-dir data/processed --eval reports/metrics/eval.json --metrics reports/metrics/export.json
 
 Reads `export:` and `train:`. Merges, checks the merged model against base + adapter before writing anything,
 and reloads what it wrote to check it again (src/llmft/export.py). models/merged/README.md is the model card
@@ -11,10 +11,9 @@ and reloads what it wrote to check it again (src/llmft/export.py). models/merged
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from llmft.common import atomic_write_json, get_logger, run_main
+from llmft.common import atomic_write_json, get_logger, run_main, stage_parser
 from llmft.env import write_environment
 from llmft.export import export
 from llmft.params import load_params
@@ -23,18 +22,17 @@ log = get_logger("export")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__, "export")
     parser.add_argument("--base", default="models/base")
     parser.add_argument("--adapter", default="models/lora")
     parser.add_argument("--out", default="models/merged")
-    parser.add_argument("--data", default="data/processed", help="its DVC hash goes into the model card")
+    parser.add_argument("--data-dir", default="data/processed", help="its DVC hash goes into the model card")
     parser.add_argument("--eval", default="reports/metrics/eval.json", help="copied into the model card if present")
     parser.add_argument("--metrics", default="reports/metrics/export.json")
-    parser.add_argument("--env", default="reports/env/export.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    m = export(Path(args.base), Path(args.adapter), Path(args.out), p.export, p.train, Path(args.data), Path(args.eval))
+    models = Path(args.base), Path(args.adapter), Path(args.out)
+    m = export(*models, p.export, p.train, Path(args.data_dir), Path(args.eval))
     atomic_write_json(args.metrics, m)
     write_environment(args.env, "export")
     log.info(

@@ -10,10 +10,9 @@ Modelfile; the conversion is llama.cpp's convert_hf_to_gguf, installed apart by 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from llmft.common import atomic_write_json, get_logger, run_main
+from llmft.common import atomic_write_json, get_logger, run_main, stage_parser
 from llmft.env import write_environment
 from llmft.gguf import export_gguf
 from llmft.params import load_params
@@ -22,12 +21,10 @@ log = get_logger("gguf")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__, "gguf")
     parser.add_argument("--merged", default="models/merged", help="the export stage's output")
     parser.add_argument("--out", default="models/gguf")
     parser.add_argument("--metrics", default="reports/metrics/gguf.json")
-    parser.add_argument("--env", default="reports/env/gguf.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
     p = load_params(args.params)
     m = export_gguf(Path(args.merged), Path(args.out), p.gguf, p.export.check_prompts)

@@ -8,10 +8,9 @@ The original one-off command still works and ignores params.yaml:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from llmft.common import get_logger, run_main
+from llmft.common import get_logger, run_main, stage_parser
 from llmft.data.prepare import outside_deps, prepare, write_legacy_outputs, write_pipeline_outputs
 from llmft.env import write_environment
 from llmft.params import load_params, parse_params
@@ -20,11 +19,9 @@ log = get_logger("prepare")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="pipeline mode: read the data section from here")
-    parser.add_argument("--out-dir", default="data/processed", type=Path)
-    parser.add_argument("--stats", default="reports/metrics/prepare.json", type=Path)
-    parser.add_argument("--env", default="reports/env/prepare.json", type=Path, help="environment manifest")
+    parser = stage_parser(__doc__, "prepare")
+    parser.add_argument("--out", default="data/processed", type=Path)
+    parser.add_argument("--metrics", default="reports/metrics/prepare.json", type=Path)
     legacy = parser.add_argument_group("one-off mode (the original prepare_data.py; params.yaml is not read)")
     legacy.add_argument("--input", help="raw table: .csv .tsv .json .jsonl .parquet .xlsx")
     legacy.add_argument("--output", type=Path, help="e.g. data/processed_data.json")
@@ -50,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             path,
         )
     splits, info, stats = prepare(p)
-    write_pipeline_outputs(splits, info, stats, args.out_dir, args.stats)
+    write_pipeline_outputs(splits, info, stats, args.out, args.metrics)
     write_environment(args.env, "prepare")
     return 0
 

@@ -20,20 +20,17 @@ models/base/model_info.json is the contract with later stages: see src/llmft/mod
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from llmft.common import run_main
+from llmft.common import run_main, stage_parser
 from llmft.env import write_environment
 from llmft.model import prepare
 from llmft.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="reads the model section")
+    parser = stage_parser(__doc__, "model")
     parser.add_argument("--out", default="models/base", type=Path)
-    parser.add_argument("--env", default="reports/env/model.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
     prepare(load_params(args.params).model, args.out)
     write_environment(args.env, "model")

@@ -15,22 +15,19 @@ the prompt files or these params change; rehearsal.share is the train stage's (h
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from llmft.common import run_main
+from llmft.common import run_main, stage_parser
 from llmft.env import write_environment
 from llmft.params import load_params
 from llmft.rehearsal import rehearse, write_rehearsal
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="reads rehearsal, eval and data.variables")
+    parser = stage_parser(__doc__, "rehearse")
     parser.add_argument("--base", default="models/base", type=Path, help="directory with model_info.json")
     parser.add_argument("--out", default="data/rehearsal", type=Path, help="rehearsal.json + dataset_info.json")
     parser.add_argument("--metrics", default="reports/metrics/rehearse.json", type=Path)
-    parser.add_argument("--env", default="reports/env/rehearse.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     rows, stats = rehearse(params.rehearsal, args.base, params.eval, params.data.variables)

@@ -11,11 +11,10 @@ comments, its figures in reports/figures/. Inputs are checked first: a missing o
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from llmft.common import UserError, atomic_path, get_logger, run_main
+from llmft.common import UserError, atomic_path, get_logger, run_main, stage_parser
 from llmft.params import load_params
 from llmft.report.build import check_inputs, convert, execute, inputs
 
@@ -23,8 +22,7 @@ log = get_logger("report")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="reads report and train.cutoff_len; shows all")
+    parser = stage_parser(__doc__, None)
     parser.add_argument("--notebook", default="notebooks/report.py", type=Path, help="jupytext percent-format source")
     parser.add_argument("--prepare", default="reports/metrics/prepare.json", type=Path)
     parser.add_argument("--train", default="reports/metrics/train.json", type=Path)
@@ -37,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         "--plots", default="dvclive/train/plots/metrics", type=Path, help="the train stage's DVCLive series (*.tsv)"
     )
     parser.add_argument("--data-dir", default="data/processed", type=Path, help="train.json: the length histogram")
-    parser.add_argument("--model-dir", default="models/base", type=Path, help="model_info.json and the tokenizer")
+    parser.add_argument("--base", default="models/base", type=Path, help="model_info.json and the tokenizer")
     parser.add_argument("--lock", default="dvc.lock", type=Path, help="DVC hashes of data and models")
-    parser.add_argument("--env", default="reports/env/train.json", type=Path, help="where training ran; optional")
+    parser.add_argument("--train-env", default="reports/env/train.json", type=Path, help="where training ran; optional")
     parser.add_argument("--html", default="reports/report.html", type=Path)
     parser.add_argument("--md", default="reports/report.md", type=Path)
     parser.add_argument("--figures", default="reports/figures", type=Path, help="the md's images; beside --md")
@@ -51,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures.parent.resolve() != args.md.parent.resolve():
         raise UserError(f"--figures {args.figures} must sit beside --md {args.md}: report.md links to it relatively")
     check_inputs(args)
-    values = {"PARAMS": args.params, "EXPORT": str(args.export), "LOCK": str(args.lock), "ENV": str(args.env)}
-    values |= {"REHEARSE": str(args.rehearse), "BENCHMARK": str(args.benchmark)}
+    values = {"PARAMS": str(args.params), "EXPORT": str(args.export), "LOCK": str(args.lock)}
+    values |= {"ENV": str(args.train_env), "REHEARSE": str(args.rehearse), "BENCHMARK": str(args.benchmark)}
     values |= {name: str(path) for name, (path, _) in inputs(args).items()}
-    values |= {"DATA_DIR": str(args.data_dir), "MODEL_DIR": str(args.model_dir)}
+    values |= {"DATA_DIR": str(args.data_dir), "MODEL_DIR": str(args.base)}
     nb = execute(args.notebook, values, args.timeout)
     # Three renames, html last: a crash before it leaves the previous report.html in place.
     with atomic_path(args.html) as html, atomic_path(args.md) as md, atomic_path(args.figures) as figures:

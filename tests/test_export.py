@@ -36,7 +36,7 @@ def run_export(tmp: Path, base: Path, adapter: Path, **export_params) -> tuple[i
         str(adapter),
         "--out",
         str(tmp / "merged"),
-        "--data",
+        "--data-dir",
         str(data),
         "--eval",
         str(tmp / "eval.json"),

@@ -64,7 +64,7 @@ def make_rehearsal(root: Path, count: int) -> Path:
 
 
 def stage_cmd(model_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "src" / "train.py"), "--model-dir", str(model_dir)]
+    return [sys.executable, str(ROOT / "src" / "train.py"), "--base", str(model_dir)]
 
 
 def start_stage(root: Path, model_dir: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:

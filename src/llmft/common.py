@@ -5,6 +5,7 @@ from llmft.common import UserError, atomic_write_json, get_logger, run_main
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -35,6 +36,17 @@ def get_logger(name: str) -> logging.Logger:
         stream=sys.stderr,
     )
     return logging.getLogger(name)
+
+
+def stage_parser(doc: str, stage: str | None) -> argparse.ArgumentParser:
+    """The parser every stage script starts from: --params and, for a stage that writes its environment manifest,
+    --env, each with one name and default across stages. Inputs and outputs are named alike everywhere: --base
+    (the base model folder), --data-dir (the splits), --adapter, --out, --metrics."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml", type=Path, help="the params file (params.yaml)")
+    if stage:
+        parser.add_argument("--env", default=f"reports/env/{stage}.json", type=Path, help="environment manifest")
+    return parser
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ def inputs(args: argparse.Namespace) -> dict[str, tuple[Path, str]]:
         "PREDICTIONS": (args.predictions, rerun("eval", "evaluate")),
         "PLOTS": (args.plots, rerun("train", "train")),
         "DATA_DIR": (args.data_dir / "train.json", rerun("data", "prepare")),
-        "MODEL_DIR": (args.model_dir / "model_info.json", rerun("model", "model")),
+        "MODEL_DIR": (args.base / "model_info.json", rerun("model", "model")),
     }
 
 
