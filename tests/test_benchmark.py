@@ -1,4 +1,5 @@
-"""Stage `benchmark` (src/benchmark.py, src/llmft/benchmark.py): lm-eval on the shipped MMLU subset, offline."""
+"""Stage `benchmark` (src/benchmark.py, src/llmft/benchmark.py): lm-eval on the shipped MMLU and HellaSwag subsets,
+offline."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 
 from llmft import benchmark
 from llmft.common import UserError
+from llmft.stats import paired_difference
 from scripts import ROOT
 
 MMLU = ROOT / "data/benchmarks/mmlu"
+HELLASWAG = ROOT / "data/benchmarks/hellaswag"
 TASKS = ROOT / "data/benchmarks/tasks"
 
 
@@ -61,8 +64,46 @@ def test_shipped_subset_is_three_questions_per_subject_in_mmlu_layout():
     assert not {(r["subject"], r["question"]) for r in test} & {(r["subject"], r["question"]) for r in dev}
 
 
-def test_shipped_task_file_passes_the_checks():
-    benchmark.check_task_file(TASKS / "mmlu_subset.yaml")
+def test_shipped_hellaswag_subset_is_400_short_questions_with_4_endings():
+    test, dev = read_jsonl(HELLASWAG / "test.jsonl"), read_jsonl(HELLASWAG / "dev.jsonl")
+    assert len(test) == 400 and len(dev) == 10
+    for row in test + dev:
+        assert set(row) == {"query", "endings", "label", "split"}
+        assert len(row["endings"]) == 4 and row["label"] in range(4) and row["query"].strip()
+        assert len(row["query"]) + sum(map(len, row["endings"])) <= 400  # build_subset.py --max-chars
+    assert {r["split"] for r in test} == {"test"} and {r["split"] for r in dev} == {"dev"}
+    assert not {r["query"] for r in test} & {r["query"] for r in dev}
+    assert 0.15 < Counter(r["label"] for r in test)[0] / len(test) < 0.35  # gold endings spread over 0-3
+
+
+@pytest.mark.parametrize("name", ["mmlu_subset", "hellaswag_subset"])
+def test_shipped_task_file_passes_the_checks(name):
+    benchmark.check_task_file(TASKS / f"{name}.yaml")
+
+
+def test_hellaswag_subset_loads_offline_in_cloze_form(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    p = benchmark.BenchmarkParams(tasks=["hellaswag_subset"], num_fewshot=2)
+    manager = benchmark.task_manager(p)
+    benchmark.check_tasks_load(manager, p, online=False)
+    task = manager.load(["hellaswag_subset"])["tasks"]["hellaswag_subset"]
+    doc, first = task.eval_docs[0], read_jsonl(HELLASWAG / "test.jsonl")[0]
+    assert len(task.eval_docs) == 400 and doc["query"] == first["query"]
+    assert task.doc_to_choice(doc) == first["endings"] and task.doc_to_target(doc) == first["label"]
+    prompt = task.fewshot_context(doc=doc, num_fewshot=2)
+    assert prompt.endswith(first["query"]) and prompt.count("\n\n") == 2  # 2 examples, then the question
+
+
+def test_missing_task_data_is_one_line_naming_the_task_and_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    text = (TASKS / "hellaswag_subset.yaml").read_text(encoding="utf-8").replace("hellaswag/test", "gone/test")
+    folder = local_task(tmp_path / "tasks", "hellaswag_subset", text)
+    p = benchmark.BenchmarkParams(tasks=["hellaswag_subset"], include_path=str(folder))
+    with pytest.raises(UserError) as err:
+        benchmark.check_tasks_load(benchmark.task_manager(p), p, online=False)
+    message = str(err.value)
+    assert "'hellaswag_subset'" in message and "data file data/benchmarks/gone/test.jsonl is missing" in message
+    assert "\n" not in message
 
 
 HEAD = "task: t\ndataset_path: json\ntest_split: test\n"  # a task's first lines; each case breaks what follows
@@ -158,6 +199,28 @@ def test_delta_is_tuned_minus_base_and_noise_is_two_standard_errors():
     assert m["delta"] == {"acc": 0.5} and m["n"] == 4 and m["chance"] == 0.25 and m["changed"] == 2
     assert m["noise"] == pytest.approx(2 * 0.1 * 2**0.5, abs=1e-6) and m["within_noise"] is False
     assert rows[1]["base"] == {"loglik": [-1.0, 0.0, -1.0, -1.0], "pred": 1, "acc": 0.0}
+    assert m["above_chance"] is False  # 0.25 is chance itself
+    assert m["paired"] == paired_difference([1, 0, 0, 0], [1, 1, 1, 0])  # each question's acc, in doc order
+    assert m["paired"]["diff"] == 0.5 and m["paired"]["beyond_noise"] is False  # 3 changed: too few to tell
+
+    for acc, verdict in [(0.44, False), (0.46, True)]:  # beyond chance by more than 2 standard errors (0.2)
+        runs = {"base": run(acc, 0.1, [0, 1, 2, 3]), "tuned": run(acc, 0.1, [0, 1, 2, 3])}
+        m = benchmark.task_metrics("t", runs, rows, num_fewshot=0)
+        assert m["above_chance"] is verdict
+
+
+def test_chance_follows_the_number_of_choices():
+    def run(n_choices):
+        sample = {"doc_id": 0, "doc": {}, "arguments": [["q", f" {c}"] for c in "ABCDE"[:n_choices]], "target": 0,
+                  "filtered_resps": [[-1.0, False]] * n_choices, "metrics": ["acc"], "acc": 1.0}  # fmt: skip
+        return {"results": {"t": {"acc,none": 1.0, "acc_stderr,none": 0.0}}, "n-samples": {"t": {"effective": 1}},
+                "samples": {"t": [sample]}}  # fmt: skip
+
+    for n_choices, chance in [(2, 0.5), (5, 0.2)]:
+        runs = {"base": run(n_choices), "tuned": run(n_choices)}
+        rows = benchmark.pair_samples("t", runs["base"]["samples"]["t"], runs["tuned"]["samples"]["t"], True)
+        m = benchmark.task_metrics("t", runs, rows, num_fewshot=0)
+        assert m["chance"] == chance and m["above_chance"] is True and m["paired"]["diff"] == 0.0
 
 
 def test_disabled_writes_enabled_false_and_loads_nothing(tmp_path, stage):
@@ -188,6 +251,23 @@ def test_stage_scores_base_and_tuned_on_the_shipped_subset(tiny_model_dir, adapt
     assert sum(r["base"]["acc"] for r in rows) / 8 == pytest.approx(m["base"]["acc"])
     assert rows[0]["base"]["loglik"] != rows[0]["tuned"]["loglik"]  # the adapter was applied
     assert m["changed"] == sum(r["base"]["pred"] != r["tuned"]["pred"] for r in rows)
+    assert isinstance(m["above_chance"], bool)
+    assert m["paired"]["n"] == 8 and m["paired"]["base"] == pytest.approx(m["base"]["acc"])
+    assert m["paired"]["diff"] == pytest.approx(m["delta"]["acc"])
+
+
+@pytest.mark.slow
+def test_stage_scores_the_hellaswag_subset_in_cloze_form(tiny_model_dir, adapter_dir, tmp_path, stage, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    params = write_params(tmp_path / "params.yaml", tasks=["hellaswag_subset"], limit=3, batch_size=4)
+    out = tmp_path / "out"
+    assert stage("benchmark").main(bench_argv(params, tiny_model_dir, adapter_dir, out)) == 0
+    m = json.loads((out / "benchmark.json").read_text())["tasks"]["hellaswag_subset"]
+    assert m["n"] == 3 and m["chance"] == 0.25 and set(m["base"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert isinstance(m["above_chance"], bool) and m["paired"]["n"] == 3
+    rows = read_jsonl(out / "samples.jsonl")
+    first = read_jsonl(HELLASWAG / "test.jsonl")[0]
+    assert rows[0]["prompt"] == first["query"] and rows[0]["choices"] == [" " + e for e in first["endings"]]
 
 
 def run_cli(tmp_path: Path, **section) -> subprocess.CompletedProcess:

@@ -5,7 +5,8 @@
 Both models get the same lm-eval run (tasks, shots, limit, batch size, seeds); the tuned model is the base with the
 LoRA adapter folded in, or models/merged when given. Nothing is downloaded: a task's data must be in the repo, as
 for the default task, mmlu_subset (data/benchmarks/tasks/mmlu_subset.yaml on the questions in data/benchmarks/mmlu).
-metrics: per task base, tuned, delta = tuned - base, n, chance, and whether the delta is within noise.
+metrics: per task base, tuned, delta = tuned - base, n, chance, whether the delta is within noise, whether the base
+scores beyond chance (above_chance: a task at chance cannot show a loss) and the paired base-vs-tuned difference.
 samples: one row per scored question: the prompt, the choices, and each model's log-likelihoods and answer.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import glob
 import json
 import math
 import os
@@ -30,6 +32,7 @@ from llmft.infer.loading import check_adapter, merge_adapter, resolve_dtype, set
 from llmft.infer.vllm import require_vllm
 from llmft.model import read_model_info
 from llmft.params import BenchmarkParams
+from llmft.stats import paired_difference
 
 log = get_logger("benchmark")
 EXAMPLE_TASK = "data/benchmarks/tasks/mmlu_subset.yaml"  # the local task to copy: offline data, MMLU's prompt
@@ -164,6 +167,27 @@ def data_hint(err: BaseException, local: bool, online: bool) -> str:
     return "the Hub did not serve it: put the data in the repo (data/benchmarks/) and read it with "
 
 
+def data_files(path: Path) -> list[str]:
+    """The local files a task YAML reads (dataset_kwargs.data_files: a path, a list, or a split -> path(s) map)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    files = (load_yaml(path).get("dataset_kwargs") or {}).get("data_files") or []
+    values = files.values() if isinstance(files, dict) else [files]
+    return [f for v in values for f in ([v] if isinstance(v, str) else v)]
+
+
+def check_data_files(name: str, source: str) -> None:
+    """UserError naming the task and its first missing data file: lm-eval's own error names neither the task nor,
+    offline, always the file."""
+    for file in data_files(Path(source)):
+        if not glob.glob(file):  # a path or a pattern (datasets accepts both)
+            raise UserError(
+                f"benchmark task {name!r} ({source}): data file {file} is missing; run from the repo root, or "
+                f"rebuild it with the build script in its folder (see its NOTICE.md), or drop {name} from "
+                "benchmark.tasks"
+            )
+
+
 def check_tasks_load(manager, p: BenchmarkParams, online: bool) -> None:
     """Build every task (its dataset too) and its first prompt before any model is loaded; UserError naming the
     task, its file and the fix."""
@@ -171,6 +195,8 @@ def check_tasks_load(manager, p: BenchmarkParams, online: bool) -> None:
         entry = manager.task_index.get(name)
         source = entry.yaml_path if entry and entry.yaml_path else "lm-eval"
         local = is_local(manager, name, p.include_path)
+        if local:
+            check_data_files(name, source)
         try:
             with hub_access(online):
                 tasks = manager.load([name])["tasks"]
@@ -297,7 +323,8 @@ def pair_samples(task: str, base: list[dict], tuned: list[dict], multiple_choice
 
 
 def task_metrics(name: str, runs: dict[str, dict], rows: list[dict], num_fewshot: int) -> dict:
-    """base, tuned, delta = tuned - base, n, chance, changed answers and the noise verdict of one task."""
+    """base, tuned, delta = tuned - base, n, chance, changed answers, the noise verdict of one task, whether the
+    base scores beyond chance (above_chance: else a loss could not show) and the paired difference per question."""
     base, tuned = scores(runs["base"], name), scores(runs["tuned"], name)
     n_samples = runs["base"]["n-samples"]
     n = sum(n_samples[leaf]["effective"] for leaf in leaves(runs["base"], name) if leaf in n_samples)
@@ -319,6 +346,11 @@ def task_metrics(name: str, runs: dict[str, dict], rows: list[dict], num_fewshot
         noise = 2 * math.hypot(base[f"{metric}_stderr"], tuned[f"{metric}_stderr"])
         out["within_noise"] = abs(out["delta"][metric]) <= noise  # +-2 standard errors of the difference
         out["noise"] = round(noise, 6)
+    if chance is not None and metric in base and f"{metric}_stderr" in base:
+        # a model at chance cannot get worse, so only a task the base passes can show what fine-tuning cost
+        out["above_chance"] = base[metric] - chance > 2 * base[f"{metric}_stderr"]
+    if metric and mine and all(metric in r["base"] and metric in r["tuned"] for r in mine):
+        out["paired"] = paired_difference([r["base"][metric] for r in mine], [r["tuned"][metric] for r in mine])
     return out
 
 
@@ -333,8 +365,8 @@ def run_benchmark(
         adapter_dir: the LoRA adapter; the tuned model is the base with it folded in.
         merged_dir: a merged model (models/merged) to use as the tuned model instead (hf backend only).
     Returns:
-        metrics: {"tasks": {task: {base, tuned, delta, n, num_fewshot, chance, changed, within_noise, noise}},
-        "lm_eval_version", "settings"}; samples: one row per question (see pair_samples).
+        metrics: {"tasks": {task: {base, tuned, delta, n, num_fewshot, chance, changed, within_noise, noise,
+        above_chance, paired}}, "lm_eval_version", "settings"}; samples: one row per question (see pair_samples).
     Raises:
         UserError: a broken local task file, an unknown task, data that cannot be had offline, no adapter,
         or backend vllm without vllm.
