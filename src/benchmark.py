@@ -7,7 +7,8 @@
 Reads `benchmark:` in params.yaml. Both models get the same lm-eval run, offline, on the tasks in
 benchmark.include_path (data/benchmarks/tasks; run from the repo root, the tasks' data_files are relative to it).
 Writes reports/metrics/benchmark.json (per task base, tuned and delta = tuned - base of acc and its stderr, the
-number of questions, chance, and whether the delta is within noise; `dvc metrics diff` compares runs) and
+number of questions, chance, whether the delta is within noise, whether the base scores beyond chance (else the task
+cannot show a loss) and the paired difference per question; `dvc metrics diff` compares runs) and
 reports/benchmark/samples.jsonl (one line per question: prompt, choices, both models' log-likelihoods and answers).
 This is the counter-measure of `evaluate`: fine-tuning should not cost general knowledge.
 """
@@ -56,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     for task, m in metrics["tasks"].items():
         base, tuned = m["base"], m["tuned"]
         log.info(
-            "%s (%d questions, %d-shot, chance %s): acc %.3f +- %.3f -> %.3f +- %.3f, %s; %d answers changed",
+            "%s (%d questions, %d-shot, chance %s, base %s): acc %.3f +- %.3f -> %.3f +- %.3f, %s; %d answers changed",
             task,
             m["n"],
             m["num_fewshot"],
             m["chance"],
+            "above chance" if m.get("above_chance") else "at chance: a loss would not show",
             base.get("acc", float("nan")),
             base.get("acc_stderr", float("nan")),
             tuned.get("acc", float("nan")),

@@ -1,7 +1,8 @@
 """Build the shipped HellaSwag subset (test.jsonl, dev.jsonl here) from klosax/hellaswag_text_data.
 
-    git clone https://github.com/klosax/hellaswag_text_data && git -C hellaswag_text_data checkout 1105d370f8340eac3c63a91fd1fa58e8999f9505
-    python data/benchmarks/hellaswag/build_subset.py --source hellaswag_text_data/hellaswag_val_full.txt.bz2   # from the repo root
+    git clone https://github.com/klosax/hellaswag_text_data /tmp/hs
+    git -C /tmp/hs checkout 1105d370f8340eac3c63a91fd1fa58e8999f9505
+    python data/benchmarks/hellaswag/build_subset.py --source /tmp/hs/hellaswag_val_full.txt.bz2   # from the repo root
 
 The source (sha256 50b637899e4263c2bc456c2dc726c95d2c8cd8e2a552ea5bd7719ce3cb03fe5b) is the 10,042 questions of
 HellaSwag's validation split (rowanz/hellaswag data/hellaswag_val.jsonl, MIT licence; see NOTICE.md) as text,
@@ -10,8 +11,9 @@ removed the WikiHow markup ([title], [step]...), as lm-eval's hellaswag task doe
 
 The draw is deterministic and needs no seed: questions whose context occurs more than once, or whose context and
 endings together are longer than --max-chars (cost: each ending is a forward pass over the whole context), are left
-out, and the rest are ordered by the sha256 of their context and endings; the first --size go to test.jsonl, the next --dev-size to
-dev.jsonl, the few-shot pool (lm-eval's hellaswag takes its examples from the train split, which the source lacks).
+out, and the rest are ordered by the sha256 of their context and endings; the first --size go to test.jsonl, the
+next --dev-size to dev.jsonl, the few-shot pool (lm-eval's hellaswag takes its examples from the train split, which
+the source lacks).
 Rows: query ("activity label: context"), endings (4 strings), label (0-3), split ("test" or "dev").
 """
 
@@ -43,7 +45,9 @@ def read_source(path: Path) -> list[dict]:
     for i in range(0, len(lines), 6):
         query, label, *endings = lines[i : i + 6]
         if label not in ("0", "1", "2", "3") or not query.strip() or not all(e.strip() for e in endings):
-            sys.exit(f"error: {path} line {i + 1}: expected a context, a label 0-3 and 4 endings, got {lines[i:i + 6]}")
+            sys.exit(
+                f"error: {path} line {i + 1}: expected a context, a label 0-3 and 4 endings, got {lines[i : i + 6]}"
+            )
         rows.append({"query": query.strip(), "endings": [e.strip() for e in endings], "label": int(label)})
     return rows
 
