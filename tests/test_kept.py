@@ -138,3 +138,14 @@ def test_an_expected_number_matches_only_as_a_whole_number():
     assert not passes("It is 112.", ["12"]) and not passes("It is 12.5.", ["12"]) and not passes("-12", ["12"])
     assert not passes("The freezing point of water is -18.0°C.", ["0°", "zero"])
     assert passes("Water freezes at 0°C.", ["0°"]) and passes("A spider has EIGHT legs.", ["eight"])
+
+
+def test_an_expected_word_matches_only_as_a_whole_word():
+    from llmft.kept import passes
+
+    assert passes("Frozen water is called ice.", ["ice"]) and passes("Ice!", ["ice"])
+    assert not passes("Rice is a grain; notice the device.", ["ice"]) and not passes("It is seventeen.", ["seven"])
+    assert not passes("See you on Sunday.", ["Sun"]) and passes("The Sun's light", ["Sun"])
+    assert passes("法国的首都是巴黎。", ["巴黎"]) and passes(
+        "首都是Paris。", ["Paris"]
+    )  # no word boundaries in Chinese

@@ -29,10 +29,16 @@ LATIN = re.compile(r"[A-Za-z]")
 
 def _expected(text: str) -> re.Pattern:
     """`text` anywhere, in any case; a number only as a whole number: "12" is not in "112" nor "12.5", and "0°" is
-    not in "-18.0°C"."""
-    left = r"(?<![\d.\-])" if text[:1].isdigit() else ""
-    right = r"(?!\d|[.,]\d)" if text[-1:].isdigit() else ""
-    return re.compile(left + re.escape(text) + right, re.IGNORECASE)
+    not in "-18.0°C"; a Latin word only as a whole word: "ice" is not in "rice", nor "seven" in "seventeen".
+    Chinese has no word boundaries, so a Chinese answer matches anywhere."""
+
+    def edge(char: str, number: str) -> str:
+        return number if char.isdigit() else r"[A-Za-z]" if char.isascii() and char.isalpha() else ""
+
+    left, right = edge(text[:1], r"[\d.\-]"), edge(text[-1:], r"\d|[.,]\d")
+    return re.compile(
+        (f"(?<!{left})" if left else "") + re.escape(text) + (f"(?!{right})" if right else ""), re.IGNORECASE
+    )
 
 
 def passes(answer: str, expect: list[str]) -> bool | None:
