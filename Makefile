@@ -111,7 +111,7 @@ eval: setup ## stage evaluate: base vs fine-tuned on val, probes, everyday promp
 export: setup ## stage export: LoRA merged into models/merged, checked against base+adapter
 	dvc repro export
 
-benchmark: setup ## stage benchmark: lm-eval tasks (MMLU subset, offline) on base and tuned -> reports/metrics/benchmark.json
+benchmark: setup ## stage benchmark: lm-eval tasks (HellaSwag subset, offline) on base and tuned -> reports/metrics/benchmark.json
 	dvc repro benchmark
 
 gguf: setup ## stage gguf: models/merged -> models/gguf (f16, q8_0 GGUF + Ollama Modelfile), checked against it

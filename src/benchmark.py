@@ -1,4 +1,4 @@
-"""Stage `benchmark`: standard benchmarks (lm-eval; MMLU subset by default) on the base and the fine-tuned model.
+"""Stage `benchmark`: standard benchmarks (lm-eval; the HellaSwag subset by default) on the base and tuned models.
 
     dvc repro benchmark
     python src/benchmark.py --params params.yaml --base models/base --adapter models/lora \
@@ -15,12 +15,11 @@ This is the counter-measure of `evaluate`: fine-tuning should not cost general k
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from llmft.benchmark import run_benchmark
-from llmft.common import atomic_path, atomic_write_json, get_logger, run_main
+from llmft.common import atomic_path, atomic_write_json, get_logger, run_main, stage_parser
 from llmft.env import write_environment
 from llmft.params import load_params
 
@@ -33,14 +32,12 @@ def write_samples(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="reads the benchmark section")
+    parser = stage_parser(__doc__, "benchmark")
     parser.add_argument("--base", default="models/base", type=Path, help="directory with model_info.json")
     parser.add_argument("--adapter", default="models/lora", type=Path, help="the LoRA adapter to benchmark")
     parser.add_argument("--merged", type=Path, help="models/merged: benchmark this as the tuned model instead")
     parser.add_argument("--metrics", default="reports/metrics/benchmark.json", type=Path)
     parser.add_argument("--samples", default="reports/benchmark/samples.jsonl", type=Path)
-    parser.add_argument("--env", default="reports/env/benchmark.json", type=Path, help="environment manifest")
     args = parser.parse_args(argv)
 
     p = load_params(args.params).benchmark

@@ -150,7 +150,7 @@ def test_shipped_task_outside_the_repo_root_says_to_run_from_there(tmp_path, mon
 
 def test_more_shots_than_the_pool_holds_is_one_error(monkeypatch):
     monkeypatch.chdir(ROOT)
-    p = benchmark.BenchmarkParams(num_fewshot=6)
+    p = benchmark.BenchmarkParams(num_fewshot=6, tasks=["mmlu_subset"])
     with pytest.raises(UserError, match="cannot build a 6-shot prompt.*only 5 dev questions"):
         benchmark.check_tasks_load(benchmark.task_manager(p), p, online=False)
 
@@ -234,7 +234,7 @@ def test_disabled_writes_enabled_false_and_loads_nothing(tmp_path, stage):
 @pytest.mark.slow
 def test_stage_scores_base_and_tuned_on_the_shipped_subset(tiny_model_dir, adapter_dir, tmp_path, stage, monkeypatch):
     monkeypatch.chdir(ROOT)  # the task's data_files are relative to the repo root, as when dvc runs the stage
-    params = write_params(tmp_path / "params.yaml", limit=8, batch_size=4)
+    params = write_params(tmp_path / "params.yaml", limit=8, batch_size=4, tasks=["mmlu_subset"])
     out = tmp_path / "out"
     assert stage("benchmark").main(bench_argv(params, tiny_model_dir, adapter_dir, out)) == 0
     metrics = json.loads((out / "benchmark.json").read_text())

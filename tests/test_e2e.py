@@ -87,7 +87,7 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     assert f"cut training at step {plan['max_steps']} of {plan['steps']}" in report
     assert f"Evaluated on the first 64 of {n_val} val examples" in report
     assert "dataset: train,rehearsal" in (repo / "models/lora/train_config.yaml").read_text()
-    bench = json.loads((repo / "reports/metrics/benchmark.json").read_text())["tasks"]["mmlu_subset"]
+    bench = json.loads((repo / "reports/metrics/benchmark.json").read_text())["tasks"]["hellaswag_subset"]
     assert (
         bench["n"] == 12
         and bench["chance"] == 0.25

@@ -133,8 +133,8 @@ def test_make_sweep_runs_the_grid_from_the_queue_and_compare_reports_the_differe
     params = out.split("== params")[1].split("== metrics")[0]
     assert "train.lora_rank" in params and "4" in params and "8" in params
     assert "eval_loss" in out.split("== metrics")[1].split("== benchmarks")[0]
-    bench = out.split("== benchmarks")[1].split("== answers")[0]  # both ran the MMLU subset (limit 8)
-    assert "tasks.mmlu_subset" in bench or "no benchmark metric changed" in bench
+    bench = out.split("== benchmarks")[1].split("== answers")[0]  # both ran the HellaSwag subset (limit 8)
+    assert "tasks.hellaswag_subset" in bench or "no benchmark metric changed" in bench
     assert re.search(r"4 examples in both, 0 only in", out)  # the val answers of both, read through DVC
     bad = run(["make", "--no-print-directory", "compare", "A=no-such-exp", f"B={b}"], repo, check=False)
     assert bad.returncode != 0 and "no-such-exp" in bad.stderr and "Traceback" not in bad.stderr

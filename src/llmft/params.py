@@ -311,9 +311,9 @@ class BenchmarkParams(Section):
     """Standard benchmarks (lm-eval tasks) on the base and the tuned model, with the same settings for both."""
 
     enabled: bool = True  # false: the stage writes {"enabled": false} and loads nothing
-    tasks: list[str] = Field(default=["mmlu_subset"], min_length=1)  # lm-eval task names; local ones need no network
+    tasks: list[str] = Field(default=["hellaswag_subset"], min_length=1)  # lm-eval task names; local: no network
     num_fewshot: int = Field(default=0, ge=0)  # 0 = zero-shot; mmlu_subset has 5 examples per subject
-    limit: int | None = Field(default=None, ge=1)  # the first N questions per task; null = all (mmlu_subset: 171)
+    limit: int | None = Field(default=None, ge=1)  # the first N questions per task; null = all (hellaswag_subset: 400)
     batch_size: int = Field(default=8, ge=1)  # per forward pass; at 8 on SmolLM2-135M peak RSS 3 GB 0-shot, 4.3 5-shot
     backend: Literal["hf", "vllm"] = "hf"  # vllm: CUDA only, one engine, the adapter applied per request
     include_path: str = Field(default="data/benchmarks/tasks", min_length=1)  # local task YAMLs, relative to cwd

@@ -108,7 +108,8 @@ def plan_cpu_run(
 # `make all` (reports/metrics/*.json) and scaled by model size like training: a rough guide, not a promise.
 DECODE_TOKENS_PER_S = 130.0  # greedy answers, batch 16 (rehearse, evaluate)
 FORWARD_SPEEDUP = 3.0  # a teacher-forced forward pass (eval loss) against a training step's forward + backward
-SECONDS_PER_QUESTION = 0.35  # lm-eval, one multiple-choice question, both models
+SECONDS_PER_QUESTION = 0.35  # lm-eval, one multiple-choice question, both models (mmlu_subset 0.35, hellaswag 0.32)
+TASK_QUESTIONS = {"hellaswag_subset": 400, "mmlu_subset": 171}  # the shipped tasks; another counts as 200
 SECONDS_PER_GGUF = 32.0  # convert one GGUF type and check it
 SECONDS_FIXED = {"model": 16.0, "export": 12.0, "report": 10.0}
 
@@ -192,8 +193,9 @@ def plan_stages(
     minutes["evaluate"] = 2 * (prompts * 0.7 * e.max_new_tokens / decode + sum(answered) / forward) / 60
     minutes["export"] = SECONDS_FIXED["export"] / scale / 60
     if params.benchmark.enabled:
-        questions = params.benchmark.limit or 171  # the shipped MMLU subset; other tasks: their own size
-        minutes["benchmark"] = questions * len(params.benchmark.tasks) * SECONDS_PER_QUESTION / scale / 60
+        limit = params.benchmark.limit or float("inf")
+        questions = sum(min(TASK_QUESTIONS.get(task, 200), limit) for task in params.benchmark.tasks)
+        minutes["benchmark"] = questions * SECONDS_PER_QUESTION / scale / 60
     minutes["report"] = SECONDS_FIXED["report"] / 60
     minutes["gguf"] = len(params.gguf.types) * SECONDS_PER_GGUF / scale / 60
     return minutes
