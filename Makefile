@@ -19,8 +19,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUTF8 := 1
 
-.PHONY: help setup check lint format all data model rehearse train eval export benchmark gguf report test test-fast push pull chat serve \
-        notebook bench bench-data bench-eval bench-noop sweep compare doctor status dag clean sky-check docs-check
+.PHONY: help setup check lint format all prepare data model rehearse train evaluate eval export benchmark gguf report test test-fast push pull chat serve \
+        notebook perf perf-data perf-eval perf-noop sweep compare doctor status dag clean sky-check docs-check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -65,12 +65,14 @@ format: setup ## ruff: fix what can be fixed and format the code
 all: setup ## run the whole pipeline (every stage whose inputs changed)
 	dvc repro
 
-data: setup ## stage prepare: raw tables (data.sources) -> data/processed/{train,val}.json
+prepare: setup ## stage prepare: raw tables (data.sources) -> data/processed/{train,val}.json
 	dvc repro prepare
 
-bench: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> reports/bench/ (CUDA: Llama-2-7B shape; CPU: tiny)
+data: prepare ## alias of prepare
+
+perf: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> reports/perf/ (CUDA: Llama-2-7B shape; CPU: tiny)
 	@python -c 'import importlib.util as u; u.find_spec("flash_attn") or print("note: flash-attn is not installed, so on CUDA the fast profile uses PyTorch SDPA; docs/gpu.md says how to add it")'
-	python benchmarks/bench_train.py
+	python perf/perf_train.py
 
 # A grid: each -S takes comma-separated values, one experiment per combination.
 # The table in docs/training.md came from: make sweep SWEEP='-S train.learning_rate=5.0e-5,1.0e-3
@@ -105,8 +107,10 @@ else
 	dvc repro train
 endif
 
-eval: setup ## stage evaluate: base vs fine-tuned on val, probes, everyday prompts -> reports/metrics/eval.json
+evaluate: setup ## stage evaluate: base vs fine-tuned on val, probes, everyday prompts -> reports/metrics/eval.json
 	dvc repro evaluate
+
+eval: evaluate ## alias of evaluate
 
 export: setup ## stage export: LoRA merged into models/merged, checked against base+adapter
 	dvc repro export
@@ -139,14 +143,14 @@ pull: setup ## dvc pull every versioned artifact from the default remote (REMOTE
 sky-check: setup ## the SkyPilot task configs/sky/train.yaml: SkyPilot's own loader (in its own venv) and its run section on stubs
 	python -m pytest tests/test_sky.py
 
-bench-eval: setup ## evaluation tokens/s: our evaluate stage vs LLaMA-Factory do_predict, same val set
-	python benchmarks/bench_eval.py
+perf-eval: setup ## evaluation tokens/s: our evaluate stage vs LLaMA-Factory do_predict, same val set
+	python perf/perf_eval.py
 
-bench-noop: setup ## seconds a no-op `make all` spends beyond DVC's own start-up (goal < 3 s)
-	python benchmarks/bench_noop.py
+perf-noop: setup ## seconds a no-op `make all` spends beyond DVC's own start-up (goal < 3 s)
+	python perf/perf_noop.py
 
-bench-data: setup ## prepare a generated 1,000,000-row CSV; print rows/s and peak memory
-	python benchmarks/bench_data.py --rows 1000000
+perf-data: setup ## prepare a generated 1,000,000-row CSV; print rows/s and peak memory
+	python perf/perf_data.py --rows 1000000
 
 test: setup ## run every test (what CI runs)
 	python -m pytest

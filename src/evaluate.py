@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llmft.common import atomic_write_json, get_logger, run_main, stage_parser
 from llmft.env import write_environment
-from llmft.evaluation import evaluate
+from llmft.evaluate import evaluate
 from llmft.params import load_params
 from llmft.predictions import write_predictions
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from llmft.common import run_main, stage_parser
 from llmft.env import write_environment
 from llmft.params import load_params
-from llmft.rehearsal import rehearse, write_rehearsal
+from llmft.rehearse import rehearse, write_rehearsal
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@
 
 Reads `model.trust_remote_code` and `train:`. Writes models/lora/train_config.yaml, which
 `llamafactory-cli train models/lora/train_config.yaml` reruns as is, and launches it that way (LLaMA-Factory
-starts torchrun and DeepSpeed itself). A rerun resumes from the newest complete checkpoint (src/llmft/training.py).
+starts torchrun and DeepSpeed itself). A rerun resumes from the newest complete checkpoint (src/llmft/train.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from llmft.common import run_main, stage_parser
 from llmft.env import write_environment
 from llmft.params import load_params
-from llmft.training import TrainPaths, train
+from llmft.train import TrainPaths, train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from scripts import load_script
 
 @pytest.fixture(scope="session")
 def stage():
-    """stage("prepare_data").main: the stage script src/prepare_data.py, loaded once per session."""
+    """stage("prepare").main: the stage script src/prepare.py, loaded once per session."""
     cache: dict[str, ModuleType] = {}
     return lambda name: cache.setdefault(name, load_script(f"src/{name}.py"))
 
@@ -39,7 +39,7 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:
     """A 2-layer, hidden-64 random-init Llama with the real tokenizer, laid out like models/base.
 
-    Its model_info.json follows the contract the `model` stage writes (see src/prepare_model.py).
+    Its model_info.json follows the contract the `model` stage writes (see src/model.py).
     """
     import shutil
 

@@ -1,7 +1,7 @@
 """Load a script of the repo (a stage in src/, a benchmark) as a module by its path, so its main() runs in-process.
 
     from scripts import load_script
-    bench_train = load_script("benchmarks/bench_train.py")
+    perf_train = load_script("perf/perf_train.py")
 
 Stage scripts are files, not modules of the llmft package (DVC runs them as `python src/<stage>.py`).
 """

@@ -24,7 +24,7 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     repo = copy_repo(tmp_path / "repo")
     # a user's own larger table of long Chinese answers beside the demo's: the CPU budget cuts the run (not refuses
     # it), the rehearsal pool is too small for the share, and evaluate answers a capped part of the val split
-    run([sys.executable, "benchmarks/make_long_table.py", "--rows", "300", "--out", "data/raw/idioms_long.csv"], repo)
+    run([sys.executable, "perf/make_long_table.py", "--rows", "300", "--out", "data/raw/idioms_long.csv"], repo)
     params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
     long_table = {"path": "data/raw/idioms_long.csv", "columns": {"instruction": "问题", "output": "回答"}}
     edit_params(repo, "data", val_size=70, sources=[*params["data"]["sources"], long_table])

@@ -1,4 +1,4 @@
-"""Stage `evaluate` (src/evaluate.py, src/llmft/evaluation.py) on the tiny random Llama with a real LoRA adapter."""
+"""Stage `evaluate` (src/evaluate.py, src/llmft/evaluate.py) on the tiny random Llama with a real LoRA adapter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from eval_data import VAL, write_data, write_params
-from llmft import evaluation as evaluate
+from llmft import evaluate
 from scripts import ROOT
 
 

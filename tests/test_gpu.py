@@ -43,7 +43,7 @@ def test_a_driver_too_old_for_torchs_cuda_stops_training_with_the_fix(smi, cuda_
 
 
 def test_the_train_stage_runs_the_driver_check_first(smi, cuda_build):
-    from llmft.training import device_checks
+    from llmft.train import device_checks
 
     smi(gpus("535.183.01", "8.0", "8.0"))
     cuda_build("13.0")

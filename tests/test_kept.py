@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmft import evaluation
+from llmft import evaluate
 from llmft.kept import forgot_warning, forgot_within_noise, kept_scores, language, leaks, mark
 from llmft.params import EvalParams
 
@@ -105,15 +105,15 @@ def test_forgot_without_intervals_is_judged_on_the_point_values():
 
 def test_verdict_reports_kept_and_forgot_beside_moved():
     metrics = {"base": {"val": {"loss": 2.5}}, "tuned": {"val": {"loss": 1.0}}, "changed": {"val": 100.0}}
-    assert evaluation.verdict(metrics, EvalParams()).items() >= {"moved": True, "kept": None, "forgot": None}.items()
+    assert evaluate.verdict(metrics, EvalParams()).items() >= {"moved": True, "kept": None, "forgot": None}.items()
     metrics["kept"] = kept_scores([mark(r, PERSONA) for r in rows() * 6])
-    judged = evaluation.verdict(metrics, EvalParams())
+    judged = evaluate.verdict(metrics, EvalParams())
     assert judged["moved"] and judged["kept"] is False and judged["forgot"].startswith("the fine-tuned model forgot")
     assert judged["noise"] is None
     lenient = EvalParams.model_validate({"kept": {"max_leak": 60, "min_facts_kept": 40}})
-    assert evaluation.verdict(metrics, lenient)["kept"] is True
+    assert evaluate.verdict(metrics, lenient)["kept"] is True
     metrics["kept"] = kept_scores([mark(r, PERSONA) for r in rows()])  # the same rates on 6 prompts
-    judged = evaluation.verdict(metrics, EvalParams())
+    judged = evaluate.verdict(metrics, EvalParams())
     assert judged["kept"] is True and judged["forgot"] is None and "within noise" in judged["noise"]
 
 

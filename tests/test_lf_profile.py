@@ -3,7 +3,7 @@
 Fast tests feed plan_profile / build_config a simulated machine (profile.Runtime: CUDA or not, GPU memory,
 which kernels import) and check the keys; one checks the YAML with LLaMA-Factory's own argument parser. The
 slow test runs the real train stage with `profile: fast` on a CPU (packing only) on the tiny model. The
-learning comparison plain vs fast, same examples per step, is in tests/test_bench.py.
+learning comparison plain vs fast, same examples per step, is in tests/test_perf.py.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_a_dtype_view_loads_the_base_in_bf16_without_copying_it(tiny_model_dir, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmft.training import dtype_view
+    from llmft.train import dtype_view
 
     view = dtype_view(tiny_model_dir, tmp_path / "base", "bfloat16")
     assert all((view / f.name).is_symlink() for f in tiny_model_dir.iterdir() if f.name != "config.json")

@@ -38,8 +38,8 @@ def test_help_lists_every_target_once_with_a_description():
         "chat",
         "serve",
         "notebook",
-        "bench",
-        "bench-data",
+        "perf",
+        "perf-data",
     ):
         assert name in listed, f"make help does not list {name}"
 

@@ -1,4 +1,4 @@
-"""Stage `model` (src/prepare_model.py): embedded GGUF conversion, local dirs, Hub ids, template choice."""
+"""Stage `model` (src/model.py): embedded GGUF conversion, local dirs, Hub ids, template choice."""
 
 from __future__ import annotations
 
@@ -27,10 +27,7 @@ def write_params(tmp_path: Path, **model) -> Path:
 
 def run_stage(tmp_path: Path, **model) -> tuple[Path, dict]:
     out = tmp_path / "models" / "base"
-    assert (
-        load_script("src/prepare_model.py").main(["--params", str(write_params(tmp_path, **model)), "--out", str(out)])
-        == 0
-    )
+    assert load_script("src/model.py").main(["--params", str(write_params(tmp_path, **model)), "--out", str(out)]) == 0
     return out, json.loads((out / "model_info.json").read_text(encoding="utf-8"))
 
 
@@ -142,7 +139,7 @@ def test_unreachable_hub_id_fails_in_one_line_and_writes_nothing(tmp_path):
     params = write_params(tmp_path, name_or_path="HuggingFaceTB/SmolLM2-360M-Instruct")
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # empty cache: nothing to fall back on
     proc = subprocess.run(
-        [sys.executable, "src/prepare_model.py", "--params", str(params), "--out", str(out)],
+        [sys.executable, "src/model.py", "--params", str(params), "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Stage `prepare` (src/prepare_data.py, src/llmft/data/prepare.py): split, outputs, and the CLI on bad input.
+"""Stage `prepare` (src/prepare.py, src/llmft/data/prepare.py): split, outputs, and the CLI on bad input.
 
 The outputs are also read back through LLaMA-Factory's own dataset loader, so a wrong
 dataset_info.json fails here and not an hour into training.
@@ -27,7 +27,7 @@ from scripts import load_script
 ROOT = Path(__file__).resolve().parent.parent
 
 
-PREPARE = ROOT / "src" / "prepare_data.py"
+PREPARE = ROOT / "src" / "prepare.py"
 
 
 def repeated_prompts(n_prompts: int = 60, seed: int = 0) -> dict[str, list[str]]:
@@ -135,7 +135,7 @@ def run_here(monkeypatch, capsys):
     def run(*args: str, cwd: Path) -> tuple[int, str]:
         monkeypatch.chdir(cwd)
         capsys.readouterr()
-        code = run_main(load_script("src/prepare_data.py").main, list(args))
+        code = run_main(load_script("src/prepare.py").main, list(args))
         return code, capsys.readouterr().err
 
     return run
@@ -492,7 +492,7 @@ def test_bad_sources_are_one_line_errors(tmp_path):
 
 
 def test_a_table_outside_the_stage_deps_is_named(tmp_path):
-    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare:\n    deps: [data/raw, src/prepare_data.py]\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare:\n    deps: [data/raw, src/prepare.py]\n")
     inside, outside = str(tmp_path / "data/raw/a.csv"), str(tmp_path / "elsewhere/b.csv")
     from llmft.data.prepare import outside_deps
 

@@ -56,7 +56,7 @@ def set_train(root: Path, rehearsal: dict | None = None, **train) -> None:
 
 def make_rehearsal(root: Path, count: int) -> Path:
     """data/rehearsal as the rehearse stage writes it: `count` general prompts with short answers."""
-    from llmft.rehearsal import write_rehearsal
+    from llmft.rehearse import write_rehearsal
 
     rows = [{"instruction": f"What is {i} + {i}?", "input": "", "output": f"{2 * i}."} for i in range(count)]
     write_rehearsal(rows, {"enabled": True}, root / "data" / "rehearsal", root / "rehearse.json")

@@ -269,7 +269,7 @@ def read_model_info(base_dir: str | Path) -> dict:
     try:
         info = json.loads(info_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{info_file}: not found; run `dvc repro model` (python src/prepare_model.py) first") from None
+        raise UserError(f"{info_file}: not found; run `dvc repro model` (python src/model.py) first") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{info_file}: not valid JSON ({err}); rerun `dvc repro model`") from None
     if not info.get("template"):

@@ -12,7 +12,7 @@ KV cache in place, and runs SDPA's own grouped-query attention instead of copyin
 For Llama-family models on CPU in fp32, the decode steps skip HF's forward altogether (fast_decode.py:
 fused q/k/v and gate/up weights, no per-step mask or rotary rebuilding); prefill still runs HF's forward.
 Answers are the same as greedy `model.generate` (the tests check it); about 3x LLaMA-Factory's
-do_predict on a 2-core CPU (benchmarks/bench_eval.py).
+do_predict on a 2-core CPU (perf/perf_eval.py).
 """
 
 from __future__ import annotations

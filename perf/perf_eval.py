@@ -1,8 +1,8 @@
 """Evaluation speed: generated tokens/s of our evaluate path vs LLaMA-Factory's do_predict, same work.
 
-    make bench-eval                                          # models/base + models/lora, 32 val examples
-    python benchmarks/bench_eval.py --max-examples 8         # quick look
-    python benchmarks/bench_eval.py --base /tmp/base --adapter /tmp/lora --max-examples 16
+    make perf-eval                                          # models/base + models/lora, 32 val examples
+    python perf/perf_eval.py --max-examples 8         # quick look
+    python perf/perf_eval.py --base /tmp/base --adapter /tmp/lora --max-examples 16
 
 Both sides answer the first N examples of the split with the base model + LoRA adapter, the same template,
 greedy decoding, max_new_tokens, batch size and thread count (from `eval:` in params.yaml unless overridden).
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmft import evaluation as evaluate
+from llmft import evaluate
 from llmft.infer.chat_format import ChatFormat, decode_answers, load_chat_format
 from llmft.infer.decode import greedy_generate
 from llmft.infer.loading import check_adapter, load_model, merge_adapter, set_threads
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--num-threads", type=int, help="0 = physical cores")
     parser.add_argument("--rounds", type=int, default=2, help="LLaMA-Factory runs; ours runs once more. Best kept")
-    parser.add_argument("--json", type=Path, help="also write the results here (e.g. reports/bench/<device>-eval.json)")
+    parser.add_argument("--json", type=Path, help="also write the results here (e.g. reports/perf/<device>-eval.json)")
     parser.add_argument("--label", help="the model's name in that file (default: its paths)")
     args = parser.parse_args(argv)
     p = load_params(args.params).eval
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     answers, seconds = run_ours()
     ours_times, lf_times, lf_walls = [seconds], [], []
-    with tempfile.TemporaryDirectory(prefix="bench_eval.") as tmp:
+    with tempfile.TemporaryDirectory(prefix="perf_eval.") as tmp:
         for _ in range(args.rounds):  # interleaved, so that a change of load hits both sides alike
             theirs, lf_seconds, lf_wall = run_llamafactory(args, fmt, threads, Path(tmp))
             lf_times.append(lf_seconds)

@@ -1,5 +1,5 @@
-"""benchmarks/bench_train.py: the CPU smoke test of the whole benchmark (CI runs it), its data design, the FLOPs
-count, and the README table. The GPU figures come from benchmarks/gpu/run.sh on an H100/H200."""
+"""perf/perf_train.py: the CPU smoke test of the whole benchmark (CI runs it), its data design, the FLOPs
+count, and the README table. The GPU figures come from perf/gpu/run.sh on an H100/H200."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 
 from scripts import ROOT, load_script
 
-bench_train = load_script("benchmarks/bench_train.py")
+perf_train = load_script("perf/perf_train.py")
 
 
 @pytest.fixture(scope="module")
-def bench(smol_tokenizer_dir, tmp_path_factory) -> dict:
+def perf(smol_tokenizer_dir, tmp_path_factory) -> dict:
     """One tiny CPU run: plain and fast, 3 steps each (1 warm-up)."""
-    tmp = tmp_path_factory.mktemp("bench")
+    tmp = tmp_path_factory.mktemp("perf")
     cmd = [
         sys.executable,
-        str(ROOT / "benchmarks/bench_train.py"),
+        str(ROOT / "perf/perf_train.py"),
         "--shape",
         "tiny",
         "--steps",
@@ -44,14 +44,14 @@ def bench(smol_tokenizer_dir, tmp_path_factory) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     files = list((tmp / "out").glob("*.json"))
-    assert [f.name for f in files] == [f"{bench_train.slug(bench_train.device_name(False))}-tiny.json"]
+    assert [f.name for f in files] == [f"{perf_train.slug(perf_train.device_name(False))}-tiny.json"]
     return {"result": json.loads(files[0].read_text()), "out": tmp / "out", "stdout": proc.stdout}
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_cpu_smoke_run_measures_both_arms_on_equal_work(bench):
-    r = bench["result"]
+def test_cpu_smoke_run_measures_both_arms_on_equal_work(perf):
+    r = perf["result"]
     plain, fast = r["arms"]["plain"], r["arms"]["fast"]
     assert r["steps"] == {"total": 3, "warmup": 1, "timed": 2}
     for arm in (plain, fast):
@@ -73,20 +73,20 @@ def test_cpu_smoke_run_measures_both_arms_on_equal_work(bench):
     assert fast["config"]["model_name_or_path"].endswith("model-bfloat16") == bf16  # the base loaded in bf16
     assert (fast["micro_batch"], fast["accumulation"]) == (plain["micro_batch"], plain["accumulation"]) == (4, 4)
     assert r["goals"] is None and r["notes"][0].startswith("CPU (")
-    assert "fast " in bench["stdout"] and "guard ok" in bench["stdout"]
+    assert "fast " in perf["stdout"] and "guard ok" in perf["stdout"]
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_readme_table_from_the_smoke_run(bench, tmp_path):
+def test_readme_table_from_the_smoke_run(perf, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nbefore\n{bench_train.README_START}\nold table\n{bench_train.README_END}\nafter\n")
+    readme.write_text(f"# Title\n\nbefore\n{perf_train.README_START}\nold table\n{perf_train.README_END}\nafter\n")
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks/bench_train.py"),
+            str(ROOT / "perf/perf_train.py"),
             "--out-dir",
-            str(bench["out"]),
+            str(perf["out"]),
             "--readme",
             str(readme),
         ],
@@ -97,8 +97,8 @@ def test_readme_table_from_the_smoke_run(bench, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
-    assert text.startswith("# Title\n\nbefore\n<!-- bench:start -->\n| device | model | run |")
-    assert text.endswith("<!-- bench:end -->\nafter\n") and "old table" not in text
+    assert text.startswith("# Title\n\nbefore\n<!-- perf:start -->\n| device | model | run |")
+    assert text.endswith("<!-- perf:end -->\nafter\n") and "old table" not in text
     assert "| CPU (" in text and "| tiny | plain |" in text and "| tiny | fast |" in text
     assert proc.stdout in text
 
@@ -135,7 +135,7 @@ def test_table_has_one_row_per_arm_and_the_eval_rows_apart(tmp_path):
             }
         )
     )
-    table = bench_train.render_table(sorted(tmp_path.glob("*.json")))
+    table = perf_train.render_table(sorted(tmp_path.glob("*.json")))
     lines = table.splitlines()
     assert lines[2] == (
         "| NVIDIA H100 80GB HBM3 | llama2-7b | plain | 1,000 | 1.00x | 20.0% | 25.0% | 20.0 GiB | 1.00x | 9.5000 | 30 |"
@@ -150,8 +150,8 @@ def test_table_has_one_row_per_arm_and_the_eval_rows_apart(tmp_path):
 def test_readme_without_markers_is_a_clear_error(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")
-    with pytest.raises(SystemExit, match="add the lines <!-- bench:start --> and <!-- bench:end -->"):
-        bench_train.write_readme(readme, "| table |\n")
+    with pytest.raises(SystemExit, match="add the lines <!-- perf:start --> and <!-- perf:end -->"):
+        perf_train.write_readme(readme, "| table |\n")
     assert readme.read_text() == "# no markers\n"
 
 
@@ -165,17 +165,17 @@ def test_model_flops_of_llama2_7b_follow_the_lora_formula():
         "head_dim": 128,
         "vocab_size": 32000,
     }
-    linear, lora = bench_train.linear_params(shape, 8)
+    linear, lora = perf_train.linear_params(shape, 8)
     assert linear == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000  # 6.61 B: all but embeddings and norms
     assert lora == 32 * 8 * (4 * 2 * 4096 + 3 * (4096 + 11008))  # ~20 M
-    flops = bench_train.flops_per_example(shape, 8, 2048)
+    flops = perf_train.flops_per_example(shape, 8, 2048)
     assert flops == pytest.approx((4 * linear + 6 * lora) * 2048 + 12 * 32 * 4096 * 2048 * 2049 / 2)
     assert 4 * linear * 2048 / flops > 0.9  # attention is < 10% at 2048 tokens
 
 
 def test_data_blocks_fill_one_pack_each_with_exact_llamafactory_lengths(smol_tokenizer_dir, tmp_path):
-    enc = bench_train.Encoder(smol_tokenizer_dir, 512)
-    lengths = bench_train.make_data(
+    enc = perf_train.Encoder(smol_tokenizer_dir, 512)
+    lengths = perf_train.make_data(
         enc, tmp_path, steps=2, per_step=8, per_pack=4, cutoff_len=512, seed=1, val_examples=4
     )
     rows = json.loads((tmp_path / "train.json").read_text())
@@ -184,7 +184,7 @@ def test_data_blocks_fill_one_pack_each_with_exact_llamafactory_lengths(smol_tok
     assert [enc.length(r["instruction"], r["output"]) for r in rows] == lengths
     assert min(lengths) >= enc.overhead + 8 and max(lengths) <= 511 * 3 // 4
     assert (
-        bench_train.make_data(
+        perf_train.make_data(
             enc, tmp_path / "again", steps=2, per_step=8, per_pack=4, cutoff_len=512, seed=1, val_examples=4
         )
         == lengths

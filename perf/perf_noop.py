@@ -1,6 +1,6 @@
-"""`make bench-noop`: how long `make all` takes when nothing changed, beyond DVC's own start-up.
+"""`make perf-noop`: how long `make all` takes when nothing changed, beyond DVC's own start-up.
 
-    python benchmarks/bench_noop.py [--runs 5]       # after `make all`, in the repo root
+    python perf/perf_noop.py [--runs 5]       # after `make all`, in the repo root
 
 Times, best of --runs each: `dvc --version` (Python + DVC import, the floor of any dvc command),
 `dvc status` (reads dvc.yaml, dvc.lock and params, checks every dep and out against the lock) and

@@ -1,7 +1,7 @@
 """Benchmark the prepare stage on a generated table; prints rows/s and peak memory.
 
-    make bench-data                                   # 1,000,000 rows (goal: < 60 s, < 4 GB on 2 cores)
-    python benchmarks/bench_data.py --rows 20000      # quick look
+    make perf-data                                   # 1,000,000 rows (goal: < 60 s, < 4 GB on 2 cores)
+    python perf/perf_data.py --rows 20000      # quick look
 
 The table mixes Chinese and English, with 1% empty outputs and 1% exact duplicates, so the
 cleaning and drop-counting paths run too. It is generated deterministically in a temporary folder.
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench_data.") as tmp:
+    with tempfile.TemporaryDirectory(prefix="perf_data.") as tmp:
         tmp = Path(tmp)
         table = tmp / "big.csv"
         t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "params.yaml").write_text(json.dumps(params))  # JSON is valid YAML
         cmd = [
             sys.executable,
-            str(ROOT / "src/prepare_data.py"),
+            str(ROOT / "src/prepare.py"),
             "--params",
             str(tmp / "params.yaml"),
             "--out",

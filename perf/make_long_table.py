@@ -1,6 +1,6 @@
 """A large user-style table of long Chinese answers, built from data/raw/idioms.csv, for the large-table path.
 
-    python benchmarks/make_long_table.py --rows 1000 --out data/raw/idioms_long.csv   # GBK, as Excel saves it
+    python perf/make_long_table.py --rows 1000 --out data/raw/idioms_long.csv   # GBK, as Excel saves it
 
 What a user brings to `make all` is larger than the demo and has long answers: this table has `--rows` rows
 (default 1,000) whose answers run to a few hundred characters, deterministically, from the 500 idioms the project

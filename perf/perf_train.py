@@ -1,11 +1,11 @@
 """Training throughput: plain LLaMA-Factory vs our `train.profile: fast`, same random-init model, same data.
 
-    make bench                                                  # CUDA: Llama-2-7B shape; CPU: a tiny shape
-    python benchmarks/bench_train.py --steps 35 --warmup 5      # the CUDA defaults, spelled out
-    python benchmarks/bench_train.py --shape tiny --steps 6 --warmup 2 --arms plain,fast   # CI's smoke test
-    python benchmarks/bench_train.py --table                    # Markdown table of reports/bench/*.json
-    python benchmarks/bench_train.py --readme docs/performance.md   # ... written between <!-- bench:start/end -->
-    python benchmarks/bench_train.py --export-tokenizer .bench/tokenizer   # for the GPU machine (gpu/run.sh)
+    make perf                                                  # CUDA: Llama-2-7B shape; CPU: a tiny shape
+    python perf/perf_train.py --steps 35 --warmup 5      # the CUDA defaults, spelled out
+    python perf/perf_train.py --shape tiny --steps 6 --warmup 2 --arms plain,fast   # CI's smoke test
+    python perf/perf_train.py --table                    # Markdown table of reports/perf/*.json
+    python perf/perf_train.py --readme docs/performance.md   # ... written between <!-- perf:start/end -->
+    python perf/perf_train.py --export-tokenizer .perf/tokenizer   # for the GPU machine (gpu/run.sh)
 
 One run builds a random-init Llama of the chosen shape (real weights are not needed for speed), generates
 seeded data of varied lengths, and trains each arm through LLaMA-Factory's own `run_exp` (what
@@ -26,7 +26,7 @@ Per arm: real tokens/s (median over the timed steps, after --warmup steps), mode
 x context; pads never count) against --peak-tflops (989: H100/H200 dense bf16) and against a matmul
 measured on the same device in this run, peak memory (GPU: max allocated; CPU: max RSS), final loss. The
 learning guard compares each arm's loss curve with plain's, step by step.
-Results go to reports/bench/<device>-<shape>.json (atomically) and a table is printed.
+Results go to reports/perf/<device>-<shape>.json (atomically) and a table is printed.
 Goals on an H100/H200: fast >= 2.0x plain real tokens/s, <= 0.7x its peak memory, MFU >= 45% of 989.
 """
 
@@ -51,7 +51,7 @@ from llmft.cpu import detect_cpu
 from llmft.lf import config as lf_config
 from llmft.lf.profile import Runtime, plan_profile
 from llmft.params import TrainParams
-from llmft.training import dtype_view
+from llmft.train import dtype_view
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ SHAPES = {  # hidden, layers, intermediate, heads, kv heads
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 TEMPLATE = "smollm2"
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+README_START, README_END = "<!-- perf:start -->", "<!-- perf:end -->"
 GOALS = {"speedup": 2.0, "memory": 0.7, "mfu": 0.45}
 
 
@@ -360,13 +360,13 @@ def arm_sections(arm: str, args, model_dir: Path, data_dir: Path, out_dir: Path,
 
 
 def run_arm(arm: str, sections: dict, work: Path, timeout: int) -> dict:
-    """Train one arm in a fresh process (python bench_train.py --worker spec.json); its records."""
+    """Train one arm in a fresh process (python perf_train.py --worker spec.json); its records."""
 
     spec = {"args": lf_config.flat(sections), "out": str(work / f"{arm}.result.json")}
     (work / f"{arm}.yaml").write_text(
         lf_config.to_yaml(
             sections,
-            [f"llamafactory-cli train {arm}.yaml  (benchmark arm {arm}; written by benchmarks/bench_train.py)"],
+            [f"llamafactory-cli train {arm}.yaml  (benchmark arm {arm}; written by perf/perf_train.py)"],
         )
     )
     (work / f"{arm}.spec.json").write_text(json.dumps(spec))
@@ -671,13 +671,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="H100/H200 SXM dense bf16")
     parser.add_argument("--tokenizer", help="a directory with tokenizer.json (default: models/base, else embedded)")
     parser.add_argument("--work-dir", type=Path, help="keep the model, data, configs and logs here (default: temp)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "reports/bench")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "reports/perf")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per arm")
     parser.add_argument(
         "--table", action="store_true", help="print the Markdown table of --out-dir/*.json, run nothing"
     )
     parser.add_argument(
-        "--readme", type=Path, help="write that table into this file between the bench markers (docs/performance.md)"
+        "--readme", type=Path, help="write that table into this file between the perf markers (docs/performance.md)"
     )
     parser.add_argument("--export-tokenizer", type=Path, help="copy the tokenizer files here (for gpu/run.sh), exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copy(tok / name, args.export_tokenizer / name)
         print(f"wrote {', '.join(sorted(p.name for p in args.export_tokenizer.iterdir()))} to {args.export_tokenizer}")
         return 0
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_train."))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="perf_train."))
     work.mkdir(parents=True, exist_ok=True)
     tok = tokenizer_dir(args.tokenizer, work)
 
@@ -859,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
             "llamafactory": llamafactory.__version__,
         },
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["perf/perf_train.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     path = args.out_dir / f"{slug(out['device'])}-{shape_name}.json"
     atomic_write_json(path, out)

@@ -1,4 +1,4 @@
-"""Stage `rehearse` (src/rehearse.py, src/llmft/rehearsal.py): the base model answers general prompts itself."""
+"""Stage `rehearse` (src/rehearse.py, src/llmft/rehearse.py): the base model answers general prompts itself."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_missing_prompt_list_is_one_error_line(tiny_model_dir, tmp_path):
 
 
 def test_a_cut_answer_ends_at_its_last_whole_sentence_or_is_dropped():
-    from llmft.rehearsal import trim_to_sentence
+    from llmft.rehearse import trim_to_sentence
 
     assert trim_to_sentence("Paris is the capital. It lies on the Seine. Its mus") == (
         "Paris is the capital. It lies on the Seine."

@@ -411,7 +411,7 @@ def train(params: Params, paths: TrainPaths) -> TrainOutcome:
     if profile.base_dtype:
         header.append(
             f"The stage loaded {paths.model_dir} in {profile.base_dtype} (train.profile fast on a CPU), through a "
-            f"folder of links whose config.json says {profile.base_dtype} (llmft.training.dtype_view). As it stands "
+            f"folder of links whose config.json says {profile.base_dtype} (llmft.train.dtype_view). As it stands "
             "this file loads the base as stored, under bf16 autocast: an adapter within bf16 rounding of this one. "
             "Pointed at such a folder (model_name_or_path=...), it reruns exactly."
         )
