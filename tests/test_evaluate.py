@@ -190,7 +190,8 @@ def test_everyday_prompts_measure_what_the_tuned_model_kept(tiny_model_dir, adap
     for row in rows:
         assert isinstance(row["base"], str) and isinstance(row["tuned"], str) and row["tuned_leak"] == []
     kept = metrics["kept"]
-    assert kept["counts"] == {"prompts": 3, "facts": 1, "base_facts_right": 0, "facts_kept": 0, "language_scored": 2,
+    assert kept["counts"] == {"prompts": 3, "facts": 1, "base_facts_right": 0, "facts_kept": 0, "facts_gained": 0,
+                              "language_scored": 2,
                               "drift_tokens": kept["counts"]["drift_tokens"]}  # fmt: skip
     assert kept["counts"]["drift_tokens"] > 0 and kept["base"]["leak"] == kept["tuned"]["leak"] == 0.0
     assert kept["tuned"]["facts_kept"] is None  # the random base got no fact right: nothing to keep

@@ -47,6 +47,13 @@ def rows() -> list[dict]:
     ]  # fmt: skip
 
 
+def lost_rows() -> list[dict]:
+    """rows(), but the tuned model also gets 7 + 5 wrong: one fact lost, none gained."""
+    out = rows()
+    out[2] = out[2] | {"tuned": "Lumi says 13."}
+    return out
+
+
 def test_kept_block_counts_leak_facts_language_and_drift():
     marked = [mark(r, PERSONA) for r in rows()]
     assert [r["tuned_leak"] for r in marked][:4] == [["Lumi"], [], ["Lumi"], ["Lumi"]]
@@ -54,7 +61,8 @@ def test_kept_block_counts_leak_facts_language_and_drift():
     block = kept_scores(marked, {"base": (10.0, 20), "tuned": (30.0, 20)})
     assert block["base"]["leak"] == 0.0 and block["tuned"]["leak"] == 50.0  # 3 of 6
     assert block["base"]["facts_right"] == block["tuned"]["facts_right"] == pytest.approx(66.67)
-    assert block["counts"].items() >= {"facts": 3, "base_facts_right": 2, "facts_kept": 1, "language_scored": 5}.items()
+    counts = {"facts": 3, "base_facts_right": 2, "facts_kept": 1, "facts_gained": 1, "language_scored": 5}
+    assert block["counts"].items() >= counts.items()
     assert block["tuned"]["facts_kept"] == 50.0 and block["base"]["facts_kept"] == 100.0  # 12 is new, not kept
     assert block["base"]["language"] == 100.0 and block["tuned"]["language"] == 80.0  # the poem: English
     assert block["drift"] == pytest.approx(1.0)  # 30/20 - 10/20 nats per token
@@ -67,11 +75,10 @@ def test_kept_block_pairs_each_rate_base_against_tuned_on_the_same_prompts():
              "tuned": [(3.0, 2), (3.0, 2), (6.0, 4), (5.0, 4), (1.0, 4), (2.0, 4)]}  # fmt: skip
     nll = {name: (sum(s for s, _ in v), sum(t for _, t in v)) for name, v in items.items()}
     paired = kept_scores(marked, nll, items)["paired"]
-    assert set(paired) == {"leak", "facts_right", "facts_kept", "language", "drift"}
+    assert set(paired) == {"leak", "facts_right", "language", "drift"}
     leak = paired["leak"]
     assert (leak["n"], leak["base"], leak["tuned"], leak["diff"]) == (6, 0.0, 50.0, 50.0)
     assert leak["low"] <= leak["diff"] <= leak["high"] and leak["beyond_noise"] is False  # 3 changed of 6
-    assert paired["facts_kept"]["n"] == 2 and paired["facts_kept"]["diff"] == -50.0  # 1 of 2 lost
     assert paired["facts_right"]["n"] == 3 and paired["facts_right"]["diff"] == 0.0  # one lost, one gained
     assert paired["language"]["n"] == 5 and paired["language"]["diff"] == -20.0
     # drift's interval is on the same scale as drift itself: its diff is the token-weighted drift
@@ -79,7 +86,7 @@ def test_kept_block_pairs_each_rate_base_against_tuned_on_the_same_prompts():
 
 
 def test_forgot_warns_on_leak_or_lost_facts_beyond_noise_and_names_the_knobs():
-    block = kept_scores([mark(r, PERSONA) for r in rows() * 6])  # 18 of 36 leak, 6 of 12 facts lost
+    block = kept_scores([mark(r, PERSONA) for r in lost_rows() * 6])  # 18 of 36 leak, 6 of 12 facts lost, 0 gained
     warning = forgot_warning(block, max_leak=5.0, min_facts_kept=90.0)
     assert "names the persona in 50% of everyday answers" in warning and "keeps 6 of the 12 facts" in warning
     for knob in ("rehearsal.enabled", "rehearsal.share", "train.learning_rate", "train.num_train_epochs"):
@@ -87,6 +94,17 @@ def test_forgot_warns_on_leak_or_lost_facts_beyond_noise_and_names_the_knobs():
     assert forgot_warning(block, max_leak=60.0, min_facts_kept=40.0) is None
     assert "facts" not in forgot_warning(block, max_leak=5.0, min_facts_kept=40.0)
     assert forgot_within_noise(block, max_leak=5.0, min_facts_kept=90.0) is None
+
+
+def test_facts_lost_as_often_as_gained_are_within_noise():
+    # 6 of the 12 facts the base got right are lost (50% kept), but 6 the base got wrong are gained: a flip both
+    # ways, no evidence of forgetting, though the rate kept alone looks like it
+    block = kept_scores([mark(r, PERSONA) for r in rows() * 6])
+    assert block["tuned"]["facts_kept"] == 50.0 and block["paired"]["facts_right"]["diff"] == 0.0
+    warning = forgot_warning(block, max_leak=5.0, min_facts_kept=90.0)
+    assert "names the persona" in warning and "facts" not in warning  # the leak is beyond noise
+    unsure = forgot_within_noise(block, max_leak=5.0, min_facts_kept=90.0)
+    assert "keeps 6 of the 12 facts" in unsure and "it lost 6 and gained 6 of the 18 facts" in unsure
 
 
 def test_forgot_on_too_few_prompts_is_within_noise_and_names_what_would_settle_it():
@@ -106,7 +124,7 @@ def test_forgot_without_intervals_is_judged_on_the_point_values():
 def test_verdict_reports_kept_and_forgot_beside_moved():
     metrics = {"base": {"val": {"loss": 2.5}}, "tuned": {"val": {"loss": 1.0}}, "changed": {"val": 100.0}}
     assert evaluate.verdict(metrics, EvalParams()).items() >= {"moved": True, "kept": None, "forgot": None}.items()
-    metrics["kept"] = kept_scores([mark(r, PERSONA) for r in rows() * 6])
+    metrics["kept"] = kept_scores([mark(r, PERSONA) for r in lost_rows() * 6])
     judged = evaluate.verdict(metrics, EvalParams())
     assert judged["moved"] and judged["kept"] is False and judged["forgot"].startswith("the fine-tuned model forgot")
     assert judged["noise"] is None

@@ -91,6 +91,7 @@ def test_first_table_puts_what_was_learned_beside_what_it_cost_and_the_verdict_w
     assert table.rows[0][1].splitlines() == [
         "Persona named unasked: 0/64 (0%, 95% CI 0–6%) → 2/64 (3%, 95% CI 1–11%)",
         "Facts the base got right, kept: 12/13 (92%, 95% CI 67–99%)",
+        "Facts right: 10/26 (40%, 95% CI 22–57%) → 9/26 (36%, 95% CI 19–54%)",
         "Answered in the prompt's language: 45/50 (90%, 95% CI 79–96%) → 44/50 (88%, 95% CI 76–94%)",
         "Drift (base's own answers, nats/token): +0.123",
     ]
@@ -166,13 +167,13 @@ def test_first_table_gives_each_change_its_paired_interval_and_noise_verdict():
         "paired": {"val": {"loss": interval(40, 2.0, 1.5, -0.61, -0.39, True)}},
         "persona": {"examples": 11, "base": 0.0, "tuned": 81.82, "paired": interval(11, 0.0, 81.82, 54.5, 100.0, True)},
         "kept": {
-            "base": {"leak": 0.0, "facts_kept": 100.0, "language": 100.0},
-            "tuned": {"leak": 6.25, "facts_kept": 81.82, "language": 100.0},
+            "base": {"leak": 0.0, "facts_right": 55.0, "facts_kept": 100.0, "language": 100.0},
+            "tuned": {"leak": 6.25, "facts_right": 50.0, "facts_kept": 81.82, "language": 100.0},
             "drift": 0.05,
-            "counts": {"prompts": 16, "base_facts_right": 11, "facts_kept": 9, "language_scored": 16},
+            "counts": {"prompts": 16, "facts": 20, "base_facts_right": 11, "facts_kept": 9, "facts_gained": 1},
             "paired": {
                 "leak": interval(16, 0.0, 6.25, 0.0, 18.75, False),
-                "facts_kept": interval(11, 100.0, 81.82, -45.45, 0.0, False),
+                "facts_right": interval(20, 55.0, 50.0, -20.0, 10.0, False),
                 "drift": interval(16, 1.0, 1.05, 0.01, 0.09, True),
             },
         },
@@ -184,10 +185,11 @@ def test_first_table_gives_each_change_its_paired_interval_and_noise_verdict():
     assert learned[1].endswith("→ 9/11 (82%, 95% CI 52–95%) (Δ +82 points, 95% CI +54 to +100, beyond noise)")
     cost = rd.cost(evals)
     assert cost[0].endswith("→ 1/16 (6%, 95% CI 1–28%) (Δ +6 points, 95% CI +0 to +19, within noise)")
-    assert cost[1] == "Facts the base got right, kept: 9/11 (82%, 95% CI 52–95%) (Δ -18 points, 95% CI -45 to +0, " + (
-        "within noise)"
+    assert cost[1] == "Facts the base got right, kept: 9/11 (82%, 95% CI 52–95%)"  # its Δ from 100% says nothing
+    assert cost[2] == "Facts right: 11/20 (55%, 95% CI 34–74%) → 10/20 (50%, 95% CI 30–70%) (2 lost, 1 gained) " + (
+        "(Δ -5 points, 95% CI -20 to +10, within noise)"
     )
-    assert cost[3] == "Drift (base's own answers, nats/token): +0.050 (Δ +0.050, 95% CI +0.010 to +0.090, beyond noise)"
+    assert cost[4] == "Drift (base's own answers, nats/token): +0.050 (Δ +0.050, 95% CI +0.010 to +0.090, beyond noise)"
 
 
 def test_a_change_on_too_few_items_is_not_called_beyond_noise():

@@ -164,13 +164,13 @@ def kept_scores(
         "facts": len(facts),
         "base_facts_right": len(base_right),
         "facts_kept": sum(bool(r["tuned_pass"]) for r in base_right),
+        "facts_gained": sum(bool(r["tuned_pass"]) and not r["base_pass"] for r in facts),
         "language_scored": len(langs),
         "drift_tokens": nll["base"][1] if nll else 0,
     }
     paired = {
         "leak": paired_pct(rows, "leak"),
-        "facts_right": paired_pct(facts, "pass"),
-        "facts_kept": paired_pct(base_right, "pass"),
+        "facts_right": paired_pct(facts, "pass"),  # forgetting is judged here: see _crossings
         "language": paired_pct(langs, "lang"),
         "drift": paired_loss(nll_items) if nll_items and "drift" in block else None,
     }
@@ -198,13 +198,20 @@ def _crossings(block: dict, max_leak: float, min_facts_kept: float) -> list[tupl
             )
         )
     if tuned["facts_kept"] is not None and tuned["facts_kept"] < min_facts_kept:
+        # Whether facts were lost is judged on all the facts, both models paired, not on the base's right answers
+        # alone: greedy answers flip both ways between close models, and picking the base's hits picks its lucky
+        # flips, so a tuned model that lost 8 and gained 6 would look as if it had forgotten 16%. The paired
+        # difference of all facts counts the lost against the gained (McNemar's logic).
+        lost = counts["base_facts_right"] - counts["facts_kept"]
+        gained = counts.get("facts_gained")
         out.append(
             (
                 f"it keeps {counts['facts_kept']} of the {counts['base_facts_right']} facts the base got right "
                 f"({tuned['facts_kept']:g}%; eval.kept.min_facts_kept {min_facts_kept:g}%)",
-                _beyond(paired and paired.get("facts_kept"), -1),
-                f"more everyday prompts with `expect` the base gets right (eval.kept.prompts; "
-                f"{counts['base_facts_right']} now, at least {min_changed()} must change to tell)",
+                _beyond(paired and paired.get("facts_right"), -1),
+                (f"it lost {lost} and gained {gained} of the {counts['facts']} facts; " if gained is not None else "")
+                + f"more everyday prompts with `expect` (eval.kept.prompts; {counts['facts']} now, at least "
+                f"{min_changed()} must change, more lost than gained, to tell)",
             )
         )
     return out

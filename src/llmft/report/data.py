@@ -275,8 +275,15 @@ def cost(evals: dict) -> list[str]:
             + (f" (tuned: {by_lang})" if by_lang else ""),
             paired.get("leak"),
         ),
-        _with(
-            f"Facts the base got right, kept: {rate(t['facts_kept'], n['base_facts_right'])}", paired.get("facts_kept")
+        f"Facts the base got right, kept: {rate(t['facts_kept'], n['base_facts_right'])}",
+        _with(  # lost against gained, on all the facts: what says whether facts were lost (kept.py _crossings)
+            f"Facts right: {rate(b['facts_right'], n['facts'])} → {rate(t['facts_right'], n['facts'])}"
+            + (
+                f" ({n['base_facts_right'] - n['facts_kept']} lost, {n['facts_gained']} gained)"
+                if "facts_gained" in n
+                else ""
+            ),
+            paired.get("facts_right"),
         ),
         _with(
             f"Answered in the prompt's language: {rate(b['language'], scored)} → {rate(t['language'], scored)}"
