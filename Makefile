@@ -70,7 +70,7 @@ prepare: setup ## stage prepare: raw tables (data.sources) -> data/processed/{tr
 
 data: prepare ## alias of prepare
 
-perf: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> reports/perf/ (CUDA: Llama-2-7B shape; CPU: tiny)
+perf: setup ## training tokens/s: plain LLaMA-Factory vs train.profile fast -> reports/perf/ (CUDA: Llama-2-7B shape; CPU: SmolLM2-135M)
 	@python -c 'import importlib.util as u; u.find_spec("flash_attn") or print("note: flash-attn is not installed, so on CUDA the fast profile uses PyTorch SDPA; docs/gpu.md says how to add it")'
 	python perf/perf_train.py
 
