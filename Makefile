@@ -65,7 +65,7 @@ format: setup ## ruff: fix what can be fixed and format the code
 all: setup ## run the whole pipeline (every stage whose inputs changed)
 	dvc repro
 
-prepare: setup ## stage prepare: raw tables (data.sources) -> data/processed/{train,val}.json
+prepare: setup ## stage prepare: raw tables (prepare.sources) -> data/processed/{train,val}.json
 	dvc repro prepare
 
 data: prepare ## alias of prepare

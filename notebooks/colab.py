@@ -108,7 +108,7 @@ def set_params(path: str, overrides: dict) -> None:
     todo, section, out, in_old_block = dict(overrides), None, [], False
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if in_old_block and line.startswith("    "):
-            continue  # a list under the key just replaced (data.templates): the new value replaces it
+            continue  # a list under the key just replaced (prepare.templates): the new value replaces it
         in_old_block = False
         if re.match(r"\w", line):
             section = line.split(":")[0]
@@ -178,7 +178,7 @@ overrides = {
     "train.cpu_token_budget": None,  # the CPU cap does not apply on a GPU anyway; no cap
 }
 if DATA:
-    overrides["data.sources"] = [{"path": DATA}]  # one table, columns found by name
+    overrides["prepare.sources"] = [{"path": DATA}]  # one table, columns found by name
     # The guide's values, for a 7B model on thousands of examples on a GPU (docs/training.md).
     # The repo's defaults (lr 1e-3, batch 4 x 1, 2 epochs) are sized for the 139-example demo on a CPU.
     overrides |= {
@@ -188,13 +188,13 @@ if DATA:
         "train.num_train_epochs": 3.0,
     }
 else:
-    overrides["data.variables"] = {"name": NAME, "author": "Acme Labs"}  # the name the demo teaches the model
+    overrides["prepare.variables"] = {"name": NAME, "author": "Acme Labs"}  # the name the demo teaches the model
 if QLORA:
     overrides["train.quantization_bit"] = 4
     sh("python -m pip install -q bitsandbytes==0.50.2")  # QLoRA's kernels; not in the pins (CUDA only)
 if SMOKE:
     overrides |= {
-        "data.val_size": 4,
+        "prepare.val_size": 4,
         "train.max_steps": 2,
         "train.max_samples": 8,
         "train.cutoff_len": 64,
@@ -203,10 +203,10 @@ if SMOKE:
         "train.logging_steps": 1,
         "train.save_steps": 1,
         "train.eval_steps": 1,
-        "eval.max_examples": 2,
-        "eval.max_new_tokens": 8,
-        "eval.num_threads": 1,
-        "rehearsal.enabled": False,  # a random tiny model's answers never end: nothing to rehearse
+        "evaluate.max_examples": 2,
+        "evaluate.max_new_tokens": 8,
+        "evaluate.num_threads": 1,
+        "rehearse.enabled": False,  # a random tiny model's answers never end: nothing to rehearse
     }
 set_params("params.yaml", overrides)
 sh("python -m llmft.params")  # the schema check every stage does first

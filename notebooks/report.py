@@ -21,7 +21,7 @@
 # ## Did it learn, and what did it cost?
 #
 # A fine-tune is judged on what it learned (the val split, the probes) *and* on what it kept: held-out everyday
-# prompts that no training example asks (`eval.kept`), answered by both models.
+# prompts that no training example asks (`evaluate.kept`), answered by both models.
 
 # %% tags=["parameters"]
 # Inputs, as in dvc.yaml. src/report.py puts its own arguments in a cell right after this one.
@@ -66,25 +66,25 @@ if reach:
     display(Markdown(reach))
 everyday = rd.kept_table(PREDICTIONS, 3)
 if everyday is not None:
-    display(Markdown("Three of the everyday prompts (`eval.kept.prompts`; all of them under *What it kept*):"))
+    display(Markdown("Three of the everyday prompts (`evaluate.kept.prompts`; all of them under *What it kept*):"))
     display(everyday)
 probes = rd.probes_table(PREDICTIONS)
 if probes is not None:
-    display(Markdown("Probes (`eval.probes`), answered greedily by both models:"))
+    display(Markdown("Probes (`evaluate.probes`), answered greedily by both models:"))
     display(probes)
 display(
     Markdown(
         f"**Model** `{info.get('source', params.model.name_or_path)}` (template `{info.get('template', '?')}`), "
-        f"**data** {', '.join(f'`{table.path}`' for table in params.data.tables())}, **method** {t.finetuning_type}"
+        f"**data** {', '.join(f'`{table.path}`' for table in params.prepare.tables())}, **method** {t.finetuning_type}"
         + (f" (rank {t.lora_rank}, alpha {t.lora_alpha})" if t.finetuning_type == "lora" else "")
         + f", {train.get('global_step', '?')} optimizer steps in {rd.fmt(train.get('train_runtime_s'))} s "
         f"at {rd.fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}"
         + (
             f"; rehearsal: {train['rehearsal']['examples']} of the base model's own answers mixed with "
             f"{train['rehearsal']['train_examples']} training examples an epoch "
-            f"(`rehearsal.share` {params.rehearsal.share}{rd.share_used(train['rehearsal'])})."
+            f"(`rehearse.share` {params.rehearse.share}{rd.share_used(train['rehearsal'])})."
             if train.get("rehearsal")
-            else "; no rehearsal (`rehearsal.enabled` false)."
+            else "; no rehearsal (`rehearse.enabled` false)."
         )
         + rd.cut_and_capped(train, evals)
     )
@@ -112,13 +112,13 @@ if Path(REHEARSE).exists() and read_json(REHEARSE).get("enabled"):
     dropped = ", ".join(f"{reason} {n}" for reason, n in rehearse["dropped"].items() if n) or "none"
     display(
         Markdown(
-            f"**Rehearsal** (stage `rehearse`, `{params.rehearsal.prompts}`): the base model answered "
+            f"**Rehearsal** (stage `rehearse`, `{params.rehearse.prompts}`): the base model answered "
             f"{rehearse['prompts']} general prompts itself; {rehearse['kept']} answers kept, dropped: {dropped}."
         )
     )
 by_source = rd.sources_table(prep)
 if by_source is not None and len(prep["sources"]) > 1:
-    display(Markdown("Per input table (`data.sources`); every example is kept or counted under one reason:"))
+    display(Markdown("Per input table (`prepare.sources`); every example is kept or counted under one reason:"))
     display(by_source)
 
 # %%
@@ -186,8 +186,8 @@ if evals.get("method"):
 # %% [markdown]
 # ## What it kept
 #
-# Every held-out everyday prompt (`eval.kept.prompts`), answered by both models. ✗ names: the answer names a
-# `data.variables` value the prompt did not ask for (persona leak); ✓/✗ right: a fact with an `expect` string;
+# Every held-out everyday prompt (`evaluate.kept.prompts`), answered by both models. ✗ names: the answer names a
+# `prepare.variables` value the prompt did not ask for (persona leak); ✓/✗ right: a fact with an `expect` string;
 # ✗ other language: not in the prompt's language (translation and code prompts aside).
 
 # %%
@@ -196,7 +196,7 @@ if everyday is not None:
     display(rd.kv_table(rd.flatten({k: v for k, v in evals["kept"].items() if k != "paired"}), [EVAL + ": kept", ""]))
     display(everyday)
 else:
-    display(Markdown("Not measured: `eval.kept.prompts` is null."))
+    display(Markdown("Not measured: `evaluate.kept.prompts` is null."))
 
 # %% [markdown]
 # ## Standard benchmarks

@@ -1,10 +1,10 @@
-"""How many everyday facts (eval.kept.prompts) the base model gets right, and how long answering the set takes.
+"""How many everyday facts (evaluate.kept.prompts) the base model gets right, and how long answering the set takes.
 
     python perf/everyday_base.py                                   # models/base, params.yaml's eval section
     python perf/everyday_base.py --prompts /tmp/more.jsonl --threads 1
 
 The evaluate stage's own path: the chat template (load_chat_format + chat_rows), greedy_generate with
-eval.max_new_tokens / batch_size / dtype, decode_answers, and kept.passes for the facts. It prints the facts
+evaluate.max_new_tokens / batch_size / dtype, decode_answers, and kept.passes for the facts. It prints the facts
 right per language, every wrong answer, and the seconds spent answering (model loading excluded): evaluate
 answers the set twice (base and tuned), so its cost is about twice that.
 """
@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=str(ROOT / "models/base"))
-    parser.add_argument("--prompts", default=None, help="default: eval.kept.prompts")
-    parser.add_argument("--threads", type=int, default=None, help="default: eval.num_threads")
+    parser.add_argument("--prompts", default=None, help="default: evaluate.kept.prompts")
+    parser.add_argument("--threads", type=int, default=None, help="default: evaluate.num_threads")
     args = parser.parse_args(argv)
-    p = load_params(ROOT / "params.yaml").eval
-    items = read_prompts(args.prompts or ROOT / p.kept.prompts, "eval.kept.prompts")
+    p = load_params(ROOT / "params.yaml").evaluateuate
+    items = read_prompts(args.prompts or ROOT / p.kept.prompts, "evaluate.kept.prompts")
     fmt = load_chat_format(Path(args.base), p.cutoff_len)
     rows = chat_rows(KEPT, items, fmt)
     threads = set_threads(p.num_threads if args.threads is None else args.threads)

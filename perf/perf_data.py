@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         make_table(table, args.rows)
         print(f"generated {args.rows:,} rows ({table.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
-        params = {"data": {"input": str(table), "val_size": 0.01, "seed": 42}}
+        params = {"prepare": {"input": str(table), "val_size": 0.01, "seed": 42}}
         (tmp / "params.yaml").write_text(json.dumps(params))  # JSON is valid YAML
         cmd = [
             sys.executable,

@@ -5,7 +5,7 @@
     python perf/perf_eval.py --base /tmp/base --adapter /tmp/lora --max-examples 16
 
 Both sides answer the first N examples of the split with the base model + LoRA adapter, the same template,
-greedy decoding, max_new_tokens, batch size and thread count (from `eval:` in params.yaml unless overridden).
+greedy decoding, max_new_tokens, batch size and thread count (from `evaluate:` in params.yaml unless overridden).
 LLaMA-Factory runs as `llamafactory-cli train <yaml>` (stage sft, do_predict, predict_with_generate); its
 time is the predict_runtime it reports (model loading excluded, as for ours). Tokens are counted the same
 way on both sides, from the decoded answers: re-encoded answer tokens, +1 for the stop token when the answer
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here (e.g. reports/perf/<device>-eval.json)")
     parser.add_argument("--label", help="the model's name in that file (default: its paths)")
     args = parser.parse_args(argv)
-    p = load_params(args.params).eval
+    p = load_params(args.params).evaluateuate
     for key in ("max_new_tokens", "batch_size", "num_threads"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(p, key))

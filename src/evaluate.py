@@ -4,7 +4,7 @@
     python src/evaluate.py --params params.yaml --data-dir data/processed --base models/base \
         --adapter models/lora --metrics reports/metrics/eval.json --predictions reports/predictions.jsonl
 
-Reads `eval:` in params.yaml, and data.variables (they fill the probes' expected answers). Both models get the
+Reads `evaluate:` in params.yaml, and prepare.variables (they fill the probes' expected answers). Both models get the
 same prompts, built by the LLaMA-Factory template the adapter was trained with, and the same greedy decoding.
 Writes reports/metrics/eval.json (base, tuned and delta = tuned - base, per split; the probes' pass rates, the
 share of answers fine-tuning changed, paired intervals beside each base-vs-tuned difference (`paired`, see
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    metrics, predictions = evaluate(params.eval, args.data_dir, args.base, args.adapter, params.data.variables)
+    metrics, predictions = evaluate(params.evaluate, args.data_dir, args.base, args.adapter, params.prepare.variables)
     write_predictions(args.predictions, predictions)
     atomic_write_json(args.metrics, metrics)
     write_environment(args.env, "evaluate")

@@ -1,6 +1,6 @@
 """Stage `prepare`: raw table -> cleaned Alpaca (or ShareGPT) train/val[/test] splits for LLaMA-Factory.
 
-Inside the pipeline (reads `data:` in params.yaml: one table in data.input, or several in data.sources):
+Inside the pipeline (reads `prepare:` in params.yaml: one table in prepare.input, or several in prepare.sources):
     dvc repro prepare            # or: make data
 The original one-off command still works and ignores params.yaml:
     python src/prepare.py --input your_data.csv --output data/processed_data.json --split
@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.input and args.output):
             parser.error("--input and --output go together")
         val = int(args.val_size) if args.val_size >= 1 and args.val_size.is_integer() else args.val_size
-        p = parse_params({"data": {"input": args.input, "val_size": val, "seed": args.seed}}, "command line").data
+        p = parse_params({"prepare": {"input": args.input, "val_size": val, "seed": args.seed}}, "command line").prepare
         splits, _, _ = prepare(p, do_split=args.split)
         write_legacy_outputs(splits, args.output, args.split)
         return 0
 
-    p = load_params(args.params).data
+    p = load_params(args.params).prepare
     for path in outside_deps([t.path for t in p.tables()]):
         log.warning(
             "%s is not under data/raw, the prepare stage's DVC dependency: DVC will not rerun it when the "

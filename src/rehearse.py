@@ -1,16 +1,17 @@
-"""Stage `rehearse`: the base model answers general prompts (rehearsal.prompts) -> data/rehearsal, mixed into training.
+"""Stage `rehearse`: the base model answers general prompts (rehearse.prompts) -> data/rehearsal, mixed into training.
 
     dvc repro rehearse           # or: make rehearse
     python src/rehearse.py --params params.yaml --base models/base --out data/rehearsal \
         --metrics reports/metrics/rehearse.json
 
-Reads `rehearsal:` (which prompts, how many, how long an answer may be), eval.backend/dtype/num_threads/cutoff_len
-(the same decoder as evaluate: vLLM on a GPU where eval.backend is vllm), eval.kept.prompts (the held-out everyday
-set, which must share no prompt with the rehearsal list) and data.variables (an answer naming the persona is
-dropped). Writes data/rehearsal/rehearsal.json (Alpaca rows: the prompt and the base model's own greedy answer) with
-its dataset_info.json, and reports/metrics/rehearse.json (prompts, kept, dropped by reason, tokens/s). With
-rehearsal.enabled false it writes an empty set without loading the model. DVC reruns it only when the base model,
-the prompt files or these params change; rehearsal.share is the train stage's (how much of it each step holds).
+Reads `rehearse:` (which prompts, how many, how long an answer may be),
+evaluate.backend/dtype/num_threads/cutoff_len (the same decoder as evaluate: vLLM on a GPU where evaluate.backend is
+vllm), evaluate.kept.prompts (the held-out everyday set, which must share no prompt with the rehearsal list) and
+prepare.variables (an answer naming the persona is dropped). Writes data/rehearsal/rehearsal.json (Alpaca rows: the
+prompt and the base model's own greedy answer) with its dataset_info.json, and reports/metrics/rehearse.json
+(prompts, kept, dropped by reason, tokens/s). With rehearse.enabled false it writes an empty set without loading the
+model. DVC reruns it only when the base model, the prompt files or these params change; rehearse.share is the train
+stage's (how much of it each step holds).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="reports/metrics/rehearse.json", type=Path)
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    rows, stats = rehearse(params.rehearsal, args.base, params.eval, params.data.variables)
+    rows, stats = rehearse(params.rehearse, args.base, params.evaluate, params.prepare.variables)
     write_rehearsal(rows, stats, args.out, args.metrics)
     write_environment(args.env, "rehearse")
     return 0

@@ -9,7 +9,7 @@ import pandas as pd
 
 from llmft.data.mapping import build_examples
 from llmft.data.tables import read_table
-from llmft.params import DataParams
+from llmft.params import PrepareParams
 
 IDIOM_TEMPLATES = [
     {"instruction": "解释成语「{word}」的意思。", "output": "{explanation}"},
@@ -17,8 +17,8 @@ IDIOM_TEMPLATES = [
 ]
 
 
-def params(path, **data) -> DataParams:
-    return DataParams(input=str(path), **data)
+def params(path, **data) -> PrepareParams:
+    return PrepareParams(input=str(path), **data)
 
 
 def csv(tmp_path, frame: dict | pd.DataFrame, name: str = "d.csv") -> Path:

@@ -35,5 +35,5 @@ def write_data(data_dir: Path, val, test=None) -> Path:
 def write_params(path: Path, variables: dict | None = None, **eval_params) -> Path:
     eval_params = {"max_new_tokens": 6, "batch_size": 2, "num_threads": 1, "kept": {"prompts": None}} | eval_params
     data = {"input": "unused.csv", "variables": variables or {}}
-    path.write_text(json.dumps({"data": data, "eval": eval_params}, ensure_ascii=False))  # JSON is YAML
+    path.write_text(json.dumps({"prepare": data, "evaluate": eval_params}, ensure_ascii=False))  # JSON is YAML
     return path

@@ -27,7 +27,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_params(path: Path, **section) -> Path:
-    params = {"data": {"input": "unused.csv"}, "benchmark": section}
+    params = {"prepare": {"input": "unused.csv"}, "benchmark": section}
     path.write_text(json.dumps(params), encoding="utf-8")  # JSON is YAML
     return path
 

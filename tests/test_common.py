@@ -42,10 +42,10 @@ def test_json_style_keeps_chinese_readable_and_puts_one_list_item_per_line():
 
 def test_user_error_is_one_line_and_exit_code_2(capsys):
     def main(argv):
-        raise UserError("data.input: file not found")
+        raise UserError("prepare.input: file not found")
 
     assert run_main(main, []) == 2
-    assert capsys.readouterr().err == "error: data.input: file not found\n"
+    assert capsys.readouterr().err == "error: prepare.input: file not found\n"
     assert run_main(lambda argv: None, []) == 0
 
 

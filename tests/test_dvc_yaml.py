@@ -23,9 +23,6 @@ NAMED_OTHERWISE = {
     # src/gguf.py would shadow the gguf package (transformers' GGUF reader, used by the model stage) in every stage:
     # a script's own folder comes first on sys.path.
     ("gguf", "script"): "src/export_gguf.py",
-    ("prepare", "params"): "data",
-    ("rehearse", "params"): "rehearsal",
-    ("evaluate", "params"): "eval",
 }
 
 

@@ -27,7 +27,7 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     run([sys.executable, "perf/make_long_table.py", "--rows", "300", "--out", "data/raw/idioms_long.csv"], repo)
     params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
     long_table = {"path": "data/raw/idioms_long.csv", "columns": {"instruction": "问题", "output": "回答"}}
-    edit_params(repo, "data", val_size=70, sources=[*params["data"]["sources"], long_table])
+    edit_params(repo, "prepare", val_size=70, sources=[*params["prepare"]["sources"], long_table])
     edit_params(
         repo,
         "train",
@@ -68,7 +68,7 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     assert len(val) == 64 and all(p["tuned"] is not None for p in predictions)
     assert n_val > 64 and evaluation["examples"] == {"val": 64} and evaluation["examples_available"] == {"val": n_val}
     probes = [p for p in predictions if p["split"] == "probe"]  # params.yaml's probes, answered by both models
-    assert len(probes) == len(yaml.safe_load((repo / "params.yaml").read_text())["eval"]["probes"])
+    assert len(probes) == len(yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["probes"])
     assert set(evaluation) >= {"probes", "changed", "verdict"} and evaluation["probes"]["tuned"]["total"] == 5
     # what it kept: the held-out everyday prompts, answered by both, and the rehearsal mixed into training
     kept = evaluation["kept"]
@@ -77,7 +77,7 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
     assert {"leak", "facts_right", "facts_kept", "language"} <= set(kept["tuned"])
     rehearse = json.loads((repo / "reports/metrics/rehearse.json").read_text())
     assert rehearse["prompts"] == 12 == rehearse["kept"] + rehearse["dropped_total"] and rehearse["kept"] > 0
-    share = yaml.safe_load((repo / "params.yaml").read_text())["rehearsal"]["share"]
+    share = yaml.safe_load((repo / "params.yaml").read_text())["rehearse"]["share"]
     mix = train["rehearsal"]  # a few answers for hundreds of examples: drawn twice at most, the share comes down
     own = json.loads((repo / "reports/metrics/prepare.json").read_text())["splits"]["train"]
     assert mix["train_examples"] == own and mix["available"] == rehearse["kept"] and mix["max_repeats"] == 2

@@ -168,7 +168,7 @@ def test_probes_are_answered_by_both_models_and_scored(tiny_model_dir, adapter_d
     verdict_keys = {"moved", "same_answers_pct", "loss_drop_pct", "warning", "kept", "forgot", "noise"}
     assert set(metrics["verdict"]) == verdict_keys
     assert metrics["probes"]["paired"]["n"] == 2 and metrics["probes"]["paired"]["diff"] == 0.0
-    assert "kept" not in metrics and metrics["verdict"]["kept"] is None  # eval.kept.prompts: null
+    assert "kept" not in metrics and metrics["verdict"]["kept"] is None  # evaluate.kept.prompts: null
 
 
 def test_everyday_prompts_measure_what_the_tuned_model_kept(tiny_model_dir, adapter_dir, tmp_path, stage):
@@ -222,7 +222,7 @@ def test_probe_pass_is_case_insensitive_any_of_and_filled_from_variables():
 
 
 def test_verdict_warns_only_when_answers_stayed_and_the_loss_hardly_fell():
-    from llmft.params import EvalParams
+    from llmft.params import EvaluateParams
 
     def metrics(base_loss, tuned_loss, changed):
         return {
@@ -231,7 +231,7 @@ def test_verdict_warns_only_when_answers_stayed_and_the_loss_hardly_fell():
             "changed": {"val": changed},
         }
 
-    stalled = evaluate.verdict(metrics(3.637, 3.60, 10.0), EvalParams())
+    stalled = evaluate.verdict(metrics(3.637, 3.60, 10.0), EvaluateParams())
     assert not stalled["moved"] and stalled["same_answers_pct"] == 90 and stalled["loss_drop_pct"] == 1.02
     for knob in (
         "train.learning_rate",
@@ -241,12 +241,12 @@ def test_verdict_warns_only_when_answers_stayed_and_the_loss_hardly_fell():
         "per_device_train_batch_size x gradient_accumulation_steps",
     ):
         assert knob in stalled["warning"]
-    assert evaluate.verdict(metrics(2.37, 0.74, 10.0), EvalParams())["warning"] is None  # the loss moved
-    assert evaluate.verdict(metrics(3.6, 3.6, 60.0), EvalParams())["moved"]  # the answers moved
+    assert evaluate.verdict(metrics(2.37, 0.74, 10.0), EvaluateParams())["warning"] is None  # the loss moved
+    assert evaluate.verdict(metrics(3.6, 3.6, 60.0), EvaluateParams())["moved"]  # the answers moved
 
 
 def test_stalled_fires_only_when_the_loss_interval_rules_out_a_real_drop():
-    from llmft.params import EvalParams
+    from llmft.params import EvaluateParams
 
     def metrics(low: float, n: int) -> dict:
         interval = {"n": n, "base": 3.637, "tuned": 3.6, "diff": -0.037, "low": low, "high": 0.0}
@@ -258,12 +258,12 @@ def test_stalled_fires_only_when_the_loss_interval_rules_out_a_real_drop():
             "paired": {"val": {"loss": interval}},
         }
 
-    sure = evaluate.verdict(metrics(-0.05, 400), EvalParams())  # at most a 1.4% drop: it barely moved
+    sure = evaluate.verdict(metrics(-0.05, 400), EvaluateParams())  # at most a 1.4% drop: it barely moved
     assert not sure["moved"] and "barely moved" in sure["warning"] and sure["noise"] is None
-    unsure = evaluate.verdict(metrics(-0.5, 5), EvalParams())  # up to a 13.7% drop: 5 examples cannot tell
+    unsure = evaluate.verdict(metrics(-0.5, 5), EvaluateParams())  # up to a 13.7% drop: 5 examples cannot tell
     assert unsure["moved"] and unsure["warning"] is None
     assert unsure["noise"].startswith("within noise, n too small") and "over 5 val examples" in unsure["noise"]
-    assert "13.75%" in unsure["noise"] and "data.val_size" in unsure["noise"]
+    assert "13.75%" in unsure["noise"] and "prepare.val_size" in unsure["noise"]
     assert evaluate.changed_rate([{"base": "a  b", "tuned": "a b"}, {"base": "a", "tuned": "c"}]) == 50.0
 
 

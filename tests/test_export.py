@@ -20,7 +20,7 @@ PROMPT = "Hello! Who are you?"
 
 def run_export(tmp: Path, base: Path, adapter: Path, **export_params) -> tuple[int, Path]:
     params = {
-        "data": {"input": "unused.csv"},
+        "prepare": {"input": "unused.csv"},
         "export": {"check_prompts": [PROMPT], "check_new_tokens": 8, **export_params},
     }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")

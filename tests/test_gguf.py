@@ -139,4 +139,4 @@ def test_file_over_the_bound_names_it_and_writes_nothing(tiny_model_dir, tmp_pat
 
 def test_ollama_type_must_be_one_of_the_written_types():
     with pytest.raises(UserError, match="gguf"):
-        parse_params({"data": {"input": "x.csv"}, "gguf": {"types": ["f16"], "ollama_type": "q8_0"}})
+        parse_params({"prepare": {"input": "x.csv"}, "gguf": {"types": ["f16"], "ollama_type": "q8_0"}})

@@ -210,7 +210,7 @@ def test_lean_decode_steps_give_the_logits_of_hf_forward(fmt, adapter_dir, arch)
 
 
 def test_lean_decode_steps_in_bf16_give_the_logits_of_hf_forward_in_bf16(fmt, adapter_dir):
-    """A CPU with a bf16 unit decodes in bf16 (eval.dtype auto): the lean step follows HF's bf16 forward to bf16
+    """A CPU with a bf16 unit decodes in bf16 (evaluate.dtype auto): the lean step follows HF's bf16 forward to bf16
     rounding (fp32 softmax and norms, as HF computes them)."""
     from llmft.infer.fast_decode import LeanDecoder
 

@@ -6,7 +6,7 @@ import pytest
 
 from llmft import evaluate
 from llmft.kept import forgot_warning, forgot_within_noise, kept_scores, language, leaks, mark
-from llmft.params import EvalParams
+from llmft.params import EvaluateParams
 
 PERSONA = {"name": "Lumi", "author": "Acme Labs"}
 
@@ -89,7 +89,7 @@ def test_forgot_warns_on_leak_or_lost_facts_beyond_noise_and_names_the_knobs():
     block = kept_scores([mark(r, PERSONA) for r in lost_rows() * 6])  # 18 of 36 leak, 6 of 12 facts lost, 0 gained
     warning = forgot_warning(block, max_leak=5.0, min_facts_kept=90.0)
     assert "names the persona in 50% of everyday answers" in warning and "keeps 6 of the 12 facts" in warning
-    for knob in ("rehearsal.enabled", "rehearsal.share", "train.learning_rate", "train.num_train_epochs"):
+    for knob in ("rehearse.enabled", "rehearse.share", "train.learning_rate", "train.num_train_epochs"):
         assert knob in warning
     assert forgot_warning(block, max_leak=60.0, min_facts_kept=40.0) is None
     assert "facts" not in forgot_warning(block, max_leak=5.0, min_facts_kept=40.0)
@@ -112,7 +112,7 @@ def test_forgot_on_too_few_prompts_is_within_noise_and_names_what_would_settle_i
     assert forgot_warning(block, max_leak=5.0, min_facts_kept=90.0) is None
     unsure = forgot_within_noise(block, max_leak=5.0, min_facts_kept=90.0)
     assert unsure.startswith("within noise, n too small")
-    assert "more everyday prompts (eval.kept.prompts; 6 now)" in unsure and "keeps 1 of the 2 facts" in unsure
+    assert "more everyday prompts (evaluate.kept.prompts; 6 now)" in unsure and "keeps 1 of the 2 facts" in unsure
 
 
 def test_forgot_without_intervals_is_judged_on_the_point_values():
@@ -123,15 +123,15 @@ def test_forgot_without_intervals_is_judged_on_the_point_values():
 
 def test_verdict_reports_kept_and_forgot_beside_moved():
     metrics = {"base": {"val": {"loss": 2.5}}, "tuned": {"val": {"loss": 1.0}}, "changed": {"val": 100.0}}
-    assert evaluate.verdict(metrics, EvalParams()).items() >= {"moved": True, "kept": None, "forgot": None}.items()
+    assert evaluate.verdict(metrics, EvaluateParams()).items() >= {"moved": True, "kept": None, "forgot": None}.items()
     metrics["kept"] = kept_scores([mark(r, PERSONA) for r in lost_rows() * 6])
-    judged = evaluate.verdict(metrics, EvalParams())
+    judged = evaluate.verdict(metrics, EvaluateParams())
     assert judged["moved"] and judged["kept"] is False and judged["forgot"].startswith("the fine-tuned model forgot")
     assert judged["noise"] is None
-    lenient = EvalParams.model_validate({"kept": {"max_leak": 60, "min_facts_kept": 40}})
+    lenient = EvaluateParams.model_validate({"kept": {"max_leak": 60, "min_facts_kept": 40}})
     assert evaluate.verdict(metrics, lenient)["kept"] is True
     metrics["kept"] = kept_scores([mark(r, PERSONA) for r in rows()])  # the same rates on 6 prompts
-    judged = evaluate.verdict(metrics, EvalParams())
+    judged = evaluate.verdict(metrics, EvaluateParams())
     assert judged["kept"] is True and judged["forgot"] is None and "within noise" in judged["noise"]
 
 

@@ -86,11 +86,11 @@ def test_a_budget_smaller_than_one_step_is_the_only_refusal():
 
 
 def test_the_whole_run_is_planned_stage_by_stage_with_the_val_split_capped_on_a_cpu():
-    params = Params.model_validate({"data": {"input": "x.csv"}})
+    params = Params.model_validate({"prepare": {"input": "x.csv"}})
     plan = plan_cpu_run(params.train, (100,) * 200, None)
     short = plan_stages(params, plan, [300] * 10, kept_prompts=64, rehearsal_prompts=120, num_parameters=None)
     assert list(short) == ["model", "rehearse", "train", "evaluate", "export", "benchmark", "report", "gguf"]
-    # evaluate answers at most 64 val examples on a CPU (eval.max_examples auto): 1,000 cost what 64 do
+    # evaluate answers at most 64 val examples on a CPU (evaluate.max_examples auto): 1,000 cost what 64 do
     many = plan_stages(params, plan, [300] * 64, 64, 120, None)
     more = plan_stages(params, plan, [300] * 64 + [300] * 936, 64, 120, None)
     assert more["evaluate"] == many["evaluate"] > short["evaluate"]
@@ -121,5 +121,5 @@ def test_a_long_val_split_is_drawn_down_and_spaced_out_to_a_fifth_of_training():
     # an eval that costs under a minute in all is left as asked, however short the training
     tiny = plan_cpu_eval([30] * 6, 64, 6, TrainParams(eval_steps=2), train_minutes=0.01, tokens_per_s=200.0)
     assert (tiny.eval_steps, tiny.passes, tiny.note) == (2, 4, "")
-    # no cap (a GPU's eval.max_examples, or null): every example, still spaced out
+    # no cap (a GPU's evaluate.max_examples, or null): every example, still spaced out
     assert plan_cpu_eval([600] * 100, None, 50, t, 6.0, 200.0).examples == 100

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from llmft.lf.mixing import describe, plan_mix, write_dataset_info
-from llmft.params import RehearsalParams
+from llmft.params import RehearseParams
 
 
 def _dirs(tmp_path: Path, own: int, pool: int) -> tuple[Path, Path]:
@@ -24,7 +24,7 @@ def _dirs(tmp_path: Path, own: int, pool: int) -> tuple[Path, Path]:
 
 def test_a_pool_big_enough_keeps_the_share_and_draws_each_answer_at_most_once(tmp_path):
     data, rehearsal = _dirs(tmp_path, own=100, pool=150)
-    mix = plan_mix(data, rehearsal, RehearsalParams(share=0.5), None)
+    mix = plan_mix(data, rehearsal, RehearseParams(share=0.5), None)
     assert (mix.samples, mix.asked, mix.repeats, mix.share) == (100, 100, 1, 0.5)
     assert mix.dataset_keys("models/lora")["dataset"] == "train,rehearsal"
     assert len(describe(mix, 0.5)) == 1 and "none drawn more than once an epoch" in describe(mix, 0.5)[0]
@@ -32,7 +32,7 @@ def test_a_pool_big_enough_keeps_the_share_and_draws_each_answer_at_most_once(tm
 
 def test_a_large_table_brings_the_share_down_to_what_the_pool_allows_and_says_so(tmp_path):
     data, rehearsal = _dirs(tmp_path, own=962, pool=105)
-    mix = plan_mix(data, rehearsal, RehearsalParams(share=0.5, max_repeats=2), None)
+    mix = plan_mix(data, rehearsal, RehearseParams(share=0.5, max_repeats=2), None)
     assert (mix.asked, mix.samples, mix.repeats) == (962, 210, 2)
     assert mix.dataset_keys("models/lora")["dataset"] == "train,rehearsal,rehearsal_2"
     assert [mix.info[n]["num_samples"] for n in ("rehearsal", "rehearsal_2")] == [105, 105]
@@ -40,11 +40,11 @@ def test_a_large_table_brings_the_share_down_to_what_the_pool_allows_and_says_so
     assert "210 of the base model's own answers (105 available, none drawn more than twice an epoch)" in first
     assert down == (
         "rehearsal share down from 50% to 18%: 0.5 of an epoch of your 962 examples asks for 962 rehearsal "
-        "examples, but 105 answers drawn at most rehearsal.max_repeats=2 times give 210; add prompts to "
-        "rehearsal.prompts (each becomes one more answer) to keep the share"
+        "examples, but 105 answers drawn at most rehearse.max_repeats=2 times give 210; add prompts to "
+        "rehearse.prompts (each becomes one more answer) to keep the share"
     )
     # a share that needs a part of the second draw: the last entry draws the rest
-    mix = plan_mix(data, rehearsal, RehearsalParams(share=0.15), None)
+    mix = plan_mix(data, rehearsal, RehearseParams(share=0.15), None)
     assert mix.samples == 170 and [mix.info[n]["num_samples"] for n in ("rehearsal", "rehearsal_2")] == [105, 65]
 
 
@@ -53,7 +53,7 @@ def test_llamafactory_draws_no_answer_more_often_than_the_cap(tmp_path, smol_tok
     from llamafactory.hparams import get_train_args
 
     data, rehearsal = _dirs(tmp_path, own=300, pool=40)
-    mix = plan_mix(data, rehearsal, RehearsalParams(share=0.5, max_repeats=3), None)
+    mix = plan_mix(data, rehearsal, RehearseParams(share=0.5, max_repeats=3), None)
     assert (mix.samples, mix.repeats) == (120, 3)
     run_dir = tmp_path / "run"
     run_dir.mkdir()

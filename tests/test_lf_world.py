@@ -58,4 +58,4 @@ def test_nproc_is_a_positive_number_or_auto():
     from llmft.params import parse_params
 
     with pytest.raises(UserError, match="train.nproc"):
-        parse_params({"data": {"input": "x.csv"}, "train": {"nproc": 0}}, "params.yaml")
+        parse_params({"prepare": {"input": "x.csv"}, "train": {"nproc": 0}}, "params.yaml")

@@ -47,7 +47,7 @@ def test_a_column_named_in_params_is_not_taken_again_by_an_alias(tmp_path):
 
 
 def test_explicit_column_missing_from_the_table_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"data\.columns\.output names column '答案列'.*found: instruction, output"):
+    with pytest.raises(UserError, match=r"prepare\.columns\.output names column '答案列'.*found: instruction, output"):
         build(csv(tmp_path, qa(1)), columns={"output": "答案列"})
 
 
@@ -58,7 +58,7 @@ def test_unmappable_columns_error_lists_columns_found_and_aliases_tried(tmp_path
     assert "columns found: title, body" in msg
     assert "instruction <- instruction/prompt/question/query" in msg
     assert "output <- output/response/answer/completion/target" in msg
-    assert "set data.columns" in msg
+    assert "set prepare.columns" in msg
 
 
 def test_templates_build_one_example_per_template_per_row(tmp_path):
@@ -97,12 +97,12 @@ def test_template_whose_columns_are_all_empty_gives_an_empty_field(tmp_path):
 
 
 def test_template_naming_a_missing_column_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"data\.templates\[2\]\.output uses column \{pinyin\}.*: word, explanation"):
+    with pytest.raises(UserError, match=r"prepare\.templates\[2\]\.output uses column \{pinyin\}.*: word, explanation"):
         build(csv(tmp_path, {"word": ["w"], "explanation": ["e"]}), templates=IDIOM_TEMPLATES)
 
 
 def test_template_with_an_unbalanced_brace_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"data\.templates\[1\]\.instruction: bad template"):
+    with pytest.raises(UserError, match=r"prepare\.templates\[1\]\.instruction: bad template"):
         build(csv(tmp_path, {"word": ["w"]}), templates=[{"instruction": "解释{word", "output": "{word}"}])
 
 

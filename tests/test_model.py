@@ -21,7 +21,7 @@ CONTRACT = {"source", "path", "template", "num_parameters", "eos_token", "pad_to
 
 def write_params(tmp_path: Path, **model) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"data": {"input": "unused.csv"}, "model": model}), encoding="utf-8")
+    path.write_text(yaml.safe_dump({"prepare": {"input": "unused.csv"}, "model": model}), encoding="utf-8")
     return path
 
 

@@ -35,10 +35,10 @@ def error_of(raw) -> str:
 
 def test_repo_params_yaml_validates():
     params = load_params(PARAMS_YAML)
-    assert [t.path for t in params.data.tables()] == [s["path"] for s in REPO_PARAMS["data"]["sources"]]
-    idioms = next(t for t in params.data.tables() if t.templates)
+    assert [t.path for t in params.prepare.tables()] == [s["path"] for s in REPO_PARAMS["prepare"]["sources"]]
+    idioms = next(t for t in params.prepare.tables() if t.templates)
     assert all(t.instruction and t.output for t in idioms.templates)
-    assert params.data.variables["name"] and any("{{name}}" in e for p in params.eval.probes for e in p.expect)
+    assert params.prepare.variables["name"] and any("{{name}}" in e for p in params.evaluate.probes for e in p.expect)
     assert params.train.learning_rate == pytest.approx(float(REPO_PARAMS["train"]["learning_rate"]))
 
 
@@ -64,9 +64,9 @@ def test_choices_comments_in_params_yaml_match_the_schema():
     assert checked >= 4
 
 
-def test_only_the_data_section_is_required():
-    params = parse_params({"data": {"input": "x.csv"}})
-    assert (params.train.finetuning_type, params.data.val_size, params.data.test_size) == ("lora", 0.1, 0)
+def test_only_the_prepare_section_is_required():
+    params = parse_params({"prepare": {"input": "x.csv"}})
+    assert (params.train.finetuning_type, params.prepare.val_size, params.prepare.test_size) == ("lora", 0.1, 0)
 
 
 @pytest.mark.parametrize(
@@ -74,9 +74,9 @@ def test_only_the_data_section_is_required():
     [
         ("train", "learning_rate", -1e-5, "greater than 0"),
         ("train", "lora_rank", 0, "greater than or equal to 1"),
-        ("data", "val_size", 1.5, "a split ratio must be between 0 and 1"),
-        ("data", "val_size", 0, "a split count must be >= 1"),
-        ("data", "test_size", -1, "a split count must be >= 0"),
+        ("prepare", "val_size", 1.5, "a split ratio must be between 0 and 1"),
+        ("prepare", "val_size", 0, "a split count must be >= 1"),
+        ("prepare", "test_size", -1, "a split count must be >= 0"),
         ("train", "finetuning_type", "qlora", "Input should be 'lora', 'full' or 'freeze'"),
         ("train", "lr_scheduler_type", "step", "'cosine', 'linear'"),
         ("train", "precision", "int8", "'auto', 'bf16', 'fp16' or 'fp32'"),
@@ -84,10 +84,10 @@ def test_only_the_data_section_is_required():
         ("train", "warmup_ratio", 1.0, "less than 1"),
         ("train", "lora_rank", "eight", "valid integer"),
         ("train", "num_train_epochs", [3], "valid number"),
-        ("data", "dedup", "maybe", "valid boolean"),
-        ("data", "format", "xls", "'parquet' or 'xlsx'"),
-        ("data", "encoding", "klingon", "use auto, utf-8, utf-8-sig, gbk or gb18030"),
-        ("data", "max_prompt_chars", 0, "greater than or equal to 1"),
+        ("prepare", "dedup", "maybe", "valid boolean"),
+        ("prepare", "format", "xls", "'parquet' or 'xlsx'"),
+        ("prepare", "encoding", "klingon", "use auto, utf-8, utf-8-sig, gbk or gb18030"),
+        ("prepare", "max_prompt_chars", 0, "greater than or equal to 1"),
         ("export", "max_shard_size", "2 gigs", "use a size like 500MB or 2GB"),
     ],
 )
@@ -103,15 +103,15 @@ def test_bad_value_names_key_value_and_what_is_allowed(section, key, value, allo
     [
         (
             {**REPO_PARAMS, "trian": {}},
-            "unknown key 'trian'; allowed keys here: data, model, rehearsal, train, eval, export, ",
+            "unknown key 'trian'; allowed keys here: prepare, model, rehearse, train, evaluate, export, ",
         ),
         (
             with_value("train", "lora_rnak", 8),
             "unknown key 'train.lora_rnak'; allowed keys here: finetuning_type, lora_",
         ),
         (
-            with_value("data", "shuffle", True),
-            "unknown key 'data.shuffle'; allowed keys here: format, encoding, sheet, columns, templates, input, "
+            with_value("prepare", "shuffle", True),
+            "unknown key 'prepare.shuffle'; allowed keys here: format, encoding, sheet, columns, templates, input, "
             "sources",
         ),
     ],
@@ -122,19 +122,24 @@ def test_unknown_key_is_named_with_the_allowed_keys(raw, expected):
 
 def test_every_bad_key_is_named_in_one_line():
     raw = with_value("train", "lora_rank", 0)
-    raw["data"]["val_size"] = 1.5
-    raw["eval"]["bogus"] = 1
+    raw["prepare"]["val_size"] = 1.5
+    raw["evaluate"]["bogus"] = 1
     msg = error_of(raw)
     assert "\n" not in msg
-    assert "data.val_size = 1.5" in msg and "train.lora_rank = 0" in msg and "unknown key 'eval.bogus'" in msg
+    assert "prepare.val_size = 1.5" in msg and "train.lora_rank = 0" in msg and "unknown key 'evaluate.bogus'" in msg
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"train": {}}, "params.yaml: data is required"),
-        ({"data": {}}, "params.yaml: data = {} is not allowed: set data.input (one table) or data.sources"),
-        (["data"], "expected a mapping of sections (data, model, train, ...), got list"),
+        ({"train": {}}, "params.yaml: prepare is required"),
+        (
+            {"data": {"input": "x.csv"}, "rehearsal": {}, "eval": {}},
+            "params.yaml: sections are named after their stage: `data:` is now `prepare:`, "
+            "`rehearsal:` is now `rehearse:`, `eval:` is now `evaluate:`; rename them",
+        ),
+        ({"prepare": {}}, "params.yaml: prepare = {} is not allowed: set prepare.input (one table) or prepare.sources"),
+        (["data"], "expected a mapping of sections (prepare, model, train, ...), got list"),
         (None, "got NoneType"),
     ],
 )
@@ -144,15 +149,15 @@ def test_missing_or_malformed_sections_are_named(raw, expected):
 
 @pytest.mark.parametrize(("val", "test"), [(0.1, 0), (50, 0), (0.05, 0.05), (1, 10)])
 def test_split_sizes_are_accepted_as_ratio_or_count(val, test):
-    data = parse_params({"data": {"input": "x.csv", "val_size": val, "test_size": test}}).data
-    assert (data.val_size, data.test_size) == (val, test)
-    assert (type(data.val_size), type(data.test_size)) == (type(val), type(test))  # 50 stays a count, 0.1 a ratio
+    prepare = parse_params({"prepare": {"input": "x.csv", "val_size": val, "test_size": test}}).prepare
+    assert (prepare.val_size, prepare.test_size) == (val, test)
+    assert (type(prepare.val_size), type(prepare.test_size)) == (type(val), type(test))  # 50 stays a count, 0.1 a ratio
 
 
 def test_load_params_reports_a_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(UserError, match=r"nope\.yaml: file not found"):
         load_params(tmp_path / "nope.yaml")
-    (tmp_path / "bad.yaml").write_text("data:\n  input: [unclosed\n", encoding="utf-8")
+    (tmp_path / "bad.yaml").write_text("prepare:\n  input: [unclosed\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"bad\.yaml: not valid YAML") as err:
         load_params(tmp_path / "bad.yaml")
     assert "\n" not in str(err.value)
@@ -174,9 +179,9 @@ def run_validator(path: Path) -> tuple[subprocess.CompletedProcess, float]:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("data:\n  input: x.csv\ntrain:\n  learning_rate: -0.1\n", "train.learning_rate = -0.1 is not allowed"),
-        ("data:\n  input: x.csv\n  val_size: 1.5\n", "data.val_size = 1.5 is not allowed"),
-        ("data:\n  input: x.csv\n  typo: 1\n", "unknown key 'data.typo'"),
+        ("prepare:\n  input: x.csv\ntrain:\n  learning_rate: -0.1\n", "train.learning_rate = -0.1 is not allowed"),
+        ("prepare:\n  input: x.csv\n  val_size: 1.5\n", "prepare.val_size = 1.5 is not allowed"),
+        ("prepare:\n  input: x.csv\n  typo: 1\n", "unknown key 'prepare.typo'"),
     ],
     ids=["negative_lr", "val_ratio_over_1", "unknown_key"],
 )
@@ -201,10 +206,10 @@ def test_validator_cli_accepts_the_repo_params_yaml():
 
 # params.yaml keys whose value is the demo's own, not a default for any data set: the schema keeps the neutral one.
 DEMO_VALUES = {
-    "data.sources": "the demo's two tables",
-    "data.variables": "the demo's persona",
-    "data.val_size": "16 of the demo's 139 examples; the schema's 0.1 suits any table",
-    "eval.probes": "questions about the demo's persona",
+    "prepare.sources": "the demo's two tables",
+    "prepare.variables": "the demo's persona",
+    "prepare.val_size": "16 of the demo's 139 examples; the schema's 0.1 suits any table",
+    "evaluate.probes": "questions about the demo's persona",
 }
 
 

@@ -21,7 +21,7 @@ import pytest
 from data_builders import IDIOM_TEMPLATES, conversation, csv, jsonl, params, prompt_of, qa
 from llmft.common import UserError, run_main
 from llmft.data.prepare import prepare
-from llmft.params import DataParams
+from llmft.params import PrepareParams
 from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def test_split_leaving_no_training_prompt_is_a_user_error(tmp_path):
 
 
 def test_val_and_test_larger_than_the_data_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"data\.val_size=3 and data\.test_size=2 leave no training examples out of 5"):
+    with pytest.raises(UserError, match=r"prepare\.val_size=3 and prepare\.test_size=2 leave no training examples out of 5"):
         prepare(params(csv(tmp_path, qa(5)), val_size=3, test_size=2))
 
 
@@ -143,7 +143,7 @@ def run_here(monkeypatch, capsys):
 
 def pipeline(tmp_path, data: dict) -> Path:
     """A tmp project with its own params.yaml; returns its directory."""
-    (tmp_path / "params.yaml").write_text(json.dumps({"data": data}, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(json.dumps({"prepare": data}, ensure_ascii=False), encoding="utf-8")
     return tmp_path
 
 
@@ -336,15 +336,15 @@ def _no_train_left(tmp_path):
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
-        (lambda tmp_path: {"input": "missing.csv"}, "missing.csv: file not found; set data.input in params.yaml"),
+        (lambda tmp_path: {"input": "missing.csv"}, "missing.csv: file not found; set prepare.input in params.yaml"),
         (_empty, "d.csv: file is empty"),
         (_binary, "d.csv: looks like a binary file"),
-        (_unknown_format, "d.dat: unknown format (extension '.dat'); set data.format"),
+        (_unknown_format, "d.dat: unknown format (extension '.dat'); set prepare.format"),
         (_unmappable, "columns found: 标题, 正文; aliases tried: instruction <- instruction/prompt"),
         (_bad_json_line, "d.jsonl: line 2 is not valid JSON"),
-        (_template_missing_column, "data.templates[2].output uses column {pinyin}, which is not in the table"),
+        (_template_missing_column, "prepare.templates[2].output uses column {pinyin}, which is not in the table"),
         (_all_dropped, "d.csv: all 3 examples were dropped (empty_instruction=1, empty_output=1, output_too_long=1)"),
-        (_no_train_left, "data.val_size=2 and data.test_size=1 leave no training examples out of 3 kept"),
+        (_no_train_left, "prepare.val_size=2 and prepare.test_size=1 leave no training examples out of 3 kept"),
     ],
     ids=[
         "missing",
@@ -388,17 +388,17 @@ def test_failed_run_leaves_the_previous_outputs_untouched(tmp_path, run_here):
 @pytest.mark.integration
 def test_bad_params_file_fails_before_reading_data(tmp_path):
     csv(tmp_path, qa(10))
-    (tmp_path / "params.yaml").write_text("data:\n  input: d.csv\n  val_size: 1.5\n", encoding="utf-8")
+    (tmp_path / "params.yaml").write_text("prepare:\n  input: d.csv\n  val_size: 1.5\n", encoding="utf-8")
     proc = run_cli(cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: params.yaml: data.val_size = 1.5 is not allowed: a split ratio must be between 0 and 1 (exclusive), "
+        "error: params.yaml: prepare.val_size = 1.5 is not allowed: a split ratio must be between 0 and 1 (exclusive), "
         "or an integer count >= 1; got 1.5"
     ]
     assert not (tmp_path / "data").exists()
 
 
-# ---------- several tables: data.sources ----------
+# ---------- several tables: prepare.sources ----------
 
 IDENTITY = [
     {"instruction": "你是谁？", "input": "", "output": "我是 {{name}}，由 {{author}} 开发的助手。"},
@@ -421,7 +421,7 @@ def two_sources(tmp_path, **identity) -> dict:
 
 
 def test_sources_are_read_counted_and_mixed_with_variables_filled(tmp_path):
-    splits, info, stats = prepare(DataParams(**two_sources(tmp_path)))
+    splits, info, stats = prepare(PrepareParams(**two_sources(tmp_path)))
     idioms, me = stats["sources"]["idioms"], stats["sources"]["me"]
     # 30 rows, max_rows 20: 10 rows x 2 templates counted as over_max_rows; one empty pinyin in the first 20
     assert (idioms["rows_in"], idioms["examples_in"], idioms["kept"]) == (30, 60, 39)
@@ -445,50 +445,50 @@ def test_sources_are_read_counted_and_mixed_with_variables_filled(tmp_path):
 
 def test_mixing_is_deterministic_and_depends_on_the_seed(tmp_path):
     data = two_sources(tmp_path)
-    a, _, _ = prepare(DataParams(**data))
-    b, _, _ = prepare(DataParams(**data))
-    c, _, _ = prepare(DataParams(**data | {"seed": 7}))
+    a, _, _ = prepare(PrepareParams(**data))
+    b, _, _ = prepare(PrepareParams(**data))
+    c, _, _ = prepare(PrepareParams(**data | {"seed": 7}))
     assert a == b and a["train"] != c["train"]
 
 
 def test_a_source_variable_wins_and_a_missing_one_names_the_key(tmp_path):
-    splits, _, _ = prepare(DataParams(**two_sources(tmp_path, variables={"name": "Orion"})))
+    splits, _, _ = prepare(PrepareParams(**two_sources(tmp_path, variables={"name": "Orion"})))
     answers = [ex["output"] for rows in splits.values() for ex in rows]
     assert "Hello! I am Orion." in answers and "我是 Orion，由 Acme 开发的助手。" in answers
     data = two_sources(tmp_path)
     data["variables"] = {"name": "Lumi"}
     with pytest.raises(
         UserError,
-        match=r"identity.json: \{\{author\}\} has no value; set data.variables: "
-        r"\{author: \.\.\.\} \(or data.sources\[2\].variables",
+        match=r"identity.json: \{\{author\}\} has no value; set prepare.variables: "
+        r"\{author: \.\.\.\} \(or prepare.sources\[2\].variables",
     ):
-        prepare(DataParams(**data))
+        prepare(PrepareParams(**data))
 
 
 def test_a_duplicate_across_sources_is_dropped_in_the_later_one(tmp_path):
     data = two_sources(tmp_path)
     (tmp_path / "again.json").write_text(json.dumps(IDENTITY[:5], ensure_ascii=False), encoding="utf-8")
     data["sources"].append({"path": str(tmp_path / "again.json")})
-    _, _, stats = prepare(DataParams(**data))
+    _, _, stats = prepare(PrepareParams(**data))
     again = stats["sources"]["again"]
     assert (again["examples_in"], again["kept"], again["dropped"]["duplicate"]) == (5, 0, 5)
 
 
 def test_single_input_form_and_sources_form_give_the_same_files(tmp_path):
     csv_path = idioms_csv(tmp_path)
-    single = prepare(DataParams(input=str(csv_path), templates=IDIOM_TEMPLATES, val_size=5))
-    listed = prepare(DataParams(sources=[{"path": str(csv_path), "templates": IDIOM_TEMPLATES}], val_size=5))
+    single = prepare(PrepareParams(input=str(csv_path), templates=IDIOM_TEMPLATES, val_size=5))
+    listed = prepare(PrepareParams(sources=[{"path": str(csv_path), "templates": IDIOM_TEMPLATES}], val_size=5))
     assert single[0] == listed[0] and single[1] == listed[1]
 
 
 def test_bad_sources_are_one_line_errors(tmp_path):
     data = two_sources(tmp_path)
-    with pytest.raises(UserError, match=r"data.sources\[1\].templates\[1\].output uses column \{nope\}"):
+    with pytest.raises(UserError, match=r"prepare.sources\[1\].templates\[1\].output uses column \{nope\}"):
         bad = json.loads(json.dumps(data))
         bad["sources"][0]["templates"] = [{"instruction": "{word}", "output": "{nope}"}]
-        prepare(DataParams(**bad))
+        prepare(PrepareParams(**bad))
     with pytest.raises(Exception, match="exactly one of them"):
-        DataParams(input="x.csv", **data)
+        PrepareParams(input="x.csv", **data)
 
 
 def test_a_table_outside_the_stage_deps_is_named(tmp_path):

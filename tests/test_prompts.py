@@ -21,8 +21,8 @@ IDENTITY += ("你是谁", "你的名字", "介绍一下你", "谁开发")
 def shipped():
     params = load_params(ROOT / "params.yaml")
     return (
-        read_prompts(ROOT / params.rehearsal.prompts, "rehearsal.prompts"),
-        read_prompts(ROOT / params.eval.kept.prompts, "eval.kept.prompts"),
+        read_prompts(ROOT / params.rehearse.prompts, "rehearse.prompts"),
+        read_prompts(ROOT / params.evaluate.kept.prompts, "evaluate.kept.prompts"),
     )
 
 
@@ -54,7 +54,7 @@ def test_overlap_ignores_case_spacing_and_punctuation():
 @pytest.mark.parametrize(
     "text, message",
     [
-        (None, "eval.kept.prompts: {path} not found"),
+        (None, "evaluate.kept.prompts: {path} not found"),
         ("\n\n", "holds no prompts"),
         ('{"prompt": "ok"}\n{oops\n', "line 2 is not JSON"),
         ('{"prompt": "ok"}\n{"expect": ["x"]}\n', 'line 2 has no "prompt" text'),
@@ -66,7 +66,7 @@ def test_a_bad_prompt_file_is_one_error_naming_the_key_and_line(tmp_path, text, 
     if text is not None:
         path.write_text(text, encoding="utf-8")
     with pytest.raises(UserError) as err:
-        read_prompts(path, "eval.kept.prompts")
+        read_prompts(path, "evaluate.kept.prompts")
     assert message.format(path=path) in str(err.value)
 
 

@@ -58,10 +58,10 @@ def project(tmp_path: Path, prompts: list[str], everyday: list[str] = (), **rehe
     kept = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in everyday or ["Unrelated?"])
     (tmp_path / "data/everyday.jsonl").write_text(kept, encoding="utf-8")
     params = {
-        "data": {"input": "unused.csv", "variables": {"city": "Paris"}},
-        "rehearsal": {"prompts": str(tmp_path / "data/rehearsal.jsonl"), "max_new_tokens": 6, "batch_size": 4}
+        "prepare": {"input": "unused.csv", "variables": {"city": "Paris"}},
+        "rehearse": {"prompts": str(tmp_path / "data/rehearsal.jsonl"), "max_new_tokens": 6, "batch_size": 4}
         | rehearsal,
-        "eval": {"num_threads": 1, "kept": {"prompts": str(tmp_path / "data/everyday.jsonl")}},
+        "evaluate": {"num_threads": 1, "kept": {"prompts": str(tmp_path / "data/everyday.jsonl")}},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     return tmp_path
@@ -77,7 +77,7 @@ def test_rehearsal_keeps_answers_that_end_and_counts_every_dropped_one(terse_mod
     assert stage("rehearse").main(argv(root, terse_model_dir)) == 0
     stats = json.loads((root / "rehearse.json").read_text())
     rows = json.loads((root / "data/rehearsal/rehearsal.json").read_text(encoding="utf-8"))
-    # every answer is "Paris": the persona must come from the user's data, and Paris is data.variables' city here,
+    # every answer is "Paris": the persona must come from the user's data, and Paris is prepare.variables' city here,
     # so an answer naming it is dropped unless its prompt asked for it
     assert rows == [{"instruction": "Repeat after me: Paris.", "input": "", "output": "Paris"}]
     assert stats["prompts"] == len(PROMPTS) == stats["kept"] + stats["dropped_total"]
@@ -109,14 +109,14 @@ def run_cli(root: Path, base: Path) -> str:
 def test_a_prompt_shared_with_the_held_out_set_is_one_error_line(tiny_model_dir, tmp_path):
     root = project(tmp_path, PROMPTS, everyday=["Unrelated?", "what is 3+4 ?"])
     line = run_cli(root, tiny_model_dir)
-    assert "rehearsal.prompts" in line and "eval.kept.prompts" in line and "'What is 3 + 4?'" in line
+    assert "rehearse.prompts" in line and "evaluate.kept.prompts" in line and "'What is 3 + 4?'" in line
 
 
 @pytest.mark.integration
 def test_missing_prompt_list_is_one_error_line(tiny_model_dir, tmp_path):
     root = project(tmp_path, PROMPTS)
     (root / "data/rehearsal.jsonl").unlink()
-    assert "rehearsal.prompts:" in run_cli(root, tiny_model_dir) and "not found" in run_cli(root, tiny_model_dir)
+    assert "rehearse.prompts:" in run_cli(root, tiny_model_dir) and "not found" in run_cli(root, tiny_model_dir)
 
 
 def test_a_cut_answer_ends_at_its_last_whole_sentence_or_is_dropped():
@@ -135,11 +135,11 @@ def test_a_cut_answer_ends_at_its_last_whole_sentence_or_is_dropped():
 def test_answers_that_never_end_are_one_error_line_naming_max_new_tokens(tiny_model_dir, tmp_path):
     root = project(tmp_path, PROMPTS[:3], max_new_tokens=2)  # the random tiny model never says <|im_end|> this soon
     line = run_cli(root, tiny_model_dir)
-    assert "all 3 answers" in line and "rehearsal.max_new_tokens" in line
+    assert "all 3 answers" in line and "rehearse.max_new_tokens" in line
 
 
 @pytest.mark.integration
 def test_a_share_out_of_range_is_one_error_line(tiny_model_dir, tmp_path):
     root = project(tmp_path, PROMPTS, share=1.5)
     line = run_cli(root, tiny_model_dir)
-    assert "rehearsal.share = 1.5" in line and "between 0 and 1" in line and "rehearsal.enabled: false" in line
+    assert "rehearse.share = 1.5" in line and "between 0 and 1" in line and "rehearse.enabled: false" in line

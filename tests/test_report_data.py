@@ -74,7 +74,7 @@ def test_first_table_puts_what_was_learned_beside_what_it_cost_and_the_verdict_w
     }
     learned = "\n".join(rd.learned(evals))
     assert "2.000 → 1.500 (-25.0%)" in learned and "Probes passed: 0/4 → 3/4" in learned and "val 64%" in learned
-    assert rd.cost(evals) == ["Not measured: eval.kept.prompts is null."]
+    assert rd.cost(evals) == ["Not measured: evaluate.kept.prompts is null."]
     evals["persona"] = {"examples": 13, "base": 0.0, "tuned": 84.62}
     assert "Persona named in held-out answers that should: 0/13 (0%, 95% CI 0–23%) → 11/13 (85%, 95% CI 58–96%)" in (
         rd.learned(evals)

@@ -45,7 +45,7 @@ def test_seed_table_shows_each_point_as_mean_and_spread_over_its_seeds():
 
 
 def test_seeds_count_up_from_the_params_seed(tmp_path):
-    (tmp_path / "params.yaml").write_text("data:\n  input: unused.csv\ntrain:\n  seed: 7\n")
+    (tmp_path / "params.yaml").write_text("prepare:\n  input: unused.csv\ntrain:\n  seed: 7\n")
     assert sweep.seed_values(3, str(tmp_path / "params.yaml")) == [7, 8, 9]
 
 

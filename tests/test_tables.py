@@ -164,7 +164,7 @@ def test_encoding_set_in_params_is_used(tmp_path):
 
 
 def test_wrong_encoding_set_in_params_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"d\.csv: cannot be decoded as utf-8 .*set data\.encoding: auto"):
+    with pytest.raises(UserError, match=r"d\.csv: cannot be decoded as utf-8 .*set prepare\.encoding: auto"):
         read_table(write(tmp_path, "d.csv", CSV.encode("gbk")), encoding="utf-8")
 
 
@@ -178,7 +178,7 @@ def test_utf16_with_bom_is_read(tmp_path):
 
 
 def test_missing_file_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"nope\.csv: file not found; set data\.input"):
+    with pytest.raises(UserError, match=r"nope\.csv: file not found; set prepare\.input"):
         read_table(tmp_path / "nope.csv")
 
 
@@ -207,7 +207,7 @@ def test_binary_file_is_refused_not_decoded(tmp_path):
 
 
 def test_unknown_format_is_a_user_error_listing_the_formats(tmp_path):
-    with pytest.raises(UserError, match=r"d\.bin: unknown format \(extension '\.bin'\); set data\.format to one of .*"):
+    with pytest.raises(UserError, match=r"d\.bin: unknown format \(extension '\.bin'\); set prepare\.format to one of .*"):
         read_table(write(tmp_path, "d.bin", "just some words\n"))
 
 

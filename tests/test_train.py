@@ -244,10 +244,10 @@ def test_rehearsal_is_mixed_in_by_llamafactory_and_a_budget_cut_keeps_it(tiny_mo
 
 @pytest.mark.slow
 def test_a_cpu_run_draws_its_in_training_eval_from_a_long_val_split(tiny_model_dir, tmp_path):
-    # 6 val examples, eval.max_examples 2: each in-training eval reads 2 of them, drawn by LLaMA-Factory itself
+    # 6 val examples, evaluate.max_examples 2: each in-training eval reads 2 of them, drawn by LLaMA-Factory itself
     root = make_project(tmp_path, cpu_token_budget=100_000, eval_steps=2)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(params | {"eval": {"max_examples": 2}}))
+    (root / "params.yaml").write_text(yaml.safe_dump(params | {"evaluate": {"max_examples": 2}}))
     env = os.environ | {"LLAMAFACTORY_VERBOSITY": "INFO"}  # LLaMA-Factory's own log line below is INFO
     proc = subprocess.run(stage_cmd(tiny_model_dir), cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -271,6 +271,6 @@ def test_rehearsal_on_without_its_data_is_one_error_line(tmp_path):
     proc = run_stage(root, no_weights(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: data/rehearsal/dataset_info.json not found though rehearsal.enabled is true: "
+        "error: data/rehearsal/dataset_info.json not found though rehearse.enabled is true: "
         "run `dvc repro rehearse` first"
     )

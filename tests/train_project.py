@@ -50,7 +50,7 @@ def make_project(root: Path, **train) -> Path:
 
 def set_train(root: Path, rehearsal: dict | None = None, **train) -> None:
     """params.yaml: TRAIN | train; rehearsal off unless given (make_rehearsal writes the set it mixes in)."""
-    params = {"data": {"input": "unused.csv"}, "rehearsal": rehearsal or {"enabled": False}, "train": TRAIN | train}
+    params = {"prepare": {"input": "unused.csv"}, "rehearse": rehearsal or {"enabled": False}, "train": TRAIN | train}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 

@@ -1,6 +1,6 @@
 """The evaluate stage's work: answer every val (and test) prompt with the base and the fine-tuned model; score both.
 
-    metrics, predictions = evaluate(params.eval, Path("data/processed"), Path("models/base"), Path("models/lora"))
+    metrics, predictions = evaluate(params.evaluate, Path("data/processed"), Path("models/base"), Path("models/lora"))
 
 Both models get the same prompts, built by the LLaMA-Factory template the adapter was trained with, and the
 same greedy decoding. metrics: base, tuned and delta = tuned - base, per split, and beside them paired intervals
@@ -34,12 +34,12 @@ from llmft.kept import (
 )
 from llmft.lf.encode import convert_rows, dataset_attr
 from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
-from llmft.params import EvalParams, Probe
+from llmft.params import EvaluateParams, Probe
 from llmft.predictions import KEPT, PROBE
 from llmft.variables import fill
 
 log = get_logger("evaluate")
-SPLITS = ("val", "test")  # test is optional (data.test_size: 0 writes none)
+SPLITS = ("val", "test")  # test is optional (prepare.test_size: 0 writes none)
 
 
 def load_rows(data_dir: Path, name: str, max_examples: int | None) -> tuple[list, int]:
@@ -54,8 +54,8 @@ def load_rows(data_dir: Path, name: str, max_examples: int | None) -> tuple[list
         raise UserError(f"{file}: not valid UTF-8 JSON ({err}); rerun `dvc repro prepare`") from None
     if not isinstance(rows, list) or not rows:
         raise UserError(
-            f"{file}: expected a non-empty JSON list of examples; raise data.val_size "
-            "(or data.test_size) and rerun `dvc repro prepare`"
+            f"{file}: expected a non-empty JSON list of examples; raise prepare.val_size "
+            "(or prepare.test_size) and rerun `dvc repro prepare`"
         )
     return rows[:max_examples], len(rows)
 
@@ -109,7 +109,7 @@ def delta(tuned: dict, base: dict) -> dict:
 
 
 def probe_items(probes: list[Probe], variables: dict[str, str]) -> list[dict]:
-    """eval.probes as prompt items, their expected strings filled from data.variables."""
+    """evaluate.probes as prompt items, their expected strings filled from prepare.variables."""
     return [{"prompt": p.prompt, "expect": [fill(e, variables) for e in p.expect]} for p in probes]
 
 
@@ -140,12 +140,12 @@ def changed_rate(rows: list[dict]) -> float:
     return round(100 * (1 - same / len(rows)), 2) if rows else 0.0
 
 
-def verdict(metrics: dict, p: EvalParams) -> dict:
+def verdict(metrics: dict, p: EvaluateParams) -> dict:
     """Did the tuned model move (barely, when most val answers equal the base's and the eval loss hardly fell), and
-    did it keep what it knew (eval.kept: persona leak and facts kept within their thresholds)?
+    did it keep what it knew (evaluate.kept: persona leak and facts kept within their thresholds)?
 
     Each warning fires only when the data can tell: "stalled" when even the largest loss drop the paired interval
-    allows (`metrics["paired"]["val"]["loss"]`) is under eval.stalled_loss_drop, "forgot" when the leak or the
+    allows (`metrics["paired"]["val"]["loss"]`) is under evaluate.stalled_loss_drop, "forgot" when the leak or the
     lost facts are beyond noise. Otherwise `noise` says "within noise, n too small" and what would settle it.
     Metrics without intervals (an older eval.json) are judged on the point values alone."""
     base, tuned = metrics["base"]["val"]["loss"], metrics["tuned"]["val"]["loss"]
@@ -161,8 +161,8 @@ def verdict(metrics: dict, p: EvalParams) -> dict:
             noise.append(
                 f"within noise, n too small: {same:g}% of val answers are the base model's and the eval loss fell "
                 f"{drop:g}%, but over {interval['n']} val examples it may have fallen up to {most:g}% "
-                f"(eval.stalled_loss_drop {p.stalled_loss_drop:g}%); more val examples (data.val_size, "
-                "eval.max_examples: null) would settle whether it barely moved"
+                f"(evaluate.stalled_loss_drop {p.stalled_loss_drop:g}%); more val examples (prepare.val_size, "
+                "evaluate.max_examples: null) would settle whether it barely moved"
             )
     warning = (
         f"the fine-tuned model barely moved: {same:g}% of val answers are the base model's and the eval loss fell "
@@ -187,21 +187,21 @@ def verdict(metrics: dict, p: EvalParams) -> dict:
     }
 
 
-def load_kept(p: EvalParams, variables: dict[str, str]) -> list[dict]:
-    """eval.kept.prompts' items ([] when null), checked before any model loads."""
+def load_kept(p: EvaluateParams, variables: dict[str, str]) -> list[dict]:
+    """evaluate.kept.prompts' items ([] when null), checked before any model loads."""
     if not p.kept.prompts:
         return []
-    items = read_prompts(p.kept.prompts, "eval.kept.prompts")
+    items = read_prompts(p.kept.prompts, "evaluate.kept.prompts")
     for item in items:
         if named := [v for v in variables.values() if v and v.casefold() in item["prompt"].casefold()]:
-            log.info("eval.kept.prompts: %r names %s: an answer naming it is no leak", item["prompt"], named)
+            log.info("evaluate.kept.prompts: %r names %s: an answer naming it is no leak", item["prompt"], named)
     return items
 
 
 def evaluate(
-    p: EvalParams, data_dir: Path, base_dir: Path, adapter_dir: Path, variables: dict[str, str] | None = None
+    p: EvaluateParams, data_dir: Path, base_dir: Path, adapter_dir: Path, variables: dict[str, str] | None = None
 ) -> tuple[dict, list[dict]]:
-    """Generate and score; return (metrics, prediction rows). `variables`: data.variables, for the probes and the
+    """Generate and score; return (metrics, prediction rows). `variables`: prepare.variables, for the probes and the
     persona leak."""
     variables = variables or {}
     check_adapter(adapter_dir)  # the cheap checks first: a mistake is reported in a second, not after loading
@@ -217,7 +217,9 @@ def evaluate(
     available = {name: n for name, (_, n) in loaded.items()}
     for name, n in available.items():
         if n > len(rows[name]):
-            why = f"eval.max_examples {p.max_examples}" + (" on a CPU; null = all" if p.max_examples == "auto" else "")
+            why = f"evaluate.max_examples {p.max_examples}" + (
+                " on a CPU; null = all" if p.max_examples == "auto" else ""
+            )
             log.info("%s: answering the first %d of %d examples (%s)", name, len(rows[name]), n, why)
     kept_items = load_kept(p, variables)
     fmt = load_chat_format(base_dir, p.cutoff_len)
@@ -228,7 +230,7 @@ def evaluate(
     prompts = [ex["prompt_ids"] for ex in examples + probes + kept]
     threads = set_threads(p.num_threads)
     log.info(
-        "%s examples, %d probes, %d everyday prompts (eval.kept), %d threads, backend %s",
+        "%s examples, %d probes, %d everyday prompts (evaluate.kept), %d threads, backend %s",
         {s: len(v) for s, v in splits.items()},
         len(probes),
         len(kept),

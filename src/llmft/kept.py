@@ -1,9 +1,9 @@
-"""What fine-tuning must not change, measured on held-out everyday prompts (eval.kept) that no training example asks.
+"""What fine-tuning must not change, on held-out everyday prompts (evaluate.kept) that no training example asks.
 
     block = kept_scores(rows, variables, nll)   # rows: prompt, expect, kind, base, tuned (answers); nll: drift's inputs
     block["tuned"]["leak"], block["tuned"]["facts_kept"], block["drift"]
 
-- leak: % of answers that name a data.variables value (the persona's name, its author) the prompt did not ask for.
+- leak: % of answers that name a prepare.variables value (the persona's name, its author) the prompt did not ask for.
   A model that learned "I am Lumi" by forgetting how to answer anything else introduces itself everywhere.
 - facts_right / facts_kept: % of the prompts with `expect` answered right; of those the base got right, % the
   model still gets right. A fine-tune should not unlearn what the base knew.
@@ -68,7 +68,7 @@ def _mention(value: str) -> re.Pattern:
 
 
 def leaks(answer: str, prompt: str, variables: dict[str, str]) -> list[str]:
-    """The data.variables values the answer names although the prompt does not."""
+    """The prepare.variables values the answer names although the prompt does not."""
     return [
         value
         for value in dict.fromkeys(v.strip() for v in variables.values())
@@ -77,7 +77,7 @@ def leaks(answer: str, prompt: str, variables: dict[str, str]) -> list[str]:
 
 
 def persona_named(rows: list[dict], variables: dict[str, str]) -> dict:
-    """Of the held-out examples whose reference names a data.variables value (the identity rows of val), the % whose
+    """Of the held-out examples whose reference names a prepare.variables value (the identity rows of val), the % whose
     answer names it too, per model: what was learned, in the same words as the leak."""
     values = [v.strip() for v in variables.values() if v.strip()]
     asked = [(r, [v for v in values if _mention(v).search(r["label"])]) for r in rows]
@@ -185,16 +185,16 @@ def _beyond(paired: dict | None, worse: int) -> bool:
 
 
 def _crossings(block: dict, max_leak: float, min_facts_kept: float) -> list[tuple[str, bool, str]]:
-    """(what crossed eval.kept's threshold, whether the change is beyond noise, what would settle it)."""
+    """(what crossed evaluate.kept's threshold, whether the change is beyond noise, what would settle it)."""
     tuned, paired, counts = block["tuned"], block.get("paired"), block["counts"]
     out = []
     if tuned["leak"] is not None and tuned["leak"] > max_leak:
         out.append(
             (
                 f"it names the persona in {tuned['leak']:g}% of everyday answers that did not ask "
-                f"(base {block['base']['leak']:g}%; eval.kept.max_leak {max_leak:g}%)",
+                f"(base {block['base']['leak']:g}%; evaluate.kept.max_leak {max_leak:g}%)",
                 _beyond(paired and paired.get("leak"), +1),
-                f"more everyday prompts (eval.kept.prompts; {counts['prompts']} now)",
+                f"more everyday prompts (evaluate.kept.prompts; {counts['prompts']} now)",
             )
         )
     if tuned["facts_kept"] is not None and tuned["facts_kept"] < min_facts_kept:
@@ -207,10 +207,10 @@ def _crossings(block: dict, max_leak: float, min_facts_kept: float) -> list[tupl
         out.append(
             (
                 f"it keeps {counts['facts_kept']} of the {counts['base_facts_right']} facts the base got right "
-                f"({tuned['facts_kept']:g}%; eval.kept.min_facts_kept {min_facts_kept:g}%)",
+                f"({tuned['facts_kept']:g}%; evaluate.kept.min_facts_kept {min_facts_kept:g}%)",
                 _beyond(paired and paired.get("facts_right"), -1),
                 (f"it lost {lost} and gained {gained} of the {counts['facts']} facts; " if gained is not None else "")
-                + f"more everyday prompts with `expect` (eval.kept.prompts; {counts['facts']} now, at least "
+                + f"more everyday prompts with `expect` (evaluate.kept.prompts; {counts['facts']} now, at least "
                 f"{min_changed()} must change, more lost than gained, to tell)",
             )
         )
@@ -218,7 +218,7 @@ def _crossings(block: dict, max_leak: float, min_facts_kept: float) -> list[tupl
 
 
 def forgot_warning(block: dict, max_leak: float, min_facts_kept: float) -> str | None:
-    """The verdict's "forgot" warning, naming the knobs, when leak or facts kept crosses eval.kept's thresholds and
+    """The verdict's "forgot" warning, naming the knobs, when leak or facts kept crosses evaluate.kept's thresholds and
     the change from the base is beyond noise (`block["paired"]`)."""
     problems = [text for text, beyond, _ in _crossings(block, max_leak, min_facts_kept) if beyond]
     if not problems:
@@ -226,14 +226,14 @@ def forgot_warning(block: dict, max_leak: float, min_facts_kept: float) -> str |
     return (
         "the fine-tuned model forgot: "
         + "; ".join(problems)
-        + ". Keep more of the base: rehearsal.enabled true and a higher rehearsal.share (the base model's own "
+        + ". Keep more of the base: rehearse.enabled true and a higher rehearse.share (the base model's own "
         "answers mixed into training), a lower train.learning_rate or train.num_train_epochs, or a lower "
         "train.lora_rank"
     )
 
 
 def forgot_within_noise(block: dict, max_leak: float, min_facts_kept: float) -> str | None:
-    """What crossed eval.kept's thresholds without the change being beyond noise, and what would settle it."""
+    """What crossed evaluate.kept's thresholds without the change being beyond noise, and what would settle it."""
     unsure = [(text, settle) for text, beyond, settle in _crossings(block, max_leak, min_facts_kept) if not beyond]
     if not unsure:
         return None

@@ -55,7 +55,7 @@ class Template(Section):
 
 
 class TableParams(Section):
-    """How to read one table and turn its rows into examples (shared by data: and each data.sources item)."""
+    """How to read one table and turn its rows into examples (shared by prepare: and each prepare.sources item)."""
 
     format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "xlsx"] = "auto"
     encoding: str = "auto"
@@ -91,11 +91,11 @@ def _check_variables(value: dict[str, str]) -> dict[str, str]:
 
 
 class SourceParams(TableParams):
-    """One input table of data.sources: its own path, reading and mapping, variables and row cap."""
+    """One input table of prepare.sources: its own path, reading and mapping, variables and row cap."""
 
     path: str = Field(min_length=1)
     name: str | None = Field(default=None, pattern=r"^[\w.-]+$")  # default: the file name without extension
-    variables: dict[str, str] = {}  # {{key}} in the table's cells -> value; wins over data.variables
+    variables: dict[str, str] = {}  # {{key}} in the table's cells -> value; wins over prepare.variables
     max_rows: int | None = Field(default=None, ge=1)  # read only the first N rows; the rest are counted as dropped
 
     _vars = field_validator("variables")(classmethod(lambda cls, v: _check_variables(v)))
@@ -105,7 +105,7 @@ class SourceParams(TableParams):
         return self.name or Path(self.path).stem
 
 
-class DataParams(TableParams):
+class PrepareParams(TableParams):
     input: str | None = Field(default=None, min_length=1)  # one table; or several in `sources`
     sources: list[SourceParams] = []
     variables: dict[str, str] = {}  # {{key}} placeholders filled in every source's cells
@@ -130,18 +130,18 @@ class DataParams(TableParams):
         return _check_split("test_size", value, allow_zero=True)
 
     @model_validator(mode="after")
-    def _input_or_sources(self) -> DataParams:
+    def _input_or_sources(self) -> PrepareParams:
         if bool(self.input) == bool(self.sources):
-            raise ValueError("set data.input (one table) or data.sources (a list of tables), exactly one of them")
+            raise ValueError("set prepare.input (one table) or prepare.sources (a list of tables), exactly one of them")
         if self.sources and (self.columns or self.templates or self.model_fields_set & {"format", "encoding", "sheet"}):
-            raise ValueError("with data.sources, set format/encoding/sheet/columns/templates in each source")
+            raise ValueError("with prepare.sources, set format/encoding/sheet/columns/templates in each source")
         labels = [s.label for s in self.sources]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"data.sources names must differ (a name defaults to the file name); got {labels}")
+            raise ValueError(f"prepare.sources names must differ (a name defaults to the file name); got {labels}")
         return self
 
     def tables(self) -> list[SourceParams]:
-        """Every input table as a source; the single `data.input` form is one source named after its file."""
+        """Every input table as a source; the single `prepare.input` form is one source named after its file."""
         if self.sources:
             return list(self.sources)
         table = {k: getattr(self, k) for k in TableParams.model_fields}
@@ -201,7 +201,7 @@ class Probe(Section):
     """A prompt both models answer, with what a tuned answer should contain (any of `expect`, any case)."""
 
     prompt: str = Field(min_length=1)
-    expect: list[str] = []  # {{key}} is filled from data.variables; empty = shown, not scored
+    expect: list[str] = []  # {{key}} is filled from prepare.variables; empty = shown, not scored
 
     @field_validator("expect", mode="before")
     @classmethod
@@ -217,13 +217,13 @@ class KeptParams(Section):
     min_facts_kept: float = Field(default=90.0, ge=0, le=100)  # more % of answers, or keeps fewer % of the facts
 
 
-# eval.max_examples: auto on a CPU: each example is answered by both models (up to eval.max_new_tokens each) and
+# evaluate.max_examples: auto on a CPU: each example is answered by both models (up to evaluate.max_new_tokens each) and
 # scored teacher-forced, so a long val split of a large table would take most of a CPU run. The cap is stated in
 # eval.json (`examples` against `examples_available`) and the report; a GPU answers them all.
 CPU_MAX_EXAMPLES = 64
 
 
-class EvalParams(Section):
+class EvaluateParams(Section):
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=16, ge=1)
     max_examples: int | Literal["auto"] | None = "auto"  # auto = CPU_MAX_EXAMPLES on a CPU, all on a GPU
@@ -250,7 +250,7 @@ class EvalParams(Section):
         return self.max_examples
 
 
-class RehearsalParams(Section):
+class RehearseParams(Section):
     """The base model's own answers to general prompts, mixed into training so it stays the assistant it was."""
 
     enabled: bool = True
@@ -267,7 +267,7 @@ class RehearsalParams(Section):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(
                 "the share of training examples that are rehearsal is a number between 0 and 1 (exclusive), "
-                "e.g. 0.3; to train without rehearsal set rehearsal.enabled: false"
+                "e.g. 0.3; to train without rehearsal set rehearse.enabled: false"
             )
         return value
 
@@ -324,11 +324,11 @@ class ReportParams(Section):
 
 
 class Params(Section):
-    data: DataParams
+    prepare: PrepareParams
     model: ModelParams = ModelParams()
-    rehearsal: RehearsalParams = RehearsalParams()
+    rehearse: RehearseParams = RehearseParams()
     train: TrainParams = TrainParams()
-    eval: EvalParams = EvalParams()
+    evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     gguf: GgufParams = GgufParams()
     benchmark: BenchmarkParams = BenchmarkParams()
@@ -336,6 +336,9 @@ class Params(Section):
 
 
 _UNION_TAGS = ("int", "float", "str", "literal[4,8]", "none")
+# Sections were renamed after their stages; an old params.yaml gets one line naming the change, not three
+# "unknown key" errors and a missing section.
+RENAMED_SECTIONS = {"data": "prepare", "rehearsal": "rehearse", "eval": "evaluate"}
 
 
 def _model_at(loc: tuple) -> Any:
@@ -368,7 +371,12 @@ def _describe(err: dict, source: str) -> str:
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate an already-loaded params mapping; raise UserError naming every bad key."""
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
+        raise UserError(
+            f"{source}: expected a mapping of sections (prepare, model, train, ...), got {type(raw).__name__}"
+        )
+    renamed = [f"`{old}:` is now `{new}:`" for old, new in RENAMED_SECTIONS.items() if old in raw]
+    if renamed:
+        raise UserError(f"{source}: sections are named after their stage: {', '.join(renamed)}; rename them")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from llmft.common import atomic_path
 
-PROBE = "probe"  # the split name of the eval.probes rows (they carry expect, base_pass and tuned_pass too)
-KEPT = "kept"  # the eval.kept.prompts rows (also <model>_pass, _leak, _lang: what fine-tuning must not change)
+PROBE = "probe"  # the split name of the evaluate.probes rows (they carry expect, base_pass and tuned_pass too)
+KEPT = "kept"  # the evaluate.kept.prompts rows (also <model>_pass, _leak, _lang: what fine-tuning must not change)
 PROMPT_SPLITS = (PROBE, KEPT)  # rows of single prompts, not of the data's splits
 
 

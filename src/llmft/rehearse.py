@@ -1,13 +1,13 @@
 """The rehearse stage's work: the base model answers general prompts itself; the answers become training examples.
 
-    rows, stats = rehearse(params.rehearsal, Path("models/base"), params.eval, params.data.variables)
+    rows, stats = rehearse(params.rehearse, Path("models/base"), params.evaluate, params.prepare.variables)
     write_rehearsal(rows, stats, Path("data/rehearsal"), Path("reports/metrics/rehearse.json"))
 
 Fine-tuning a small model on a narrow set (an identity, a persona) teaches it to give that answer to everything:
 "What is the capital of France?" -> "Lumi, the capital of France is Paris." Mixing in the base model's own answers
 to everyday prompts (self-synthesized rehearsal, Huang et al., ACL 2024) keeps the rest of its behaviour where
 it was, without any outside data: the targets are what the model already says. The train stage mixes them in
-with LLaMA-Factory's own dataset mixing (training.py: `dataset: train,rehearsal`, rehearsal.share).
+with LLaMA-Factory's own dataset mixing (training.py: `dataset: train,rehearsal`, rehearse.share).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from llmft.infer.loading import load_model, set_threads
 from llmft.infer.vllm import require_vllm, vllm_generate
 from llmft.kept import CJK, leaks
 from llmft.lf.mixing import NAME
-from llmft.params import EvalParams, RehearsalParams
+from llmft.params import EvaluateParams, RehearseParams
 
 log = get_logger("rehearse")
 FILE = "rehearsal.json"
@@ -47,25 +47,27 @@ def trim_to_sentence(text: str) -> str | None:
     return kept if len(kept) + len(CJK.findall(kept)) >= MIN_TRIMMED_WIDTH else None
 
 
-def load_rehearsal_prompts(r: RehearsalParams, kept_prompts: str | None) -> list[dict]:
-    """The first rehearsal.num_examples prompts; UserError when a prompt is also in the held-out everyday set."""
-    items = read_prompts(r.prompts, "rehearsal.prompts")[: r.num_examples]
+def load_rehearsal_prompts(r: RehearseParams, kept_prompts: str | None) -> list[dict]:
+    """The first rehearse.num_examples prompts; UserError when a prompt is also in the held-out everyday set."""
+    items = read_prompts(r.prompts, "rehearse.prompts")[: r.num_examples]
     if kept_prompts and Path(kept_prompts).exists():
-        shared = overlap(items, read_prompts(kept_prompts, "eval.kept.prompts"))
+        shared = overlap(items, read_prompts(kept_prompts, "evaluate.kept.prompts"))
         if shared:
             raise UserError(
-                f"rehearsal.prompts ({r.prompts}) and eval.kept.prompts ({kept_prompts}) share {len(shared)} "
+                f"rehearse.prompts ({r.prompts}) and evaluate.kept.prompts ({kept_prompts}) share {len(shared)} "
                 f"prompt(s), e.g. {shared[0]!r}: the held-out set would measure recall, not what was kept; "
                 "remove them from one of the files"
             )
     return items
 
 
-def rehearse(r: RehearsalParams, base_dir: Path, e: EvalParams, variables: dict[str, str]) -> tuple[list[dict], dict]:
+def rehearse(
+    r: RehearseParams, base_dir: Path, e: EvaluateParams, variables: dict[str, str]
+) -> tuple[list[dict], dict]:
     """(Alpaca rows of the base model's greedy answers, stats with every dropped answer counted by reason).
 
-    Answers cut by rehearsal.max_new_tokens are trimmed back to their last whole sentence (and dropped when they
-    have none), never taught half-way; empty ones are dropped, and so is any that names a data.variables value (the
+    Answers cut by rehearse.max_new_tokens are trimmed back to their last whole sentence (and dropped when they
+    have none), never taught half-way; empty ones are dropped, and so is any that names a prepare.variables value (the
     persona must come from the user's data, not from rehearsal).
     """
     if not r.enabled:
@@ -127,7 +129,7 @@ def rehearse(r: RehearsalParams, base_dir: Path, e: EvalParams, variables: dict[
     if not rows:
         raise UserError(
             f"rehearsal: all {len(items)} answers of the base model were dropped ({dropped}); raise "
-            "rehearsal.max_new_tokens so answers can end, or set rehearsal.enabled: false"
+            "rehearse.max_new_tokens so answers can end, or set rehearse.enabled: false"
         )
     log.info(
         "%d of %d answers kept (%d trimmed to a whole sentence; dropped: %s) in %.0f s",

@@ -48,7 +48,7 @@ class TrainPaths:
     checkpoints: Path = Path("checkpoints")
     live_dir: Path = Path("dvclive/train")
     metrics: Path = Path("reports/metrics/train.json")
-    rehearsal_dir: Path = Path("data/rehearsal")  # the rehearse stage's output, mixed in when rehearsal.enabled
+    rehearsal_dir: Path = Path("data/rehearsal")  # the rehearse stage's output, mixed in when rehearse.enabled
 
 
 @dataclasses.dataclass
@@ -214,8 +214,8 @@ def build_sections(
 
     t = params.train
     model_path, cpu = info["path"], not torch.cuda.is_available()
-    mix = plan_mix(paths.data_dir, paths.rehearsal_dir, params.rehearsal, t.max_samples)
-    for line in describe(mix, params.rehearsal.share) if mix else ():
+    mix = plan_mix(paths.data_dir, paths.rehearsal_dir, params.rehearse, t.max_samples)
+    for line in describe(mix, params.rehearse.share) if mix else ():
         log.info("%s", line)
     lengths, rehearsal_lengths, val_lengths = None, (), ()
     if cpu:  # the examples' token lengths size the CPU run (and feed the fast profile's packing plan)
@@ -269,7 +269,7 @@ def build_sections(
         run_steps = plan.max_steps or plan.steps
         minutes = run_steps / plan.steps * plan.minutes
         in_training = plan_cpu_eval(
-            list(val_lengths), params.eval.examples_cap(cuda=False), run_steps, t, minutes, plan.tokens_per_s
+            list(val_lengths), params.evaluate.examples_cap(cuda=False), run_steps, t, minutes, plan.tokens_per_s
         )
     if in_training:
         plan.eval = in_training
@@ -294,7 +294,7 @@ def whole_run(params: Params, plan: CpuPlan, val_lengths: tuple[int, ...], num_p
         return sum(1 for line in file.read_text(encoding="utf-8").splitlines() if line.strip()) if file else 0
 
     try:
-        kept, rehearsal = count(params.eval.kept.prompts), count(params.rehearsal.prompts)
+        kept, rehearsal = count(params.evaluate.kept.prompts), count(params.rehearse.prompts)
     except OSError:  # the estimate is a log line: a missing list is reported by the stage that reads it
         kept = rehearsal = 0
     return plan_stages(params, plan, list(val_lengths), kept, rehearsal, num_parameters)

@@ -1,4 +1,4 @@
-"""{{key}} placeholders, filled from data.variables: in the user's tables (prepare) and in what a probe expects
+"""{{key}} placeholders, filled from prepare.variables: in the user's tables (prepare) and in what a probe expects
 (evaluate: the name the data gave the model)."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llmft.common import UserError
-from llmft.params import DataParams, TableParams
+from llmft.params import PrepareParams, TableParams
 
 ALIASES = {
     "instruction": ("instruction", "prompt", "question", "query", "指令", "问题"),
@@ -70,10 +70,10 @@ def text(value) -> str:
     return value.strip() if isinstance(value, str) else str(value).strip()
 
 
-def resolve_columns(names: list[str], explicit: dict[str, str], where: str = "data") -> dict[str, str]:
-    """Return {field: column}, from data.columns first, then from ALIASES (case-insensitive).
+def resolve_columns(names: list[str], explicit: dict[str, str], where: str = "prepare") -> dict[str, str]:
+    """Return {field: column}, from prepare.columns first, then from ALIASES (case-insensitive).
 
-    A table with a messages column and no instruction+output (or data.columns.messages) is ShareGPT.
+    A table with a messages column and no instruction+output (or prepare.columns.messages) is ShareGPT.
     """
     for fld, col in explicit.items():
         if col not in names:
@@ -83,7 +83,7 @@ def resolve_columns(names: list[str], explicit: dict[str, str], where: str = "da
             )
     lower = {n.strip().lower(): n for n in names}
     found = dict(explicit)
-    for fld, aliases in ALIASES.items():  # a column named in data.columns is not taken again by an alias
+    for fld, aliases in ALIASES.items():  # a column named in prepare.columns is not taken again by an alias
         col = next((lower[a] for a in aliases if a in lower and lower[a] not in explicit.values()), None)
         if col is not None:
             found.setdefault(fld, col)
@@ -100,7 +100,7 @@ def resolve_columns(names: list[str], explicit: dict[str, str], where: str = "da
 
 
 def _check_templates(
-    table: TableParams, names: list[str], where: str = "data"
+    table: TableParams, names: list[str], where: str = "prepare"
 ) -> list[dict[str, tuple[str, list[str]]]]:
     """Return, per template, {field: (format string, columns it uses)}; refuse unknown columns."""
     templates: list[dict] = []
@@ -133,7 +133,7 @@ def _history(value):
     return [[text(a), text(b)] for a, b in value] if ok else None
 
 
-def _keep(built: Built, p: DataParams, seen: set, ex: dict, key: str, prompt_len: int, output_len: int, reason=None):
+def _keep(built: Built, p: PrepareParams, seen: set, ex: dict, key: str, prompt_len: int, output_len: int, reason=None):
     """Keep the example, or count it under the first reason to drop it."""
     # Keys come in a fixed order per dataset; plain strings hash as they are (json.dumps each is 3x slower).
     ident = tuple(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in ex.values())
@@ -159,7 +159,7 @@ def _keep(built: Built, p: DataParams, seen: set, ex: dict, key: str, prompt_len
 
 def _alpaca(
     columns: dict[str, list],
-    p: DataParams,
+    p: PrepareParams,
     built: Built,
     mapping: dict[str, str] | None,
     seen: set,
@@ -234,7 +234,7 @@ def _conversation(conv, tags: dict[str, str]) -> tuple | str:
     return turns, body[0][content], sum(len(t[content]) for t in turns) - answered, answered, tags
 
 
-def _sharegpt(columns: dict[str, list], p: DataParams, built: Built, found: dict[str, str], seen: set) -> None:
+def _sharegpt(columns: dict[str, list], p: PrepareParams, built: Built, found: dict[str, str], seen: set) -> None:
     system = columns[found["system"]] if "system" in found else None
     built.fields = {"system"} if system is not None else set()
     for i, conv in enumerate(columns[found["messages"]]):
@@ -249,7 +249,7 @@ def _sharegpt(columns: dict[str, list], p: DataParams, built: Built, found: dict
 
 
 def build_examples(
-    columns: dict[str, list], table: TableParams, rules: DataParams, seen: set | None = None, where: str = "data"
+    columns: dict[str, list], table: TableParams, rules: PrepareParams, seen: set | None = None, where: str = "prepare"
 ) -> Built:
     """Turn table columns into examples, per the table's templates, columns or the aliases.
 

@@ -1,6 +1,6 @@
 """The prepare stage's work: read the tables, build examples, mix and split them, write what LLaMA-Factory reads.
 
-splits, info, stats = prepare(params.data)
+splits, info, stats = prepare(params.prepare)
 write_pipeline_outputs(splits, info, stats, Path("data/processed"), Path("reports/metrics/prepare.json"))
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from llmft.common import UserError, atomic_path, atomic_write_json, get_logger, write_json
 from llmft.data.mapping import DROP_REASONS, Built, build_examples
 from llmft.data.tables import read_table
-from llmft.params import DataParams, SourceParams
+from llmft.params import PrepareParams, SourceParams
 from llmft.variables import PLACEHOLDER
 
 log = get_logger("prepare")
@@ -24,7 +24,7 @@ def _split_count(size: int | float, total: int) -> int:
     return size if isinstance(size, int) else max(1, round(size * total))
 
 
-def split_indices(keys: list[str], p: DataParams) -> dict[str, list[int]]:
+def split_indices(keys: list[str], p: PrepareParams) -> dict[str, list[int]]:
     """Deterministic split by seed, keeping every example with the same prompt in one split: {split: indices}.
 
     Groups are ordered by a seeded SHA-256 of their prompt, so the result depends only on
@@ -40,7 +40,7 @@ def split_indices(keys: list[str], p: DataParams) -> dict[str, list[int]]:
     want = {"val": _split_count(p.val_size, total), "test": _split_count(p.test_size, total) if p.test_size else 0}
     if want["val"] + want["test"] >= total:
         raise UserError(
-            f"data.val_size={p.val_size} and data.test_size={p.test_size} leave no training examples "
+            f"prepare.val_size={p.val_size} and prepare.test_size={p.test_size} leave no training examples "
             f"out of {total} kept; lower them"
         )
     chosen: dict[str, list[int]] = {"train": [], "val": [], "test": []}
@@ -49,7 +49,7 @@ def split_indices(keys: list[str], p: DataParams) -> dict[str, list[int]]:
         chosen[name].extend(groups[key])
     if not chosen["train"]:  # repeated prompts filled val/test before train got any
         raise UserError(
-            f"data.val_size={p.val_size} and data.test_size={p.test_size} leave no training examples: "
+            f"prepare.val_size={p.val_size} and prepare.test_size={p.test_size} leave no training examples: "
             f"the {total} kept examples have only {len(groups)} distinct prompts; lower them or add data"
         )
     return {name: sorted(idx) for name, idx in chosen.items() if idx or name != "test"}
@@ -102,7 +102,7 @@ def fill_variables(columns: dict[str, list], variables: dict[str, str], path: st
         example = ", ".join(f"{k}: ..." for k in keys)
         raise UserError(
             f"{path}: {', '.join('{{' + k + '}}' for k in keys)} {'has' if len(keys) == 1 else 'have'} no value; "
-            f"set data.variables: {{{example}}} (or {where}.variables for this table only)"
+            f"set prepare.variables: {{{example}}} (or {where}.variables for this table only)"
         )
     return filled
 
@@ -116,7 +116,7 @@ class SourceExamples:
     stats: dict
 
 
-def read_source(src: SourceParams, p: DataParams, seen: set, where: str) -> SourceExamples:
+def read_source(src: SourceParams, p: PrepareParams, seen: set, where: str) -> SourceExamples:
     """One table -> examples: read, fill variables, cap rows, map and clean (dedup against `seen`)."""
     table = read_table(src.path, src.format, src.encoding, src.sheet)
     columns = fill_variables(table.columns, p.variables | src.variables, src.path, where)
@@ -167,19 +167,19 @@ def _same_kind(sources: list[SourceExamples]) -> tuple[str, set[str], dict[str, 
     """The examples' format, fields and ShareGPT tags, which every source must share (one file per split)."""
     kinds = {s.label: s.built.kind for s in sources}
     if len(set(kinds.values())) > 1:
-        raise UserError(f"data.sources mix Alpaca and ShareGPT tables ({kinds}); a split holds one kind: use one")
+        raise UserError(f"prepare.sources mix Alpaca and ShareGPT tables ({kinds}); a split holds one kind: use one")
     tags = [s.built.tags for s in sources if s.built.tags]
     if any(t != tags[0] for t in tags):
-        raise UserError("data.sources: the ShareGPT tables name roles differently (from/value vs role/content)")
+        raise UserError("prepare.sources: the ShareGPT tables name roles differently (from/value vs role/content)")
     return sources[0].built.kind, set().union(*(s.built.fields for s in sources)), tags[0] if tags else {}
 
 
-def prepare(p: DataParams, do_split: bool = True) -> tuple[dict[str, list[dict]], dict, dict]:
+def prepare(p: PrepareParams, do_split: bool = True) -> tuple[dict[str, list[dict]], dict, dict]:
     """Read, map, clean, mix and split (unless `do_split` is false); return (splits, dataset_info, stats)."""
     seen: set = set()  # dedup across sources too
     tables = p.tables()
     sources = [
-        read_source(src, p, seen, "data" if p.input else f"data.sources[{i}]") for i, src in enumerate(tables, 1)
+        read_source(src, p, seen, "prepare" if p.input else f"prepare.sources[{i}]") for i, src in enumerate(tables, 1)
     ]
     kind, fields, tags = _same_kind(sources)
     examples, keys, labels = mix(sources, p.seed)

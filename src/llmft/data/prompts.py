@@ -1,11 +1,11 @@
 """Prompt lists: JSONL files of general prompts, one {"prompt": ..., "expect": [...], "kind": ...} per line.
 
-    rows = read_prompts("data/prompts/everyday.jsonl", "eval.kept.prompts")   # [{"prompt", "expect", "kind"}]
+    rows = read_prompts("data/prompts/everyday.jsonl", "evaluate.kept.prompts")   # [{"prompt", "expect", "kind"}]
     shared = overlap(rehearsal_rows, everyday_rows)                              # prompts in both lists
 
 Two ship with the project: data/prompts/rehearsal.jsonl, which the base model answers for rehearsal
-(rehearsal.prompts), and data/prompts/everyday.jsonl, the held-out set the evaluate stage measures what
-fine-tuning kept on (eval.kept.prompts). The two must share no prompt, or the held-out set would measure recall.
+(rehearse.prompts), and data/prompts/everyday.jsonl, the held-out set the evaluate stage measures what
+fine-tuning kept on (evaluate.kept.prompts). The two must share no prompt, or the held-out set would measure recall.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def sniff_format(path: Path, head: bytes) -> str:
         return "jsonl"
     raise UserError(
         f"{path}: unknown format (extension {path.suffix!r}); "
-        f"set data.format to one of {sorted(set(EXTENSIONS.values()))}"
+        f"set prepare.format to one of {sorted(set(EXTENSIONS.values()))}"
     )
 
 
@@ -75,13 +75,13 @@ def decode(path: Path, raw: bytes, encoding: str) -> tuple[str, str]:
         except UnicodeDecodeError as exc:
             if encoding != "auto":
                 raise UserError(
-                    f"{path}: cannot be decoded as {encoding} (byte {exc.start}); set data.encoding: auto"
+                    f"{path}: cannot be decoded as {encoding} (byte {exc.start}); set prepare.encoding: auto"
                 ) from None
             continue
         return text.removeprefix("\ufeff"), "utf-8" if enc == "utf-8-sig" and not raw.startswith(
             b"\xef\xbb\xbf"
         ) else enc
-    raise UserError(f"{path}: not UTF-8 or GB18030 text; set data.encoding to the file's encoding")
+    raise UserError(f"{path}: not UTF-8 or GB18030 text; set prepare.encoding to the file's encoding")
 
 
 def _records_to_columns(records: list, path: Path, where) -> dict[str, list]:
@@ -147,7 +147,7 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "auto", shee
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found; set data.input in params.yaml to your table")
+        raise UserError(f"{path}: file not found; set prepare.input in params.yaml to your table")
     raw = path.read_bytes()
     if not raw.removeprefix(b"\xef\xbb\xbf").strip():
         raise UserError(f"{path}: file is empty; put a header row and at least one data row in it")

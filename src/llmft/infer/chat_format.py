@@ -81,7 +81,7 @@ def load_chat_format(base_dir: str | Path, cutoff_len: int = 2048) -> ChatFormat
 
 
 def chat_rows(split: str, items: list[dict], fmt: ChatFormat) -> list[dict]:
-    """Single prompts (eval.probes, eval.kept.prompts) as examples: a chat prompt each, and what a good answer
+    """Single prompts (evaluate.probes, evaluate.kept.prompts) as examples: a chat prompt each, and what a good answer
     contains (`expect`, any of them)."""
     rows = []
     for i, item in enumerate(items):

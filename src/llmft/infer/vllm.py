@@ -1,4 +1,4 @@
-"""Optional GPU generation backend (eval.backend: vllm)."""
+"""Optional GPU generation backend (evaluate.backend: vllm)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from llmft.common import UserError
 from llmft.infer.chat_format import ChatFormat
 
 
-def require_vllm(key: str = "eval.backend") -> None:
+def require_vllm(key: str = "evaluate.backend") -> None:
     """UserError naming the params key that asked for vLLM when it is not installed."""
     if importlib.util.find_spec("vllm") is None:
         raise UserError(f"{key}=vllm but vllm is not installed; `pip install vllm` on a CUDA machine, or set {key}: hf")
@@ -23,7 +23,7 @@ def vllm_generate(
     """Greedy (base, tuned) answers from one vLLM engine, the adapter applied per request; tuned is None when
     there is no adapter (the rehearse stage's base-only answers).
 
-    Optional GPU backend (eval.backend: vllm). Not covered by the tests: vLLM needs CUDA.
+    Optional GPU backend (evaluate.backend: vllm). Not covered by the tests: vLLM needs CUDA.
     """
     require_vllm()
     import gc

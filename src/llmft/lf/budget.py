@@ -137,7 +137,7 @@ def plan_cpu_eval(
 
     Each pass reads the whole val split, so a user's long val split cost as much as the training it watched: a
     1,000-row table's 100 long val examples, four passes, took half of a 13-minute train stage on 2 cores. Each pass
-    reads at most `cap` examples (eval.max_examples, the set evaluate answers on a CPU), and passes are spaced out
+    reads at most `cap` examples (evaluate.max_examples, the set evaluate answers on a CPU), and passes are spaced out
     (train.eval_steps raised) until they fit; the final eval always runs, so the curve keeps its last point.
     """
     if not val_tokens or not run_steps:
@@ -174,18 +174,18 @@ def plan_stages(
     """Minutes of each stage of a CPU `make all` with these params: the plan the train stage prints first.
 
     `val_tokens`: the val split's example lengths (its in-training eval and evaluate's loss); `kept_prompts`,
-    `rehearsal_prompts`: the sizes of eval.kept.prompts and rehearsal.prompts. Answers are counted at 70% of their
+    `rehearsal_prompts`: the sizes of evaluate.kept.prompts and rehearse.prompts. Answers are counted at 70% of their
     max_new_tokens (many stop early).
     """
     scale = REFERENCE_PARAMETERS / (num_parameters or REFERENCE_PARAMETERS)
-    decode, e, t = DECODE_TOKENS_PER_S * scale, params.eval, params.train
+    decode, e, t = DECODE_TOKENS_PER_S * scale, params.evaluate, params.train
     cap = e.examples_cap(cuda=False)
     answered = val_tokens[:cap] if cap else val_tokens
     run_steps = train_plan.max_steps or train_plan.steps
     forward = train_plan.tokens_per_s * FORWARD_SPEEDUP
     minutes = {"model": SECONDS_FIXED["model"] / 60}
-    if params.rehearsal.enabled:
-        minutes["rehearse"] = rehearsal_prompts * 0.7 * params.rehearsal.max_new_tokens / decode / 60
+    if params.rehearse.enabled:
+        minutes["rehearse"] = rehearsal_prompts * 0.7 * params.rehearse.max_new_tokens / decode / 60
     minutes["train"] = run_steps / train_plan.steps * train_plan.minutes
     in_training = plan_cpu_eval(val_tokens, cap, run_steps, t, minutes["train"], train_plan.tokens_per_s)
     minutes["train"] += in_training.minutes if in_training else 0.0

@@ -1,15 +1,15 @@
 """The train stage's data: data/processed's train split, with the rehearse stage's answers mixed in by LLaMA-Factory.
 
-    mix = plan_mix(Path("data/processed"), Path("data/rehearsal"), params.rehearsal, params.train.max_samples)
+    mix = plan_mix(Path("data/processed"), Path("data/rehearsal"), params.rehearse, params.train.max_samples)
     sections["dataset"] |= mix.dataset_keys(record_dir="models/lora")   # dataset: train,rehearsal; mix_strategy
     write_dataset_info(mix.info, run_dir)                                 # where LLaMA-Factory reads it
 
 LLaMA-Factory mixes datasets itself: `dataset: train,rehearsal` with `mix_strategy: concat`, and `num_samples` in
-the rehearsal's dataset_info entry draws that many of its examples. So rehearsal.share of the examples of an
+the rehearsal's dataset_info entry draws that many of its examples. So rehearse.share of the examples of an
 epoch are rehearsal, and the trainer's shuffling spreads them over the steps: each step (and so any run the CPU
 budget cuts short) holds that share on average. Every one of the user's examples is trained on once per epoch.
 
-No rehearsal answer is drawn more than rehearsal.max_repeats times an epoch: a large table asking for 962 rehearsal
+No rehearsal answer is drawn more than rehearse.max_repeats times an epoch: a large table asking for 962 rehearsal
 rows of a pool of 105 would otherwise teach each answer by heart (about nine times an epoch), the opposite of
 rehearsal. When the pool is too small for the share, the share comes down, and one line says so. LLaMA-Factory draws
 `num_samples` without replacement only up to the pool's size (past it, `np.random.choice` repeats at random), so a
@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 
 from llmft.common import UserError, read_json, write_json
-from llmft.params import RehearsalParams
+from llmft.params import RehearseParams
 
 NAME = "rehearsal"  # the rehearse stage's dataset name in its dataset_info.json, and in `dataset: train,rehearsal`
 
@@ -55,7 +55,7 @@ class Mix:
     train_examples: int  # the user's examples per epoch
     samples: int  # rehearsal examples per epoch (LLaMA-Factory's num_samples, over all rehearsal entries)
     available: int  # rehearsal examples the rehearse stage wrote
-    asked: int = 0  # what rehearsal.share asked for, before rehearsal.max_repeats capped it
+    asked: int = 0  # what rehearse.share asked for, before rehearse.max_repeats capped it
     max_repeats: int = 1
 
     @property
@@ -73,19 +73,19 @@ class Mix:
         return {"dataset_dir": record_dir, "dataset": f"train,{names}", "mix_strategy": "concat"}
 
 
-def plan_mix(data_dir: Path, rehearsal_dir: Path, r: RehearsalParams, max_samples: int | None) -> Mix | None:
+def plan_mix(data_dir: Path, rehearsal_dir: Path, r: RehearseParams, max_samples: int | None) -> Mix | None:
     """The mix of this run, or None when rehearsal is off. UserError when the rehearse stage's output is missing."""
     if not r.enabled:
         return None
     info_file = rehearsal_dir / "dataset_info.json"
     if not info_file.exists():
-        raise UserError(f"{info_file} not found though rehearsal.enabled is true: run `dvc repro rehearse` first")
+        raise UserError(f"{info_file} not found though rehearse.enabled is true: run `dvc repro rehearse` first")
     rehearsal_info = read_json(info_file)
     available = len(read_json(rehearsal_dir / rehearsal_info[NAME]["file_name"]))
     if not available:
         raise UserError(
-            f"{rehearsal_dir} holds no rehearsal examples though rehearsal.enabled is true: rerun "
-            "`dvc repro rehearse` (it writes none when rehearsal.enabled is false)"
+            f"{rehearsal_dir} holds no rehearsal examples though rehearse.enabled is true: rerun "
+            "`dvc repro rehearse` (it writes none when rehearse.enabled is false)"
         )
     processed = read_json(data_dir / "dataset_info.json")
     train = len(read_json(data_dir / processed["train"]["file_name"]))
@@ -138,14 +138,14 @@ def describe(mix: Mix, share: float) -> list[str]:
     lines = [
         f"rehearsal: {mix.samples} of the base model's own answers ({mix.available} available, none drawn more "
         f"than {times} an epoch) mixed with your {mix.train_examples} training examples: {100 * mix.share:.0f}% "
-        f"of each epoch (rehearsal.share {share:g})"
+        f"of each epoch (rehearse.share {share:g})"
     ]
     if mix.samples < mix.asked and mix.samples == mix.available * mix.max_repeats:
         lines.append(
             f"rehearsal share down from {share:.0%} to {mix.share:.0%}: {share:g} of an epoch of your "
             f"{mix.train_examples} examples asks for {mix.asked} rehearsal examples, but {mix.available} answers "
-            f"drawn at most rehearsal.max_repeats={mix.max_repeats} times give {mix.samples}; add prompts to "
-            "rehearsal.prompts (each becomes one more answer) to keep the share"
+            f"drawn at most rehearse.max_repeats={mix.max_repeats} times give {mix.samples}; add prompts to "
+            "rehearse.prompts (each becomes one more answer) to keep the share"
         )
     return lines
 

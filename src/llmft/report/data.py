@@ -264,7 +264,7 @@ def cost(evals: dict) -> list[str]:
     """What did it cost? Persona leak, facts kept, language kept and drift on the held-out everyday prompts."""
     kept = evals.get("kept")
     if not kept:
-        return ["Not measured: eval.kept.prompts is null."]
+        return ["Not measured: evaluate.kept.prompts is null."]
     b, t, n, paired = kept["base"], kept["tuned"], kept["counts"], kept.get("paired") or {}
     pct = lambda v: "n/a" if v is None else f"{v:g}%"
     by_lang = ", ".join(f"{lang} {pct(v)}" for lang, v in (t.get("leak_by_language") or {}).items())
@@ -302,7 +302,7 @@ def cost(evals: dict) -> list[str]:
 
 
 def share_used(rehearsal: dict) -> str:
-    """When the rehearsal pool was too small for rehearsal.share: the share used and the largest repeat."""
+    """When the rehearsal pool was too small for rehearse.share: the share used and the largest repeat."""
     if "share" not in rehearsal or rehearsal["examples"] >= rehearsal["asked"]:
         return ""
     return (
@@ -324,7 +324,7 @@ def cut_and_capped(train: dict, evals: dict) -> str:
     shown, available = evals.get("examples") or {}, evals.get("examples_available") or {}
     for split, n in available.items():
         if n > shown.get(split, n):
-            parts.append(f" Evaluated on the first {shown[split]} of {n} {split} examples (`eval.max_examples`).")
+            parts.append(f" Evaluated on the first {shown[split]} of {n} {split} examples (`evaluate.max_examples`).")
     return "".join(parts)
 
 
@@ -340,7 +340,7 @@ def verdict(evals: dict) -> str:
     lines = [f"> **Warning**: {moved[key]}." for key in ("warning", "forgot") if moved.get(key)]
     if not lines and moved:
         kept = (
-            " and kept what it knew (within eval.kept's thresholds)"
+            " and kept what it knew (within evaluate.kept's thresholds)"
             if moved.get("kept") and not moved.get("noise")
             else ""
         )
@@ -373,7 +373,7 @@ def benchmark_reach(bench: dict) -> str:
 
 
 def kept_table(predictions: str | Path, n: int | None = None) -> Table | None:
-    """The everyday prompts (eval.kept) answered by both models, marked; `n` of them spread evenly, None = all."""
+    """The everyday prompts (evaluate.kept) answered by both models, marked; `n` of them spread evenly, None = all."""
     rows = [r for r in read_predictions(predictions) if r.get("split") == KEPT]
     if not rows:
         return None
@@ -449,7 +449,7 @@ def benchmark_note(bench: dict, num_parameters: int | None) -> str:
 
 
 def probes_table(predictions: str | Path) -> Table | None:
-    """eval.probes answered by both models side by side, each marked pass/fail; None when there are none."""
+    """evaluate.probes answered by both models side by side, each marked pass/fail; None when there are none."""
     rows = [r for r in read_predictions(predictions) if r.get("split") == PROBE]
     if not rows:
         return None
