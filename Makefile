@@ -26,6 +26,11 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv with the pinned packages, torch built for this NVIDIA driver (TORCH_CUDA=cu126|cu128|cu130|cpu)
+	@# The commit-msg check (.githooks/commit-msg: a subject of <= 72 characters, then a blank line), only where
+	@# it is in nobody's way: a git work tree with no hooks path set and no hooks of its own (dvc install's, say).
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && [ -z "$$(git config core.hooksPath)" ] \
+		&& [ -z "$$(ls "$$(git rev-parse --git-path hooks)" 2>/dev/null | grep -v '\.sample$$')" ]; then \
+		git config core.hooksPath .githooks && echo "git hooks: .githooks (commit-msg: subject <= 72 characters)"; fi
 
 $(STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required; set PYTHON=/path/to/python3.11")'

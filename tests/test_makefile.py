@@ -71,3 +71,33 @@ def test_train_nproc_and_nnodes_go_through_dvc_on_node_0_and_around_it_elsewhere
     node1 = make("-n", "train", "NPROC=8", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=10.0.0.1").stdout
     assert node1.strip().splitlines()[-1] == "python src/train.py --set train.nproc=8 --set train.nnodes=2"
     assert "dvc" not in node1
+
+
+def commit(repo: Path, *message: str) -> subprocess.CompletedProcess:
+    args = [a for m in message for a in ("-m", m)]
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-q", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_commit_msg_hook_holds_the_subject_to_72_characters_in_a_real_git_repo(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "config", "core.hooksPath", str(ROOT / ".githooks")], cwd=tmp_path, check=True)
+    assert commit(tmp_path, "x" * 72, "A body that says why.").returncode == 0
+    assert commit(tmp_path, "短" * 72).returncode == 0  # characters, not bytes
+    long = commit(tmp_path, "x" * 73)
+    assert long.returncode != 0 and "the subject is 73 characters; keep it to 72" in long.stderr
+    glued = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-q", "-F", "-"],
+        cwd=tmp_path,
+        input="Subject\nbody glued to it\n",
+        capture_output=True,
+        text=True,
+    )
+    assert glued.returncode != 0 and "leave a blank line between the subject and the body" in glued.stderr
+    assert subprocess.run(["git", "log", "--format=%s"], cwd=tmp_path, capture_output=True, text=True).stdout.split(
+        "\n"
+    )[:2] == ["短" * 72, "x" * 72]
