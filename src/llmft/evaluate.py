@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmft.common import UserError, get_logger
@@ -40,6 +41,7 @@ from llmft.variables import fill
 
 log = get_logger("evaluate")
 SPLITS = ("val", "test")  # test is optional (prepare.test_size: 0 writes none)
+NAMES = ("base", "tuned")  # the models, in the order they answer
 
 
 def load_rows(data_dir: Path, name: str, max_examples: int | None) -> tuple[list, int]:
@@ -198,6 +200,36 @@ def load_kept(p: EvaluateParams, variables: dict[str, str]) -> list[dict]:
     return items
 
 
+@dataclass
+class Prompts:
+    """What both models answer, in answer order: each split's examples, then the probes, then the everyday prompts
+    (evaluate.kept). One generation call takes them all and its answers come back in this order, so the order is
+    what every slice of the answers relies on."""
+
+    splits: dict[str, list[dict]]
+    probes: list[dict]
+    kept: list[dict]
+
+    @property
+    def examples(self) -> list[dict]:
+        return [ex for split in self.splits.values() for ex in split]
+
+    def ids(self) -> list[list[int]]:
+        return [ex["prompt_ids"] for ex in self.examples + self.probes + self.kept]
+
+
+@dataclass
+class Answers:
+    """Both models' outputs on the same Prompts, by model name ("base", "tuned")."""
+
+    tokens: dict[str, list[list[int]]] = field(default_factory=dict)  # generated ids, in Prompts order
+    nll: dict[str, dict] = field(default_factory=dict)  # split -> (loss sum, tokens) of the references
+    per_example: dict[str, dict] = field(default_factory=dict)  # split -> [(loss sum, tokens)]: paired intervals
+    speed: dict[str, float] = field(default_factory=dict)  # <model>_tokens_per_s, hf backend only
+    drift: dict[str, tuple[float, int]] = field(default_factory=dict)  # the base's own everyday answers' loss
+    drift_items: dict[str, list] = field(default_factory=dict)  # the same, per everyday prompt
+
+
 def evaluate(
     p: EvaluateParams, data_dir: Path, base_dir: Path, adapter_dir: Path, variables: dict[str, str] | None = None
 ) -> tuple[dict, list[dict]]:
@@ -209,7 +241,26 @@ def evaluate(
         require_vllm()
     import torch
 
-    cap = p.examples_cap(torch.cuda.is_available())
+    rows, available = load_splits(data_dir, p, p.examples_cap(torch.cuda.is_available()))
+    kept_items = load_kept(p, variables)
+    fmt = load_chat_format(base_dir, p.cutoff_len)
+    prompts = encode_prompts(data_dir, rows, probe_items(p.probes, variables), kept_items, fmt)
+    threads = set_threads(p.num_threads)
+    log.info(
+        "%s examples, %d probes, %d everyday prompts (evaluate.kept), %d threads, backend %s",
+        {s: len(v) for s, v in prompts.splits.items()},
+        len(prompts.probes),
+        len(prompts.kept),
+        threads,
+        p.backend,
+    )
+    answers = answer_both(fmt, p, adapter_dir, prompts)
+    return summarise(p, fmt, prompts, answers, available, threads, variables)
+
+
+def load_splits(data_dir: Path, p: EvaluateParams, cap: int | None) -> tuple[dict[str, list], dict[str, int]]:
+    """(Each split's first `cap` rows, how many it holds): val always, test when prepare wrote one. A cut split is
+    logged, so that a CPU run answering a sample of val (evaluate.max_examples: auto) says so."""
     loaded = {
         name: load_rows(data_dir, name, cap) for name in SPLITS if name == "val" or (data_dir / f"{name}.json").exists()
     }
@@ -221,100 +272,161 @@ def evaluate(
                 " on a CPU; null = all" if p.max_examples == "auto" else ""
             )
             log.info("%s: answering the first %d of %d examples (%s)", name, len(rows[name]), n, why)
-    kept_items = load_kept(p, variables)
-    fmt = load_chat_format(base_dir, p.cutoff_len)
+    return rows, available
+
+
+def encode_prompts(
+    data_dir: Path, rows: dict[str, list], probes: list[dict], kept_items: list[dict], fmt: ChatFormat
+) -> Prompts:
+    """Every prompt both models answer, encoded with the chat template the adapter was trained with, before any
+    model loads: a bad example fails here, in a second."""
     splits = {name: encode_split(data_dir, name, split_rows, fmt) for name, split_rows in rows.items()}
-    examples = [ex for split in splits.values() for ex in split]
-    probes = chat_rows(PROBE, probe_items(p.probes, variables), fmt)
-    kept = chat_rows(KEPT, kept_items, fmt)
-    prompts = [ex["prompt_ids"] for ex in examples + probes + kept]
-    threads = set_threads(p.num_threads)
-    log.info(
-        "%s examples, %d probes, %d everyday prompts (evaluate.kept), %d threads, backend %s",
-        {s: len(v) for s, v in splits.items()},
-        len(probes),
-        len(kept),
-        threads,
-        p.backend,
-    )
+    return Prompts(splits, chat_rows(PROBE, probes, fmt), chat_rows(KEPT, kept_items, fmt))
 
-    def drift_nll(model, name: str) -> tuple[float, int]:
-        """The loss of the base model's own everyday answers (teacher-forced) under `model`."""
-        base_answers = answers["base"][len(prompts) - len(kept) :]
-        drift_items[name] = []
-        return answer_nll(
-            model,
-            [r["prompt_ids"] for r in kept],
-            base_answers,
-            fmt.pad_id,
-            p.batch_size,
-            per_example=drift_items[name],
-        )
 
+def answer_both(fmt: ChatFormat, p: EvaluateParams, adapter_dir: Path, prompts: Prompts) -> Answers:
+    """The base model, then the same weights with the adapter merged (one load for both): each scores the references
+    (loss) and, with the hf backend, answers every prompt greedily and scores the base's everyday answers (drift).
+    vLLM answers with both at once after the HF model is freed, so the drift needs the HF model loaded again."""
+    out = Answers()
     model = load_model(fmt, p.dtype)
-    answers, nll, speed, drift, drift_items = {}, {}, {}, {}, {}
-    items: dict = {"base": {}, "tuned": {}}  # (loss sum, tokens) per example, for the paired intervals
-    for name in ("base", "tuned"):
+    for name in NAMES:
         if name == "tuned":
             model = merge_adapter(model, adapter_dir)
-        nll[name] = {}
-        for s, split in splits.items():
-            items[name][s] = []
-            nll[name][s] = answer_nll(
-                model,
-                [ex["prompt_ids"] for ex in split],
-                [ex["answer_ids"] for ex in split],
-                fmt.pad_id,
-                p.batch_size,
-                per_example=items[name][s],
-            )
+        out.nll[name], out.per_example[name] = reference_nll(model, fmt, p, prompts.splits)
         if p.backend == "hf":
-            start = time.perf_counter()
-            answers[name] = greedy_generate(
-                model,
-                prompts,
-                fmt.stop_ids,
-                fmt.pad_id,
-                p.max_new_tokens,
-                p.batch_size,
-                progress=lambda done, total, name=name: log.info("%s: %d/%d answers", name, done, total),
-            )
-            speed[f"{name}_tokens_per_s"] = round(sum(map(len, answers[name])) / (time.perf_counter() - start), 2)
-            log.info("%s: %.1f generated tokens/s", name, speed[f"{name}_tokens_per_s"])
-            if kept:
-                drift[name] = drift_nll(model, name)
+            out.tokens[name], out.speed[f"{name}_tokens_per_s"] = generate_hf(model, name, fmt, p, prompts.ids())
+            if prompts.kept:
+                out.drift[name], out.drift_items[name] = drift_nll(model, fmt, p, prompts, out.tokens["base"])
     if p.backend == "vllm":
         del model  # vLLM takes most of the GPU memory for itself
-        answers["base"], answers["tuned"] = vllm_generate(fmt, adapter_dir, prompts, p.max_new_tokens)
-        if kept:  # the drift needs the base's answers first: score them with both models now
+        out.tokens["base"], out.tokens["tuned"] = vllm_generate(fmt, adapter_dir, prompts.ids(), p.max_new_tokens)
+        if prompts.kept:  # the drift needs the base's answers first: score them with both models now
             model = load_model(fmt, p.dtype)
-            drift["base"] = drift_nll(model, "base")
-            drift["tuned"] = drift_nll(merge_adapter(model, adapter_dir), "tuned")
+            out.drift["base"], out.drift_items["base"] = drift_nll(model, fmt, p, prompts, out.tokens["base"])
+            tuned = merge_adapter(model, adapter_dir)
+            out.drift["tuned"], out.drift_items["tuned"] = drift_nll(tuned, fmt, p, prompts, out.tokens["base"])
+    return out
 
-    metrics: dict = {"base": {}, "tuned": {}}
-    texts: dict = {"base": [], "tuned": []}
-    for name in ("base", "tuned"):
-        offset = 0
-        for s, split in splits.items():
-            split_answers = answers[name][offset : offset + len(split)]
-            offset += len(split)
-            metrics[name][s], clean = score(fmt, split, split_answers, nll[name][s])
-            texts[name].extend(clean)
-    for name in ("base", "tuned"):  # the probes' and the everyday prompts' answers come after the examples'
-        clean, _ = decode_answers(fmt, answers[name][len(examples) :])
-        for row, answer in zip(probes + kept, clean):
-            row[name] = answer
-    for row in probes:
-        row["base_pass"], row["tuned_pass"] = passes(row["base"], row["expect"]), passes(row["tuned"], row["expect"])
-    for row in kept:
-        mark(row, variables)
+
+def reference_nll(model, fmt: ChatFormat, p: EvaluateParams, splits: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """The references' teacher-forced loss under `model`: (loss sum, tokens) per split for its loss, and per example
+    for the paired base-vs-tuned interval over the same examples."""
+    totals: dict = {}
+    per_example: dict = {}
+    for s, split in splits.items():
+        per_example[s] = []
+        totals[s] = answer_nll(
+            model,
+            [ex["prompt_ids"] for ex in split],
+            [ex["answer_ids"] for ex in split],
+            fmt.pad_id,
+            p.batch_size,
+            per_example=per_example[s],
+        )
+    return totals, per_example
+
+
+def generate_hf(model, name: str, fmt: ChatFormat, p: EvaluateParams, prompts: list[list[int]]) -> tuple[list, float]:
+    """(Greedy answers with transformers, generated tokens/s): timed around generation alone, the speed a user of
+    this model waits at."""
+    start = time.perf_counter()
+    answers = greedy_generate(
+        model,
+        prompts,
+        fmt.stop_ids,
+        fmt.pad_id,
+        p.max_new_tokens,
+        p.batch_size,
+        progress=lambda done, total: log.info("%s: %d/%d answers", name, done, total),
+    )
+    speed = round(sum(map(len, answers)) / (time.perf_counter() - start), 2)
+    log.info("%s: %.1f generated tokens/s", name, speed)
+    return answers, speed
+
+
+def drift_nll(model, fmt: ChatFormat, p: EvaluateParams, prompts: Prompts, base_answers: list) -> tuple[tuple, list]:
+    """The loss of the base model's own everyday answers (teacher-forced) under `model`, in all and per prompt:
+    how far fine-tuning moved the model off what it said before, on prompts no training example asks."""
+    per_example: list = []
+    total = answer_nll(
+        model,
+        [r["prompt_ids"] for r in prompts.kept],
+        base_answers[len(base_answers) - len(prompts.kept) :],  # the everyday prompts' answers come last
+        fmt.pad_id,
+        p.batch_size,
+        per_example=per_example,
+    )
+    return total, per_example
+
+
+def summarise(
+    p: EvaluateParams,
+    fmt: ChatFormat,
+    prompts: Prompts,
+    answers: Answers,
+    available: dict[str, int],
+    threads: int,
+    variables: dict[str, str],
+) -> tuple[dict, list[dict]]:
+    """(eval.json's metrics, predictions.jsonl's rows) from both models' answers. The metrics' keys keep one order,
+    so that eval.json diffs line by line between runs."""
+    metrics, texts = split_metrics(fmt, prompts.splits, answers)
+    mark_prompts(fmt, prompts, answers, variables)
+    splits = prompts.splits
     metrics["delta"] = delta(metrics["tuned"], metrics["base"])
-    metrics["paired"] = {s: {"loss": paired_loss({name: items[name][s] for name in items})} for s in splits}
+    metrics["paired"] = {
+        s: {"loss": paired_loss({name: answers.per_example[name][s] for name in NAMES})} for s in splits
+    }
     metrics["examples"] = {s: len(split) for s, split in splits.items()}
     metrics["examples_available"] = available
-    metrics["speed"] = {**speed, "num_threads": threads}
+    metrics["speed"] = {**answers.speed, "num_threads": threads}
     metrics["method"] = METHOD
-    predictions = [
+    predictions = prediction_rows(prompts, texts, answers)
+    metrics["changed"] = {s: changed_rate([r for r in predictions if r["split"] == s]) for s in splits}
+    metrics["probes"] = probe_scores(prompts.probes)
+    metrics["persona"] = persona_named([r for r in predictions if r["split"] == "val"], variables)
+    if prompts.kept:
+        metrics["changed"][KEPT] = changed_rate(prompts.kept)
+        metrics["kept"] = kept_scores(prompts.kept, answers.drift, answers.drift_items)
+    metrics["verdict"] = verdict(metrics, p)
+    for row in prompts.probes + prompts.kept:
+        del row["prompt_ids"]  # token ids are for the models, not for predictions.jsonl
+    return metrics, predictions + prompts.probes + prompts.kept
+
+
+def split_metrics(fmt: ChatFormat, splits: dict[str, list[dict]], answers: Answers) -> tuple[dict, dict]:
+    """({model: {split: metrics}}, {model: clean answer texts in example order}): the examples' answers come
+    first in Prompts order, split after split."""
+    metrics: dict = {"base": {}, "tuned": {}}
+    texts: dict = {"base": [], "tuned": []}
+    for name in NAMES:
+        offset = 0
+        for s, split in splits.items():
+            split_answers = answers.tokens[name][offset : offset + len(split)]
+            offset += len(split)
+            metrics[name][s], clean = score(fmt, split, split_answers, answers.nll[name][s])
+            texts[name].extend(clean)
+    return metrics, texts
+
+
+def mark_prompts(fmt: ChatFormat, prompts: Prompts, answers: Answers, variables: dict[str, str]) -> None:
+    """Put both models' answers on the probe and everyday rows, then mark them: a probe passes when its answer
+    contains an expected string; an everyday answer is marked for leak, fact and language (llmft.kept.mark)."""
+    for name in NAMES:  # the probes' and the everyday prompts' answers come after the examples'
+        clean, _ = decode_answers(fmt, answers.tokens[name][len(prompts.examples) :])
+        for row, answer in zip(prompts.probes + prompts.kept, clean):
+            row[name] = answer
+    for row in prompts.probes:
+        row["base_pass"], row["tuned_pass"] = passes(row["base"], row["expect"]), passes(row["tuned"], row["expect"])
+    for row in prompts.kept:
+        mark(row, variables)
+
+
+def prediction_rows(prompts: Prompts, texts: dict[str, list[str]], answers: Answers) -> list[dict]:
+    """One predictions.jsonl row per example: both answers and both losses per token, which `make compare` pairs."""
+    per_example = {name: [x for s in prompts.splits for x in answers.per_example[name][s]] for name in NAMES}
+    return [
         {
             "split": ex["split"],
             "index": ex["index"],
@@ -326,20 +438,6 @@ def evaluate(
             "tuned_loss": _per_token(tuned_nll),
         }
         for ex, base, tuned, base_nll, tuned_nll in zip(
-            examples,
-            texts["base"],
-            texts["tuned"],
-            [x for s in splits for x in items["base"][s]],
-            [x for s in splits for x in items["tuned"][s]],
+            prompts.examples, texts["base"], texts["tuned"], per_example["base"], per_example["tuned"]
         )
     ]
-    metrics["changed"] = {s: changed_rate([r for r in predictions if r["split"] == s]) for s in splits}
-    metrics["probes"] = probe_scores(probes)
-    metrics["persona"] = persona_named([r for r in predictions if r["split"] == "val"], variables)
-    if kept:
-        metrics["changed"][KEPT] = changed_rate(kept)
-        metrics["kept"] = kept_scores(kept, drift, drift_items)
-    metrics["verdict"] = verdict(metrics, p)
-    for row in probes + kept:
-        del row["prompt_ids"]
-    return metrics, predictions + probes + kept
