@@ -46,10 +46,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-import llmft.report.data as rd
 from llmft.common import read_json
 from llmft.model import read_model_info
 from llmft.params import load_params
+from llmft.report import figures, provenance, sections, summary
+from llmft.report.render import Code, flatten, fmt, kv_table, show
 
 if not Path("dvc.yaml").exists() and Path("../dvc.yaml").exists():
     os.chdir("..")  # opened from notebooks/ in Jupyter: run from the repo root, like the stage
@@ -59,16 +60,16 @@ params = load_params(PARAMS)
 prep, train, evals = read_json(PREPARE), read_json(TRAIN), read_json(EVAL)
 info = read_model_info(MODEL_DIR) if (Path(MODEL_DIR) / "model_info.json").exists() else {}
 t = params.train
-display(rd.learn_and_cost(evals))
-display(Markdown(rd.verdict(evals)))
-reach = rd.benchmark_reach(read_json(BENCHMARK)) if Path(BENCHMARK).exists() else ""
+display(summary.learn_and_cost(evals))
+display(Markdown(summary.verdict(evals)))
+reach = summary.benchmark_reach(read_json(BENCHMARK)) if Path(BENCHMARK).exists() else ""
 if reach:
     display(Markdown(reach))
-everyday = rd.kept_table(PREDICTIONS, 3)
+everyday = sections.kept_table(PREDICTIONS, 3)
 if everyday is not None:
     display(Markdown("Three of the everyday prompts (`evaluate.kept.prompts`; all of them under *What it kept*):"))
     display(everyday)
-probes = rd.probes_table(PREDICTIONS)
+probes = sections.probes_table(PREDICTIONS)
 if probes is not None:
     display(Markdown("Probes (`evaluate.probes`), answered greedily by both models:"))
     display(probes)
@@ -77,16 +78,16 @@ display(
         f"**Model** `{info.get('source', params.model.name_or_path)}` (template `{info.get('template', '?')}`), "
         f"**data** {', '.join(f'`{table.path}`' for table in params.prepare.tables())}, **method** {t.finetuning_type}"
         + (f" (rank {t.lora_rank}, alpha {t.lora_alpha})" if t.finetuning_type == "lora" else "")
-        + f", {train.get('global_step', '?')} optimizer steps in {rd.fmt(train.get('train_runtime_s'))} s "
-        f"at {rd.fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}"
+        + f", {train.get('global_step', '?')} optimizer steps in {fmt(train.get('train_runtime_s'))} s "
+        f"at {fmt(train.get('tokens_per_sec'))} tokens/s, precision {train.get('precision', '?')}"
         + (
             f"; rehearsal: {train['rehearsal']['examples']} of the base model's own answers mixed with "
             f"{train['rehearsal']['train_examples']} training examples an epoch "
-            f"(`rehearse.share` {params.rehearse.share}{rd.share_used(train['rehearsal'])})."
+            f"(`rehearse.share` {params.rehearse.share}{summary.share_used(train['rehearsal'])})."
             if train.get("rehearsal")
             else "; no rehearsal (`rehearse.enabled` false)."
         )
-        + rd.cut_and_capped(train, evals)
+        + summary.cut_and_capped(train, evals)
     )
 )
 
@@ -95,7 +96,7 @@ display(
 
 # %%
 display(
-    rd.kv_table(
+    kv_table(
         {
             "source rows": prep["rows_in"],
             "examples built": prep["examples_in"],
@@ -116,13 +117,13 @@ if Path(REHEARSE).exists() and read_json(REHEARSE).get("enabled"):
             f"{rehearse['prompts']} general prompts itself; {rehearse['kept']} answers kept, dropped: {dropped}."
         )
     )
-by_source = rd.sources_table(prep)
+by_source = sections.sources_table(prep)
 if by_source is not None and len(prep["sources"]) > 1:
     display(Markdown("Per input table (`prepare.sources`); every example is kept or counted under one reason:"))
     display(by_source)
 
 # %%
-lengths, unit = rd.example_lengths(Path(DATA_DIR) / "train.json", MODEL_DIR)
+lengths, unit = figures.example_lengths(Path(DATA_DIR) / "train.json", MODEL_DIR)
 cutoff, longest = t.cutoff_len, max(lengths)
 over = sum(n > cutoff for n in lengths)
 fig, ax = plt.subplots(figsize=(9, 3.6))
@@ -139,7 +140,7 @@ else:
         fontsize=10,
     )
 ax.set_title(f"Train split: {len(lengths)} examples, longest {longest} {unit}", loc="left", fontsize=10)
-rd.show(fig, f"Histogram of the lengths of {len(lengths)} training examples in {unit}; cutoff_len {cutoff}")
+show(fig, f"Histogram of the lengths of {len(lengths)} training examples in {unit}; cutoff_len {cutoff}")
 display(
     Markdown(
         f"{over} of {len(lengths)} training examples ({100 * over / len(lengths):.1f}%) are longer than "
@@ -154,7 +155,7 @@ display(
 # ## Training curves
 
 # %%
-series = rd.curves(PLOTS)
+series = figures.curves(PLOTS)
 train_loss = series.get("loss", series.get("train/loss"))
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
 if train_loss is not None:
@@ -170,8 +171,8 @@ ax2.set_xlabel("optimizer step")
 ax2.set_ylabel("learning rate")
 ax2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
 fig.tight_layout()
-rd.show(fig, "Train and eval loss, and learning rate, against the optimizer step")
-display(rd.kv_table(train, [TRAIN, ""]))
+show(fig, "Train and eval loss, and learning rate, against the optimizer step")
+display(kv_table(train, [TRAIN, ""]))
 
 # %% [markdown]
 # ## Base vs fine-tuned
@@ -179,7 +180,7 @@ display(rd.kv_table(train, [TRAIN, ""]))
 # Same prompts, same greedy decoding; scores in percent, loss in nats per answer token.
 
 # %%
-display(rd.metrics_table(evals))
+display(sections.metrics_table(evals))
 if evals.get("method"):
     display(Markdown(f"<small>Method: {evals['method']}</small>"))
 
@@ -191,9 +192,9 @@ if evals.get("method"):
 # ✗ other language: not in the prompt's language (translation and code prompts aside).
 
 # %%
-everyday = rd.kept_table(PREDICTIONS)
+everyday = sections.kept_table(PREDICTIONS)
 if everyday is not None:
-    display(rd.kv_table(rd.flatten({k: v for k, v in evals["kept"].items() if k != "paired"}), [EVAL + ": kept", ""]))
+    display(kv_table(flatten({k: v for k, v in evals["kept"].items() if k != "paired"}), [EVAL + ": kept", ""]))
     display(everyday)
 else:
     display(Markdown("Not measured: `evaluate.kept.prompts` is null."))
@@ -208,7 +209,7 @@ else:
 # %%
 bench = read_json(BENCHMARK) if Path(BENCHMARK).exists() else {}
 if bench.get("tasks"):
-    table = rd.benchmark_table(bench)
+    table = sections.benchmark_table(bench)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(table.rows) + 2), 3.4))
     for offset, (name, color) in zip((-0.2, 0.2), (("base", "#8C8C8C"), ("tuned", "#4C72B0"))):
         tasks = list(bench["tasks"].values())
@@ -227,9 +228,9 @@ if bench.get("tasks"):
     ax.set_xticks(range(len(bench["tasks"])), list(bench["tasks"]))
     ax.set_ylabel("accuracy (%)")
     ax.legend()
-    rd.show(fig, "Benchmark accuracy, base vs fine-tuned, per task, with standard errors and chance")
+    show(fig, "Benchmark accuracy, base vs fine-tuned, per task, with standard errors and chance")
     display(table)
-    display(Markdown(rd.benchmark_note(bench, info.get("num_parameters"))))
+    display(Markdown(sections.benchmark_note(bench, info.get("num_parameters"))))
 else:
     display(Markdown(f"`{BENCHMARK}` is missing or `benchmark.enabled` is false: no benchmark ran (`make benchmark`)."))
 
@@ -237,14 +238,14 @@ else:
 # ## Sample predictions
 
 # %%
-display(rd.samples(PREDICTIONS, params.report.num_samples))
+display(sections.samples(PREDICTIONS, params.report.num_samples))
 
 # %% [markdown]
 # ## Export (merge check)
 
 # %%
 if Path(EXPORT).exists():
-    display(rd.kv_table(rd.flatten(read_json(EXPORT)), [EXPORT, ""]))
+    display(kv_table(flatten(read_json(EXPORT)), [EXPORT, ""]))
 else:
     display(Markdown(f"`{EXPORT}` is missing: the model was not merged yet (`make export`)."))
 
@@ -254,12 +255,12 @@ else:
 # Changed since the previous commit (`dvc params diff HEAD~1`; the workspace counts as the new side):
 
 # %%
-display(Markdown(rd.params_diff(".")))
+display(Markdown(provenance.params_diff(".")))
 display(Markdown(f"All of them (`{PARAMS}` with the defaults filled in):"))
-display(rd.Code(rd.params_yaml(params), "yaml", columns=3))
+display(Code(provenance.params_yaml(params), "yaml", columns=3))
 
 # %% [markdown]
 # ## Environment
 
 # %%
-display(rd.environment(LOCK, train, ENV))
+display(provenance.environment(LOCK, train, ENV))

@@ -1,4 +1,5 @@
-"""The report's loaders (src/llmft/report/data.py): tables, curves, lengths, samples, params diff."""
+"""The report's readers (src/llmft/report/: render, summary, sections, figures, provenance): tables, first screen,
+curves, lengths, samples, params diff."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import json
 
 import pytest
 
-import llmft.report.data as rd
 from llmft.common import write_json
+from llmft.report import figures, provenance, render, sections, summary
 from report_outputs import write_outputs
 
 
@@ -17,7 +18,7 @@ def test_metrics_table_flattens_splits_and_marks_direction():
         "tuned": {"val": {"bleu4": 15.0, "loss": 1.5, "llamafactory": {"rouge-l": 7.0}}},
         "delta": {"val": {"bleu4": 5.0, "loss": -0.5, "llamafactory": {"rouge-l": 2.0}}},
     }
-    rows = rd.metrics_table(evals).rows
+    rows = sections.metrics_table(evals).rows
     assert rows == [
         ["val", "bleu4 ↑", "10", "15", "+5"],
         ["val", "loss ↓", "2", "1.5", "-0.5"],
@@ -26,14 +27,14 @@ def test_metrics_table_flattens_splits_and_marks_direction():
 
 
 def test_table_escapes_html_and_markdown():
-    table = rd.Table([["<b>x</b> | y\nz", None]], ["a", "b"])
+    table = render.Table([["<b>x</b> | y\nz", None]], ["a", "b"])
     assert "&lt;b&gt;x&lt;/b&gt;" in table._repr_html_()
     assert "| &lt;b&gt;x&lt;/b&gt; \\| y<br>z |   |" in table._repr_markdown_()
 
 
 def test_curves_read_dvclive_and_train_layouts(tmp_path):
     write_outputs(tmp_path)
-    series = rd.curves(tmp_path / "dvclive/train/plots/metrics")
+    series = figures.curves(tmp_path / "dvclive/train/plots/metrics")
     assert set(series) == {"loss", "eval/loss", "learning_rate"}
     assert list(series["learning_rate"].columns) == ["step", "value"]
     assert series["eval/loss"].step.tolist() == [10, 20, 30]
@@ -41,24 +42,24 @@ def test_curves_read_dvclive_and_train_layouts(tmp_path):
 
 def test_lengths_use_the_tokenizer_when_one_is_on_disk(tmp_path, smol_tokenizer_dir):
     write_json(tmp_path / "train.json", [{"instruction": "Hello world", "input": "", "output": "Hi"}])
-    assert rd.example_lengths(tmp_path / "train.json", tmp_path)[1] == "characters"
+    assert figures.example_lengths(tmp_path / "train.json", tmp_path)[1] == "characters"
     write_json(tmp_path / "model_info.json", {"path": str(smol_tokenizer_dir), "template": "smollm2"})  # a pointer
-    lengths, unit = rd.example_lengths(tmp_path / "train.json", tmp_path)
+    lengths, unit = figures.example_lengths(tmp_path / "train.json", tmp_path)
     assert unit == "tokens" and 3 <= lengths[0] <= 6
 
 
 def test_samples_are_spread_evenly_and_never_repeated(tmp_path):
     rows = [{"split": "val", "index": i, "prompt": f"q{i}", "label": "a", "base": "", "tuned": "b"} for i in range(3)]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert [r[0] for r in rd.samples(tmp_path / "p.jsonl", 10).rows] == ["[val #1] q0", "[val #2] q1", "[val #3] q2"]
-    assert [r[0] for r in rd.samples(tmp_path / "p.jsonl", 2).rows] == ["[val #1] q0", "[val #2] q1"]
-    assert rd.samples(tmp_path / "p.jsonl", 1).rows[0][2] == "(empty)"
-    assert rd.samples(tmp_path / "p.jsonl", 0).rows == []
+    (path := tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r[0] for r in sections.samples(path, 10).rows] == ["[val #1] q0", "[val #2] q1", "[val #3] q2"]
+    assert [r[0] for r in sections.samples(path, 2).rows] == ["[val #1] q0", "[val #2] q1"]
+    assert sections.samples(path, 1).rows[0][2] == "(empty)"
+    assert sections.samples(path, 0).rows == []
 
 
 @pytest.mark.integration
 def test_params_diff_without_a_previous_commit_says_so(tmp_path):
-    assert "No previous commit" in rd.params_diff(tmp_path)
+    assert "No previous commit" in provenance.params_diff(tmp_path)
 
 
 def test_first_table_puts_what_was_learned_beside_what_it_cost_and_the_verdict_warns():
@@ -72,21 +73,21 @@ def test_first_table_puts_what_was_learned_beside_what_it_cost_and_the_verdict_w
         },
         "verdict": {"moved": True, "warning": None, "kept": True, "forgot": None},
     }
-    learned = "\n".join(rd.learned(evals))
+    learned = "\n".join(summary.learned(evals))
     assert "2.000 → 1.500 (-25.0%)" in learned and "Probes passed: 0/4 → 3/4" in learned and "val 64%" in learned
-    assert rd.cost(evals) == ["Not measured: evaluate.kept.prompts is null."]
+    assert summary.cost(evals) == ["Not measured: evaluate.kept.prompts is null."]
     evals["persona"] = {"examples": 13, "base": 0.0, "tuned": 84.62}
     assert "Persona named in held-out answers that should: 0/13 (0%, 95% CI 0–23%) → 11/13 (85%, 95% CI 58–96%)" in (
-        rd.learned(evals)
+        summary.learned(evals)
     )
-    learned = "\n".join(rd.learned(evals))
+    learned = "\n".join(summary.learned(evals))
     evals["kept"] = {
         "base": {"leak": 0.0, "facts_right": 40.0, "facts_kept": 100.0, "language": 90.0},
         "tuned": {"leak": 3.12, "facts_right": 36.0, "facts_kept": 92.31, "language": 88.0},
         "drift": 0.1234,
         "counts": {"prompts": 64, "facts": 26, "base_facts_right": 13, "facts_kept": 12, "language_scored": 50},
     }
-    table = rd.learn_and_cost(evals)
+    table = summary.learn_and_cost(evals)
     assert table.header == ["Did it learn?", "What did it cost?"] and table.rows[0][0] == learned
     assert table.rows[0][1].splitlines() == [
         "Persona named unasked: 0/64 (0%, 95% CI 0–6%) → 2/64 (3%, 95% CI 1–11%)",
@@ -95,13 +96,13 @@ def test_first_table_puts_what_was_learned_beside_what_it_cost_and_the_verdict_w
         "Answered in the prompt's language: 45/50 (90%, 95% CI 79–96%) → 44/50 (88%, 95% CI 76–94%)",
         "Drift (base's own answers, nats/token): +0.123",
     ]
-    assert "kept what it knew" in rd.verdict(evals)
+    assert "kept what it knew" in summary.verdict(evals)
     forgot = {"moved": True, "warning": None, "kept": False, "forgot": "the fine-tuned model forgot: it leaks"}
-    assert rd.verdict(evals | {"verdict": forgot}) == "> **Warning**: the fine-tuned model forgot: it leaks."
+    assert summary.verdict(evals | {"verdict": forgot}) == "> **Warning**: the fine-tuned model forgot: it leaks."
     stalled = evals | {"verdict": {"moved": False, "warning": "the fine-tuned model barely moved: raise it"}}
-    assert "**Warning**: the fine-tuned model barely moved: raise it." in rd.verdict(stalled)
+    assert "**Warning**: the fine-tuned model barely moved: raise it." in summary.verdict(stalled)
     no_probes = {k: v for k, v in evals.items() if k != "probes"}
-    assert "Probes" not in "\n".join(rd.learned(no_probes))
+    assert "Probes" not in "\n".join(summary.learned(no_probes))
 
 
 def test_kept_table_marks_leaks_facts_and_language_and_spreads_a_sample(tmp_path):
@@ -114,11 +115,11 @@ def test_kept_table_marks_leaks_facts_and_language_and_spreads_a_sample(tmp_path
         for i in range(6)
     ]  # fmt: skip
     write_predictions(tmp_path / "p.jsonl", [{"split": "val", "index": 0, "prompt": "q", "label": "a"}] + kept)
-    table = rd.kept_table(tmp_path / "p.jsonl")
+    table = sections.kept_table(tmp_path / "p.jsonl")
     assert [r[0] for r in table.rows] == [f"p{i}" for i in range(6)]
     assert table.rows[0][2:] == ["✓ right: Paris.", "✗ names Lumi · ✓ right: Lumi: Paris."]
     assert table.rows[3][3] == "✗ names Lumi · ✗ other language: Lumi: Paris."
-    assert [r[0] for r in rd.kept_table(tmp_path / "p.jsonl", 3).rows] == ["p0", "p2", "p4"]
+    assert [r[0] for r in sections.kept_table(tmp_path / "p.jsonl", 3).rows] == ["p0", "p2", "p4"]
 
 
 def test_sources_table_lists_each_table_with_drops_and_splits():
@@ -143,9 +144,9 @@ def test_sources_table_lists_each_table_with_drops_and_splits():
             },
         },
     }
-    table = rd.sources_table(prep)
+    table = sections.sources_table(prep)
     assert table.rows[0] == ["a", "data/raw/a.csv", "6", "6", "5", "duplicate 1", "4", "1"]
-    assert table.rows[1][5] == "none" and rd.sources_table({"splits": {}}) is None
+    assert table.rows[1][5] == "none" and sections.sources_table({"splits": {}}) is None
 
 
 def interval(n, base, tuned, low, high, beyond):
@@ -178,12 +179,12 @@ def test_first_table_gives_each_change_its_paired_interval_and_noise_verdict():
             },
         },
     }
-    learned = rd.learned(evals)
+    learned = summary.learned(evals)
     assert learned[0] == "Eval loss (val): 2.000 → 1.500 (-25.0%; Δ -0.500 nats/token, 95% CI -0.610 to -0.390, " + (
         "beyond noise, n 40)"
     )
     assert learned[1].endswith("→ 9/11 (82%, 95% CI 52–95%) (Δ +82 points, 95% CI +54 to +100, beyond noise)")
-    cost = rd.cost(evals)
+    cost = summary.cost(evals)
     assert cost[0].endswith("→ 1/16 (6%, 95% CI 1–28%) (Δ +6 points, 95% CI +0 to +19, within noise)")
     assert cost[1] == "Facts the base got right, kept: 9/11 (82%, 95% CI 52–95%)"  # its Δ from 100% says nothing
     assert cost[2] == "Facts right: 11/20 (55%, 95% CI 34–74%) → 10/20 (50%, 95% CI 30–70%) (2 lost, 1 gained) " + (
@@ -193,24 +194,24 @@ def test_first_table_gives_each_change_its_paired_interval_and_noise_verdict():
 
 
 def test_a_change_on_too_few_items_is_not_called_beyond_noise():
-    assert rd.change(interval(2, 0.0, 100.0, 100.0, 100.0, False)) == (
+    assert summary.change(interval(2, 0.0, 100.0, 100.0, 100.0, False)) == (
         "Δ +100 points, 95% CI +100 to +100, within noise: too few items changed to tell"
     )
 
 
 def test_rate_of_no_items_is_not_a_number():
-    assert rd.rate(None, 0) == "n/a" and rd.rate(50.0, 0) == "n/a"
-    assert rd.rate(100.0, 3) == "3/3 (100%, 95% CI 44–100%)"
+    assert summary.rate(None, 0) == "n/a" and summary.rate(50.0, 0) == "n/a"
+    assert summary.rate(100.0, 3) == "3/3 (100%, 95% CI 44–100%)"
 
 
 def test_verdict_within_noise_is_said_and_does_not_claim_it_kept():
     evals = {"verdict": {"moved": True, "warning": None, "kept": True, "forgot": None,
                          "noise": "within noise, n too small: more everyday prompts would settle it"}}  # fmt: skip
-    text = rd.verdict(evals)
+    text = summary.verdict(evals)
     assert "**Not settled**: within noise, n too small: more everyday prompts would settle it." in text
     assert "kept what it knew" not in text
     evals["verdict"]["noise"] = None
-    assert "kept what it knew" in rd.verdict(evals) and "Not settled" not in rd.verdict(evals)
+    assert "kept what it knew" in summary.verdict(evals) and "Not settled" not in summary.verdict(evals)
 
 
 def test_benchmark_reach_names_the_tasks_that_can_and_cannot_see_a_change():
@@ -221,13 +222,13 @@ def test_benchmark_reach_names_the_tasks_that_can_and_cannot_see_a_change():
             "ceval": {"above_chance": False},
         }
     }
-    line = rd.benchmark_reach(bench)
+    line = summary.benchmark_reach(bench)
     assert "can see a change for this model (the base scores beyond chance): arc_easy (Δ -2.0 points, 95% CI " in line
     assert "-3.5 to -0.5, beyond noise)" in line
     assert "(the base is at chance, so a loss would not show): mmlu (Δ +1.2 points" in line and "ceval." in line
-    assert rd.benchmark_reach({"tasks": {"mmlu": {"acc": 0.25}}}) == ""  # an older benchmark.json: no line
-    assert rd.benchmark_reach({}) == ""
-    row = rd.benchmark_table(
+    assert summary.benchmark_reach({"tasks": {"mmlu": {"acc": 0.25}}}) == ""  # an older benchmark.json: no line
+    assert summary.benchmark_reach({}) == ""
+    row = sections.benchmark_table(
         {
             "tasks": {
                 "arc_easy": {
