@@ -112,7 +112,9 @@ def test_split_leaving_no_training_prompt_is_a_user_error(tmp_path):
 
 
 def test_val_and_test_larger_than_the_data_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"prepare\.val_size=3 and prepare\.test_size=2 leave no training examples out of 5"):
+    with pytest.raises(
+        UserError, match=r"prepare\.val_size=3 and prepare\.test_size=2 leave no training examples out of 5"
+    ):
         prepare(params(csv(tmp_path, qa(5)), val_size=3, test_size=2))
 
 

@@ -207,7 +207,9 @@ def test_binary_file_is_refused_not_decoded(tmp_path):
 
 
 def test_unknown_format_is_a_user_error_listing_the_formats(tmp_path):
-    with pytest.raises(UserError, match=r"d\.bin: unknown format \(extension '\.bin'\); set prepare\.format to one of .*"):
+    with pytest.raises(
+        UserError, match=r"d\.bin: unknown format \(extension '\.bin'\); set prepare\.format to one of .*"
+    ):
         read_table(write(tmp_path, "d.bin", "just some words\n"))
 
 
