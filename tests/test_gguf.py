@@ -13,15 +13,10 @@ from pathlib import Path
 import pytest
 
 from llmft.common import ROOT, UserError, run_main
-from llmft.gguf import (
-    export_gguf,
-    ollama_pieces,
-    read_metadata,
-    read_source,
-    render_pieces,
-    sha256,
-    stage_source,
-)
+from llmft.gguf.check import read_metadata
+from llmft.gguf.convert import read_source, stage_source
+from llmft.gguf.ollama import ollama_pieces, render_pieces
+from llmft.gguf.run import export_gguf, sha256
 from llmft.params import GgufParams, parse_params
 
 PROMPTS = ["Hello! Who are you?", "解释成语「画蛇添足」的意思。"]
