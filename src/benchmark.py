@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmft.benchmark import run_benchmark
+from llmft.benchmark.run import run_benchmark
 from llmft.common import atomic_path, atomic_write_json, get_logger, run_main, stage_parser
 from llmft.env import write_environment
 from llmft.params import load_params

@@ -1,4 +1,4 @@
-"""Stage `benchmark` (src/benchmark.py, src/llmft/benchmark.py): lm-eval on the shipped MMLU and HellaSwag subsets,
+"""Stage `benchmark` (src/benchmark.py, src/llmft/benchmark/): lm-eval on the shipped MMLU and HellaSwag subsets,
 offline."""
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from llmft import benchmark
+from llmft.benchmark.hub import hub_reachable
+from llmft.benchmark.run import run_benchmark
+from llmft.benchmark.scores import pair_samples, task_metrics
+from llmft.benchmark.tasks import check_task_file, check_tasks_load, is_local, task_manager
 from llmft.common import UserError
+from llmft.params import BenchmarkParams
 from llmft.stats import paired_difference
 from scripts import ROOT
 
@@ -78,14 +82,14 @@ def test_shipped_hellaswag_subset_is_400_short_questions_with_4_endings():
 
 @pytest.mark.parametrize("name", ["mmlu_subset", "hellaswag_subset"])
 def test_shipped_task_file_passes_the_checks(name):
-    benchmark.check_task_file(TASKS / f"{name}.yaml")
+    check_task_file(TASKS / f"{name}.yaml")
 
 
 def test_hellaswag_subset_loads_offline_in_cloze_form(monkeypatch):
     monkeypatch.chdir(ROOT)
-    p = benchmark.BenchmarkParams(tasks=["hellaswag_subset"], num_fewshot=2)
-    manager = benchmark.task_manager(p)
-    benchmark.check_tasks_load(manager, p, online=False)
+    p = BenchmarkParams(tasks=["hellaswag_subset"], num_fewshot=2)
+    manager = task_manager(p)
+    check_tasks_load(manager, p, online=False)
     task = manager.load(["hellaswag_subset"])["tasks"]["hellaswag_subset"]
     doc, first = task.eval_docs[0], read_jsonl(HELLASWAG / "test.jsonl")[0]
     assert len(task.eval_docs) == 400 and doc["query"] == first["query"]
@@ -98,9 +102,9 @@ def test_missing_task_data_is_one_line_naming_the_task_and_the_file(tmp_path, mo
     monkeypatch.chdir(ROOT)
     text = (TASKS / "hellaswag_subset.yaml").read_text(encoding="utf-8").replace("hellaswag/test", "gone/test")
     folder = local_task(tmp_path / "tasks", "hellaswag_subset", text)
-    p = benchmark.BenchmarkParams(tasks=["hellaswag_subset"], include_path=str(folder))
+    p = BenchmarkParams(tasks=["hellaswag_subset"], include_path=str(folder))
     with pytest.raises(UserError) as err:
-        benchmark.check_tasks_load(benchmark.task_manager(p), p, online=False)
+        check_tasks_load(task_manager(p), p, online=False)
     message = str(err.value)
     assert "'hellaswag_subset'" in message and "data file data/benchmarks/gone/test.jsonl is missing" in message
     assert "\n" not in message
@@ -123,7 +127,7 @@ HEAD = "task: t\ndataset_path: json\ntest_split: test\n"  # a task's first lines
 def test_broken_local_task_file_is_named_with_the_fix(tmp_path, text, message):
     path = local_task(tmp_path, "broken", text) / "broken.yaml"
     with pytest.raises(UserError, match="broken.yaml") as err:
-        benchmark.check_task_file(path)
+        check_task_file(path)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -135,30 +139,30 @@ def test_hub_dataset_fails_at_once_offline_and_says_how_to_ship_it(tmp_path, mon
         "task: hub_task\ndataset_path: cais/mmlu\ndataset_name: anatomy\ntest_split: test\n"
         "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_target: answer\ndoc_to_choice: [A, B, C, D]\n",
     )
-    p = benchmark.BenchmarkParams(tasks=["hub_task"], include_path=str(folder))
+    p = BenchmarkParams(tasks=["hub_task"], include_path=str(folder))
     with pytest.raises(UserError, match="data could not be loaded offline") as err:
-        benchmark.check_tasks_load(benchmark.task_manager(p), p, online=False)
+        check_tasks_load(task_manager(p), p, online=False)
     assert "hub_task" in str(err.value) and "dataset_path: json" in str(err.value)
 
 
 def test_shipped_task_outside_the_repo_root_says_to_run_from_there(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    p = benchmark.BenchmarkParams(include_path=str(TASKS))
+    p = BenchmarkParams(include_path=str(TASKS))
     with pytest.raises(UserError, match="test.jsonl.*run from the repo root"):
-        benchmark.check_tasks_load(benchmark.task_manager(p), p, online=False)
+        check_tasks_load(task_manager(p), p, online=False)
 
 
 def test_more_shots_than_the_pool_holds_is_one_error(monkeypatch):
     monkeypatch.chdir(ROOT)
-    p = benchmark.BenchmarkParams(num_fewshot=6, tasks=["mmlu_subset"])
+    p = BenchmarkParams(num_fewshot=6, tasks=["mmlu_subset"])
     with pytest.raises(UserError, match="cannot build a 6-shot prompt.*only 5 dev questions"):
-        benchmark.check_tasks_load(benchmark.task_manager(p), p, online=False)
+        check_tasks_load(task_manager(p), p, online=False)
 
 
 def test_few_shot_examples_come_from_the_same_subject(monkeypatch):
     monkeypatch.chdir(ROOT)
-    p = benchmark.BenchmarkParams(num_fewshot=2)
-    task = benchmark.task_manager(p).load(["mmlu_subset"])["tasks"]["mmlu_subset"]
+    p = BenchmarkParams(num_fewshot=2)
+    task = task_manager(p).load(["mmlu_subset"])["tasks"]["mmlu_subset"]
     doc = task.eval_docs[1]
     prompt = task.fewshot_context(doc=doc, num_fewshot=2)
     dev = [r for r in read_jsonl(MMLU / "dev.jsonl") if r["subject"] == doc["subject"]]
@@ -173,9 +177,9 @@ def test_few_shot_examples_come_from_the_same_subject(monkeypatch):
 def test_vllm_backend_without_vllm_is_one_error(tmp_path):
     if importlib.util.find_spec("vllm"):
         pytest.skip("vllm is installed here")
-    p = benchmark.BenchmarkParams(backend="vllm")
+    p = BenchmarkParams(backend="vllm")
     with pytest.raises(UserError, match="vllm is not installed"):
-        benchmark.run_benchmark(p, tmp_path / "base", fake_adapter(tmp_path / "lora"))
+        run_benchmark(p, tmp_path / "base", fake_adapter(tmp_path / "lora"))
 
 
 def test_delta_is_tuned_minus_base_and_noise_is_two_standard_errors():
@@ -194,8 +198,8 @@ def test_delta_is_tuned_minus_base_and_noise_is_two_standard_errors():
         }
 
     runs = {"base": run(0.25, 0.1, [0, 1, 2, 3]), "tuned": run(0.75, 0.1, [0, 0, 0, 3])}
-    rows = benchmark.pair_samples("t", runs["base"]["samples"]["t"], runs["tuned"]["samples"]["t"], True)
-    m = benchmark.task_metrics("t", runs, rows, num_fewshot=0)
+    rows = pair_samples("t", runs["base"]["samples"]["t"], runs["tuned"]["samples"]["t"], True)
+    m = task_metrics("t", runs, rows, num_fewshot=0)
     assert m["delta"] == {"acc": 0.5} and m["n"] == 4 and m["chance"] == 0.25 and m["changed"] == 2
     assert m["noise"] == pytest.approx(2 * 0.1 * 2**0.5, abs=1e-6) and m["within_noise"] is False
     assert rows[1]["base"] == {"loglik": [-1.0, 0.0, -1.0, -1.0], "pred": 1, "acc": 0.0}
@@ -205,7 +209,7 @@ def test_delta_is_tuned_minus_base_and_noise_is_two_standard_errors():
 
     for acc, verdict in [(0.44, False), (0.46, True)]:  # beyond chance by more than 2 standard errors (0.2)
         runs = {"base": run(acc, 0.1, [0, 1, 2, 3]), "tuned": run(acc, 0.1, [0, 1, 2, 3])}
-        m = benchmark.task_metrics("t", runs, rows, num_fewshot=0)
+        m = task_metrics("t", runs, rows, num_fewshot=0)
         assert m["above_chance"] is verdict
 
 
@@ -218,8 +222,8 @@ def test_chance_follows_the_number_of_choices():
 
     for n_choices, chance in [(2, 0.5), (5, 0.2)]:
         runs = {"base": run(n_choices), "tuned": run(n_choices)}
-        rows = benchmark.pair_samples("t", runs["base"]["samples"]["t"], runs["tuned"]["samples"]["t"], True)
-        m = benchmark.task_metrics("t", runs, rows, num_fewshot=0)
+        rows = pair_samples("t", runs["base"]["samples"]["t"], runs["tuned"]["samples"]["t"], True)
+        m = task_metrics("t", runs, rows, num_fewshot=0)
         assert m["chance"] == chance and m["above_chance"] is True and m["paired"]["diff"] == 0.0
 
 
@@ -306,8 +310,8 @@ def test_unknown_task_is_one_line_with_close_names(tmp_path):
 
 def test_the_hub_is_asked_only_for_tasks_that_need_it_and_never_when_the_user_says_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert benchmark.hub_reachable() is False  # the user's word, without a connection attempt
+    assert hub_reachable() is False  # the user's word, without a connection attempt
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.chdir(ROOT)
-    manager = benchmark.task_manager(benchmark.BenchmarkParams())
-    assert benchmark.is_local(manager, "mmlu_subset", "data/benchmarks/tasks")  # shipped: no network needed
+    manager = task_manager(BenchmarkParams())
+    assert is_local(manager, "mmlu_subset", "data/benchmarks/tasks")  # shipped: no network needed
