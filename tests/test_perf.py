@@ -12,7 +12,9 @@ import pytest
 
 from scripts import ROOT, load_script
 
-perf_train = load_script("perf/perf_train.py")
+perf_flops = load_script("perf/perf_train_flops.py")
+perf_report = load_script("perf/perf_train_report.py")
+perf_setup = load_script("perf/perf_train_setup.py")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def perf(smol_tokenizer_dir, tmp_path_factory) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     files = list((tmp / "out").glob("*.json"))
-    assert [f.name for f in files] == [f"{perf_train.slug(perf_train.device_name(False))}-tiny.json"]
+    assert [f.name for f in files] == [f"{perf_report.slug(perf_report.device_name(False))}-tiny.json"]
     return {"result": json.loads(files[0].read_text()), "out": tmp / "out", "stdout": proc.stdout}
 
 
@@ -80,7 +82,7 @@ def test_cpu_smoke_run_measures_both_arms_on_equal_work(perf):
 @pytest.mark.slow
 def test_readme_table_from_the_smoke_run(perf, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nbefore\n{perf_train.README_START}\nold table\n{perf_train.README_END}\nafter\n")
+    readme.write_text(f"# Title\n\nbefore\n{perf_report.README_START}\nold table\n{perf_report.README_END}\nafter\n")
     proc = subprocess.run(
         [
             sys.executable,
@@ -135,7 +137,7 @@ def test_table_has_one_row_per_arm_and_the_eval_rows_apart(tmp_path):
             }
         )
     )
-    table = perf_train.render_table(sorted(tmp_path.glob("*.json")))
+    table = perf_report.render_table(sorted(tmp_path.glob("*.json")))
     lines = table.splitlines()
     assert lines[2] == (
         "| NVIDIA H100 80GB HBM3 | llama2-7b | plain | 1,000 | 1.00x | 20.0% | 25.0% | 20.0 GiB | 1.00x | 9.5000 | 30 |"
@@ -151,7 +153,7 @@ def test_readme_without_markers_is_a_clear_error(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="add the lines <!-- perf:start --> and <!-- perf:end -->"):
-        perf_train.write_readme(readme, "| table |\n")
+        perf_report.write_readme(readme, "| table |\n")
     assert readme.read_text() == "# no markers\n"
 
 
@@ -165,17 +167,17 @@ def test_model_flops_of_llama2_7b_follow_the_lora_formula():
         "head_dim": 128,
         "vocab_size": 32000,
     }
-    linear, lora = perf_train.linear_params(shape, 8)
+    linear, lora = perf_flops.linear_params(shape, 8)
     assert linear == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000  # 6.61 B: all but embeddings and norms
     assert lora == 32 * 8 * (4 * 2 * 4096 + 3 * (4096 + 11008))  # ~20 M
-    flops = perf_train.flops_per_example(shape, 8, 2048)
+    flops = perf_flops.flops_per_example(shape, 8, 2048)
     assert flops == pytest.approx((4 * linear + 6 * lora) * 2048 + 12 * 32 * 4096 * 2048 * 2049 / 2)
     assert 4 * linear * 2048 / flops > 0.9  # attention is < 10% at 2048 tokens
 
 
 def test_data_blocks_fill_one_pack_each_with_exact_llamafactory_lengths(smol_tokenizer_dir, tmp_path):
-    enc = perf_train.Encoder(smol_tokenizer_dir, 512)
-    lengths = perf_train.make_data(
+    enc = perf_setup.Encoder(smol_tokenizer_dir, 512)
+    lengths = perf_setup.make_data(
         enc, tmp_path, steps=2, per_step=8, per_pack=4, cutoff_len=512, seed=1, val_examples=4
     )
     rows = json.loads((tmp_path / "train.json").read_text())
@@ -184,7 +186,7 @@ def test_data_blocks_fill_one_pack_each_with_exact_llamafactory_lengths(smol_tok
     assert [enc.length(r["instruction"], r["output"]) for r in rows] == lengths
     assert min(lengths) >= enc.overhead + 8 and max(lengths) <= 511 * 3 // 4
     assert (
-        perf_train.make_data(
+        perf_setup.make_data(
             enc, tmp_path / "again", steps=2, per_step=8, per_pack=4, cutoff_len=512, seed=1, val_examples=4
         )
         == lengths
