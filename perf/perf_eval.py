@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  speedup {rate / lf_rate:.1f}x; identical answers {same}/{len(ours)}")
     if args.json:
         import torch
-        from common import atomic_write_json
+
+        from llmft.common import atomic_write_json
 
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
         atomic_write_json(

@@ -1,7 +1,7 @@
-"""Load a script of the repo (a stage in src/, a benchmark) as a module by its path, so its main() runs in-process.
+"""Load a script of the repo (a stage in src/, a perf script) as a module by its path, so its main() runs in-process.
 
     from scripts import load_script
-    perf_train = load_script("perf/perf_train.py")
+    report = load_script("src/report.py")
 
 Stage scripts are files, not modules of the llmft package (DVC runs them as `python src/<stage>.py`).
 """
