@@ -57,8 +57,8 @@ class PreferParams(Section):
     simpo_gamma: float = Field(default=0.5, ge=0)  # simpo only: the reward margin the chosen answer must win by
     ftx: float = Field(default=0.0, ge=0)  # weight of an SFT loss on the chosen answers (LLaMA-Factory's pref_ftx):
     # > 0 keeps chosen answers likely where DPO would lower both sides
-    learning_rate: float = Field(default=5.0e-5, gt=0)  # LLaMA-Factory's DPO examples use 5e-6 (8B models); a
-    # fresh rank-8 LoRA on a 135M model moves ~10x slower per step, and a CPU budget allows a few dozen steps
+    learning_rate: float = Field(default=5.0e-5, gt=0)  # LLaMA-Factory's llama3_lora_dpo.yaml uses 5e-6 (8B); a
+    # CPU demo has a few dozen steps for a LoRA that starts at zero, so a larger step: a starting point, not tuned
     num_train_epochs: float = Field(default=2.0, gt=0)
     per_device_train_batch_size: int = Field(default=2, ge=1)  # pairs per step: each is two sequences (kto: one)
     gradient_accumulation_steps: int = Field(default=2, ge=1)
