@@ -156,6 +156,11 @@ def test_combined_adapter_gives_the_logits_of_sft_merged_then_preference(tiny_mo
     combined = logits(tiny_model_dir, tmp_path / "combined")
     assert not torch.allclose(chain, logits(tiny_model_dir, tiny_lora_dir), atol=1e-3)  # the second one matters
     torch.testing.assert_close(combined, chain, rtol=0, atol=1e-6)  # the adapters are float32: s * B rounds there
+    from llmft.prefer import main  # the same by hand: python -m llmft.prefer combine FIRST SECOND OUT
+
+    assert main(["combine", str(tiny_lora_dir), str(second), str(tmp_path / "by_hand")]) == 0
+    by_hand, ours = adapter_weights(tmp_path / "by_hand"), adapter_weights(tmp_path / "combined")
+    assert by_hand.keys() == ours.keys() and all(torch.equal(by_hand[k], ours[k]) for k in ours)
 
 
 def test_a_dora_adapter_is_refused_in_one_line(tiny_model_dir, tiny_lora_dir, tmp_path):
@@ -389,6 +394,17 @@ def test_rerun_after_kill_9_resumes_from_the_newest_complete_checkpoint_and_matc
     ours, reference = adapter_weights(Path(paths["out"])), adapter_weights(Path(dpo[1]["out"]))
     for key, tensor in reference.items():
         torch.testing.assert_close(ours[key], tensor, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_trains_nothing_and_writes_the_same_adapter(dpo):
+    root, paths, _ = dpo
+    before = adapter_weights(Path(paths["out"]))
+    proc = run(root, paths, "dpo")
+    assert "holds a finished run of these inputs: nothing to train" in proc.stderr and "resuming" not in proc.stderr
+    after = adapter_weights(Path(paths["out"]))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert json.loads(Path(paths["metrics"]).read_text())["global_step"] == 4
 
 
 @pytest.mark.slow
