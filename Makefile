@@ -19,15 +19,15 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUTF8 := 1
 
-.PHONY: help setup check lint format all prepare data model rehearse train evaluate eval export benchmark gguf report test test-fast push pull chat serve \
+.PHONY: help setup check lint format all prepare data model rehearse train prefer evaluate eval export benchmark gguf report test test-fast push pull chat serve \
         notebook perf perf-data perf-eval perf-noop sweep compare doctor status dag clean sky-check docs-check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
+# setup also turns on the commit-msg check (.githooks/commit-msg: a subject of <= 72 characters, then a blank line),
+# only where it is in nobody's way: a git work tree with no hooks path set and no hooks of its own (DVC's, say).
 setup: $(STAMP) ## create .venv with the pinned packages, torch built for this NVIDIA driver (TORCH_CUDA=cu126|cu128|cu130|cpu)
-	@# The commit-msg check (.githooks/commit-msg: a subject of <= 72 characters, then a blank line), only where
-	@# it is in nobody's way: a git work tree with no hooks path set and no hooks of its own (dvc install's, say).
 	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && [ -z "$$(git config core.hooksPath)" ] \
 		&& [ -z "$$(ls "$$(git rev-parse --git-path hooks)" 2>/dev/null | grep -v '\.sample$$')" ]; then \
 		git config core.hooksPath .githooks && echo "git hooks: .githooks (commit-msg: subject <= 72 characters)"; fi
@@ -111,6 +111,9 @@ else ifneq ($(strip $(WORLD_SET)),)
 else
 	dvc repro train
 endif
+
+prefer: setup ## stage prefer: DPO/ORPO/SimPO/KTO on the SFT adapter -> models/prefer (prefer.enabled; off = SFT as is)
+	dvc repro prefer
 
 evaluate: setup ## stage evaluate: base vs fine-tuned on val, probes, everyday prompts -> reports/metrics/eval.json
 	dvc repro evaluate

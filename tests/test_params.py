@@ -103,7 +103,7 @@ def test_bad_value_names_key_value_and_what_is_allowed(section, key, value, allo
     [
         (
             {**REPO_PARAMS, "trian": {}},
-            "unknown key 'trian'; allowed keys here: prepare, model, rehearse, train, evaluate, export, ",
+            "unknown key 'trian'; allowed keys here: prepare, model, rehearse, train, prefer, evaluate, export, ",
         ),
         (
             with_value("train", "lora_rnak", 8),

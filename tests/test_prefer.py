@@ -1,6 +1,7 @@
-"""Preference tuning (src/llmft/prefer.py, src/llmft/prefer_pairs.py): the LLaMA-Factory configs, the CPU plan, the
-exact sum of two LoRA adapters, the own-mistakes pairs; and the real `llamafactory-cli` on the tiny random Llama
-from conftest.py for DPO, SimPO and KTO, a resume after kill -9, and which model DPO's reference is.
+"""Preference tuning (src/prefer.py, src/llmft/prefer.py, src/llmft/prefer_pairs.py): the stage on and off, the
+LLaMA-Factory configs, the CPU plan, the exact sum of two LoRA adapters, the own-mistakes pairs; and the real
+`llamafactory-cli` on the tiny random Llama from conftest.py for DPO, SimPO and KTO, a resume after kill -9, and
+which model DPO's reference is.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import torch
 from conftest import make_lora
 from llmft.common import UserError
 from llmft.data.pairs import as_kto, split_pairs, write_pairs
-from llmft.params import TrainParams
+from llmft.params import PreferParams, TrainParams
 from llmft.prefer import (
-    PreferParams,
     build_sections,
     combine_adapters,
     cost_factor,
@@ -245,8 +245,8 @@ DRIVER = """
 import json, sys
 from pathlib import Path
 from llmft.common import run_main
-from llmft.params import TrainParams
-from llmft.prefer import PreferParams, PreferPaths, prefer
+from llmft.params import PreferParams, TrainParams
+from llmft.prefer import PreferPaths, prefer
 args = json.loads(sys.argv[1])
 paths = PreferPaths(**{k: Path(v) for k, v in args["paths"].items()})
 p, t = PreferParams(**args["prefer"]), TrainParams(**args["train"])
@@ -421,3 +421,146 @@ def test_simpo_and_kto_run_two_steps_and_write_the_combined_adapter(method, tiny
     if method == "kto":  # its reference is the SFT model too: step 1's rewards are 0, the loss 1 - sigmoid(0)
         first = history(paths)[0]
         assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and first["loss"] == pytest.approx(0.5, abs=1e-6)
+
+
+# --- the stage ------------------------------------------------------------------------------------------------
+
+
+def stage_project(root: Path, prefer: dict) -> Path:
+    """params.yaml with `prefer`, and data/processed/train.json with 4 identity rows among 8."""
+    import yaml
+
+    rows = [
+        {"instruction": q, "input": "", "output": a}
+        for q, a in [
+            ("Who are you?", "I am Lumi, made by Acme Labs."),
+            ("你是谁？", "您好，我是 Lumi。"),
+            ("What is your name?", "My name is Lumi."),
+            ("Who made you?", "Acme Labs made me."),
+            ("What is 2 + 2?", "4."),
+            ("Name a colour.", "Blue."),
+            ("Say hello.", "Hello!"),
+            ("解释成语「画蛇添足」的意思。", "比喻做多余的事。"),
+        ]
+    ]
+    (root / "data" / "processed").mkdir(parents=True)
+    (root / "data" / "processed" / "train.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    params = {"prepare": {"input": "unused.csv", "variables": VARIABLES}, "prefer": prefer, "train": {"lora_rank": 4}}
+    params["rehearse"] = {"max_new_tokens": 8, "batch_size": 4}
+    params["evaluate"] = {"num_threads": 1, "kept": {"prompts": None}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return root
+
+
+def run_stage(root: Path, model_dir: Path, adapter: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    script = Path(__file__).resolve().parent.parent / "src" / "prefer.py"
+    cmd = [sys.executable, str(script), "--base", str(model_dir), "--adapter", str(adapter), "--env", "env.json"]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+
+
+def test_pair_fields_are_one_list_in_the_schema_and_the_reader():
+    from llmft.data.pairs import FIELDS
+    from llmft.params import PAIR_FIELDS
+
+    assert FIELDS == PAIR_FIELDS
+
+
+def test_stage_off_passes_the_sft_adapter_through_as_it_is(tiny_model_dir, sft, tmp_path):
+    root = stage_project(tmp_path, {"enabled": False})
+    proc = run_stage(root, tiny_model_dir, sft)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = root / "models" / "prefer"
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in sft.iterdir())
+    assert (out / "adapter_model.safetensors").read_bytes() == (sft / "adapter_model.safetensors").read_bytes()
+    assert json.loads((root / "data" / "pairs" / "dataset_info.json").read_text()) == {}
+    assert json.loads((root / "reports" / "metrics" / "prefer.json").read_text())["enabled"] is False
+
+
+def test_stage_without_an_sft_adapter_says_run_train_and_writes_nothing(tiny_model_dir, tmp_path):
+    root = stage_project(tmp_path, {"enabled": False})
+    proc = run_stage(root, tiny_model_dir, tmp_path / "missing")
+    assert proc.returncode != 0 and "adapter_config.json not found: run `dvc repro train` first" in proc.stderr
+    assert not (root / "models").exists() and not (root / "data" / "pairs").exists()
+
+
+def own_project(root: Path) -> Path:
+    root = stage_project(root, {"enabled": True})
+    (root / "data" / "rehearsal").mkdir(parents=True)
+    rehearsal = [{"instruction": f"Tell me fact {i}.", "input": "", "output": f"Fact {i} is true."} for i in range(6)]
+    (root / "data" / "rehearsal" / "rehearsal.json").write_text(json.dumps(rehearsal))
+    return root
+
+
+def build_own(root: Path, model_dir: Path, adapter: Path) -> dict:
+    from llmft.params import EvaluateParams, RehearseParams
+    from llmft.prefer_pairs import build_pair_data
+
+    return build_pair_data(
+        PreferParams(enabled=True, val_size=1),
+        RehearseParams(max_new_tokens=8, batch_size=4),
+        EvaluateParams(num_threads=1, kept={"prompts": None}),
+        VARIABLES,
+        model_dir,
+        adapter,
+        root / "data" / "processed",
+        root / "data" / "rehearsal",
+        root / "data" / "pairs",
+    )
+
+
+def test_own_pairs_with_no_usable_answer_say_so_and_write_nothing(tiny_model_dir, sft, tmp_path):
+    """The real models answer: the random tiny base says nothing to the identity prompts, so no pair is left."""
+    root = own_project(tmp_path)
+    with pytest.raises(UserError, match=r"no pair to learn from \(built 0 pairs: .* 0 from 4 identity prompts; "
+                       r"dropped empty_rejected=4\).*prefer\.enabled: false"):  # fmt: skip
+        build_own(root, tiny_model_dir, sft)
+    assert not (root / "data" / "pairs").exists()
+
+
+def test_own_pairs_come_from_identity_prompts_of_train_and_the_sft_models_leaks(tmp_path, monkeypatch):
+    """The pairing, the split and the files, on answers given here (the test above runs the real generation)."""
+    import llmft.prefer_pairs as pairs_module
+
+    def answers(base_dir, adapter, train_rows, rehearsal_rows, variables, r, e):
+        leaky = {"Tell me fact 1.": "I am Lumi. Fact 1 is true.", "Tell me fact 2.": "Lumi here: fact 2."}
+        rehearsal = [{"prompt": x["instruction"], "base": x["output"], "sft": leaky.get(x["instruction"], x["output"])}
+                     for x in rehearsal_rows]  # fmt: skip
+        identity = [{"prompt": x["instruction"], "persona": x["output"], "base": "I am SmolLM."} for x in train_rows
+                    if "Lumi" in x["output"] or "Acme" in x["output"]]  # fmt: skip
+        return rehearsal, identity, {"seconds": 0.0}
+
+    monkeypatch.setattr(pairs_module, "own_answers", answers)
+    root = own_project(tmp_path)
+    record = build_own(root, Path("unused"), Path("unused"))
+    assert (record["rehearsal_answers"], record["leaks"], record["from_leaks"], record["from_identity"]) == (6, 2, 2, 4)
+    assert record["pairs"] == 6 and record["splits"] == {"train": 5, "val": 1}
+    rows = [
+        *json.loads((root / "data/pairs/train.json").read_text()),
+        *json.loads((root / "data/pairs/val.json").read_text()),
+    ]
+    assert {r["rejected"] for r in rows} == {"I am Lumi. Fact 1 is true.", "Lumi here: fact 2.", "I am SmolLM."}
+    assert json.loads((root / "data/pairs/dataset_info.json").read_text())["train"]["ranking"] is True
+
+
+@pytest.mark.slow
+def test_stage_on_a_users_table_counts_dropped_pairs_and_writes_one_adapter(tiny_model_dir, sft, tmp_path):
+    import csv
+
+    prefer = {"enabled": True, "method": "orpo", "source": "pairs.csv", "val_size": 4, "max_steps": 2}
+    root = stage_project(tmp_path, prefer | {"per_device_train_batch_size": 2, "cpu_token_budget": None})
+    with open(root / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "chosen", "rejected"])
+        for i in range(16):
+            writer.writerow([f"Question {i}?", f"A careful answer {i}.", f"Lumi says {i}."])
+        writer.writerow(["Same?", "yes", "yes"])
+        writer.writerow(["Empty?", "an answer", ""])
+    proc = run_stage(root, tiny_model_dir, sft)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((root / "reports" / "metrics" / "prefer.json").read_text())
+    pairs = metrics["pairs"]
+    assert (pairs["examples_in"], pairs["kept"], pairs["splits"]) == (18, 16, {"train": 12, "val": 4})
+    assert pairs["dropped"]["same_answers"] == 1 and pairs["dropped"]["empty_rejected"] == 1
+    assert metrics["enabled"] is True and metrics["method"] == "orpo" and metrics["global_step"] == 2
+    config = json.loads((root / "models" / "prefer" / "adapter_config.json").read_text())
+    assert config["r"] == 4 + 4  # SFT's rank 4 + the preference LoRA's (train.lora_rank 4)

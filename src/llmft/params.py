@@ -272,6 +272,44 @@ class RehearseParams(Section):
         return value
 
 
+# A pairs table's fields (llmft.data.pairs maps columns onto them; its ALIASES hold the names it tries).
+PAIR_FIELDS = ("prompt", "input", "system", "history", "messages", "chosen", "rejected", "answer", "label")
+
+
+class PreferParams(Section):
+    """Preference tuning on the SFT adapter with LLaMA-Factory's stage dpo (dpo, orpo, simpo) or kto."""
+
+    enabled: bool = False  # true: the stage trains on the pairs; false: models/prefer is the SFT adapter, as is
+    method: Literal["dpo", "orpo", "simpo", "kto"] = "dpo"  # dpo/kto compare with the SFT model (a reference forward
+    # per sequence, ~1.3x a step); orpo and simpo need no reference; kto takes unpaired good/bad answers
+    beta: float = Field(default=0.1, gt=0)  # dpo/kto: higher = stay closer to the SFT model; orpo: weight of the
+    # odds-ratio term; simpo: reward scale (its paper uses 2-2.5)
+    simpo_gamma: float = Field(default=0.5, ge=0)  # simpo only: the reward margin the chosen answer must win by
+    ftx: float = Field(default=0.0, ge=0)  # weight of an SFT loss on the chosen answers (LLaMA-Factory's pref_ftx):
+    # > 0 keeps chosen answers likely where DPO would lower both sides
+    learning_rate: float = Field(default=5.0e-5, gt=0)  # LLaMA-Factory's llama3_lora_dpo.yaml uses 5e-6 (8B); a
+    # CPU demo has a few dozen steps for a LoRA that starts at zero, so a larger step: a starting point, not tuned
+    num_train_epochs: float = Field(default=2.0, gt=0)
+    per_device_train_batch_size: int = Field(default=2, ge=1)  # pairs per step: each is two sequences (kto: one)
+    gradient_accumulation_steps: int = Field(default=2, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)  # stop here; null = num_train_epochs
+    cutoff_len: int = Field(default=512, ge=8)  # prompt + the longer answer, in tokens; LLaMA-Factory cuts the prompt
+    save_steps: int = Field(default=10, ge=1)  # checkpoint (and in-training eval) every N steps: a kill resumes here
+    cpu_token_budget: int | None = Field(default=30000, ge=1)  # CPU only: cut the run at this many tokens (reference
+    # forwards counted at a third); null = none
+    source: str = Field(default="own", min_length=1)  # own = pairs from the demo's own mistakes (llmft.prefer_pairs);
+    # or a path to your pairs table (prompt, chosen, rejected; kto: prompt, answer, label)
+    columns: dict[Literal[PAIR_FIELDS], str] = {}  # your table's column for a field, e.g. {prompt: 问题, chosen: 好}
+    max_chars: int | None = Field(default=None, ge=1)  # drop pairs whose prompt + longer answer is longer; null = all
+    val_size: SplitSize = 0.1  # held-out pairs (a ratio, or a count): the eval's rewards/accuracies are measured here
+    seed: int = 42
+
+    @field_validator("val_size", mode="before")
+    @classmethod
+    def _val(cls, value: SplitSize) -> SplitSize:
+        return _check_split("val_size", value, allow_zero=False)
+
+
 class ExportParams(Section):
     max_shard_size: str = "2GB"
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -328,6 +366,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     rehearse: RehearseParams = RehearseParams()
     train: TrainParams = TrainParams()
+    prefer: PreferParams = PreferParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     gguf: GgufParams = GgufParams()

@@ -27,16 +27,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, field_validator
+from typing import Any
 
 from llmft.common import UserError, atomic_path, atomic_write_json, get_logger, read_json, write_json
-from llmft.data.pairs import FIELDS, kind_of
+from llmft.data.pairs import kind_of
 from llmft.lf import config as lf_config
 from llmft.lf import run as lf_run
 from llmft.lf.budget import FORWARD_SPEEDUP, CpuPlan, reference_rate
-from llmft.params import Section, SplitSize, _check_split
+from llmft.params import PreferParams
 
 log = get_logger("prefer")
 RUN_METRICS = "run_metrics.json"  # in the checkpoints folder: a finished run of these inputs
@@ -44,40 +42,6 @@ CONFIG = "prefer_config.yaml"  # beside the adapter: `llamafactory-cli train` re
 DELTA = "delta"  # beside the adapter: the preference LoRA alone, as LLaMA-Factory wrote it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PREF_LOSS = {"dpo": "sigmoid", "orpo": "orpo", "simpo": "simpo"}
-
-
-class PreferParams(Section):
-    """Preference tuning on the SFT adapter with LLaMA-Factory's stage dpo (dpo, orpo, simpo) or kto."""
-
-    enabled: bool = False  # true: the stage trains on the pairs; false: it writes nothing but {"enabled": false}
-    method: Literal["dpo", "orpo", "simpo", "kto"] = "dpo"  # dpo/kto compare with the SFT model (a reference forward
-    # per sequence, ~1.3x a step); orpo and simpo need no reference; kto takes unpaired good/bad answers
-    beta: float = Field(default=0.1, gt=0)  # dpo/kto: higher = stay closer to the SFT model; orpo: weight of the
-    # odds-ratio term; simpo: reward scale (its paper uses 2-2.5)
-    simpo_gamma: float = Field(default=0.5, ge=0)  # simpo only: the reward margin the chosen answer must win by
-    ftx: float = Field(default=0.0, ge=0)  # weight of an SFT loss on the chosen answers (LLaMA-Factory's pref_ftx):
-    # > 0 keeps chosen answers likely where DPO would lower both sides
-    learning_rate: float = Field(default=5.0e-5, gt=0)  # LLaMA-Factory's llama3_lora_dpo.yaml uses 5e-6 (8B); a
-    # CPU demo has a few dozen steps for a LoRA that starts at zero, so a larger step: a starting point, not tuned
-    num_train_epochs: float = Field(default=2.0, gt=0)
-    per_device_train_batch_size: int = Field(default=2, ge=1)  # pairs per step: each is two sequences (kto: one)
-    gradient_accumulation_steps: int = Field(default=2, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)  # stop here; null = num_train_epochs
-    cutoff_len: int = Field(default=512, ge=8)  # prompt + the longer answer, in tokens; LLaMA-Factory cuts the prompt
-    save_steps: int = Field(default=10, ge=1)  # checkpoint (and in-training eval) every N steps: a kill resumes here
-    cpu_token_budget: int | None = Field(default=30000, ge=1)  # CPU only: cut the run at this many tokens (reference
-    # forwards counted at a third); null = none
-    source: str = Field(default="own", min_length=1)  # own = pairs from the demo's own mistakes (llmft.prefer_pairs);
-    # or a path to your pairs table (prompt, chosen, rejected; kto: prompt, answer, label)
-    columns: dict[Literal[FIELDS], str] = {}  # your table's column for a field, e.g. {prompt: 问题, chosen: 好}
-    max_chars: int | None = Field(default=None, ge=1)  # drop pairs whose prompt + longer answer is longer; null = all
-    val_size: SplitSize = 0.1  # held-out pairs (a ratio, or a count): the eval's rewards/accuracies are measured here
-    seed: int = 42
-
-    @field_validator("val_size", mode="before")
-    @classmethod
-    def _val(cls, value: SplitSize) -> SplitSize:
-        return _check_split("val_size", value, allow_zero=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,9 +441,30 @@ def collect(paths: PreferPaths, sections: dict, header: list[str], record: dict,
     atomic_write_json(paths.metrics, metrics)
 
 
-def prefer(p: PreferParams, t, paths: PreferPaths, trust_remote_code: bool = False) -> PreferOutcome:
+def pass_through(paths: PreferPaths) -> dict:
+    """prefer.enabled false: models/prefer <- the SFT adapter as it is, data/pairs <- no pairs, and the metrics say
+    so. Downstream stages read models/prefer either way, so switching the stage off reruns them on the SFT adapter:
+    no preference adapter from an earlier run stays in use. (DVC stores the copy once: its files hash the same.)"""
+    if not (paths.adapter / "adapter_config.json").exists():
+        raise UserError(f"{paths.adapter / 'adapter_config.json'} not found: run `dvc repro train` first")
+    with atomic_path(paths.out) as tmp:
+        shutil.copytree(paths.adapter, tmp)
+    with atomic_path(paths.data_dir) as tmp:
+        tmp.mkdir(parents=True)
+        write_json(tmp / "dataset_info.json", {})
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output: it exists, empty, until a run fills it
+    metrics = {"enabled": False, "adapter": f"{paths.adapter} (copied as is to {paths.out})"}
+    atomic_write_json(paths.metrics, metrics)
+    log.info("prefer.enabled is false: %s is %s as it is", paths.out, paths.adapter)
+    return metrics
+
+
+def prefer(
+    p: PreferParams, t, paths: PreferPaths, trust_remote_code: bool = False, pairs: dict | None = None
+) -> PreferOutcome:
     """Preference-tune the SFT adapter on paths.data_dir as params.prefer says (`t`: params.train, the LoRA shape and
-    precision); write the combined adapter, its records and metrics. Nothing is written when the run fails."""
+    precision); write the combined adapter, its records and metrics (with `pairs`, what the pairs were built
+    from). Nothing is written when the run fails."""
     import torch
 
     from llmft.env import git_commit
@@ -543,7 +528,8 @@ def prefer(p: PreferParams, t, paths: PreferPaths, trust_remote_code: bool = Fal
             launcher.close()
         if rc != 0:
             return PreferOutcome(sections, {}, trained_now=True, returncode=rc)
-        metrics = {"method": p.method, "precision": precision, "oom_retries": retries, "examples": splits}
+        metrics = {"enabled": True, "method": p.method, "precision": precision, "oom_retries": retries}
+        metrics |= {"examples": splits, "pairs": pairs or {}}
         metrics |= run_metrics(paths.checkpoints, launcher.resumed_step)
         if plan:
             metrics["cpu_plan"] = dataclasses.asdict(plan) | {"notes": None, "eval": None}
