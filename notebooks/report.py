@@ -62,6 +62,8 @@ info = read_model_info(MODEL_DIR) if (Path(MODEL_DIR) / "model_info.json").exist
 t = params.train
 display(summary.learn_and_cost(evals))
 display(Markdown(summary.verdict(evals)))
+if summary.preference(evals):
+    display(Markdown(summary.preference(evals)))
 reach = summary.benchmark_reach(read_json(BENCHMARK)) if Path(BENCHMARK).exists() else ""
 if reach:
     display(Markdown(reach))

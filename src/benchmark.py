@@ -1,7 +1,7 @@
 """Stage `benchmark`: standard benchmarks (lm-eval; the HellaSwag subset by default) on the base and tuned models.
 
     dvc repro benchmark
-    python src/benchmark.py --params params.yaml --base models/base --adapter models/lora \
+    python src/benchmark.py --params params.yaml --base models/base --adapter models/prefer \
         --metrics reports/metrics/benchmark.json --samples reports/benchmark/samples.jsonl
 
 Reads `benchmark:` in params.yaml. Both models get the same lm-eval run, offline, on the tasks in
@@ -34,7 +34,7 @@ def write_samples(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__, "benchmark")
     parser.add_argument("--base", default="models/base", type=Path, help="directory with model_info.json")
-    parser.add_argument("--adapter", default="models/lora", type=Path, help="the LoRA adapter to benchmark")
+    parser.add_argument("--adapter", default="models/prefer", type=Path, help="the LoRA adapter to benchmark")
     parser.add_argument("--merged", type=Path, help="models/merged: benchmark this as the tuned model instead")
     parser.add_argument("--metrics", default="reports/metrics/benchmark.json", type=Path)
     parser.add_argument("--samples", default="reports/benchmark/samples.jsonl", type=Path)

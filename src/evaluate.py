@@ -2,15 +2,16 @@
 
     dvc repro evaluate           # or: make eval
     python src/evaluate.py --params params.yaml --data-dir data/processed --base models/base \
-        --adapter models/lora --metrics reports/metrics/eval.json --predictions reports/predictions.jsonl
+        --adapter models/prefer --pairs data/pairs --sft models/lora --metrics reports/metrics/eval.json \
+        --predictions reports/predictions.jsonl
 
-Reads `evaluate:` in params.yaml, and prepare.variables (they fill the probes' expected answers). Both models get the
-same prompts, built by the LLaMA-Factory template the adapter was trained with, and the same greedy decoding.
-Writes reports/metrics/eval.json (base, tuned and delta = tuned - base, per split; the probes' pass rates, the
-share of answers fine-tuning changed, paired intervals beside each base-vs-tuned difference (`paired`, see
-src/llmft/stats.py), and a verdict that warns when the model barely moved or forgot, beyond noise only;
-`dvc metrics diff` compares runs) and reports/predictions.jsonl (one line per example or probe: split, index,
-prompt, label, base and tuned answers).
+Reads `evaluate:` in params.yaml, and prepare.variables (they fill the probes' expected answers). Both models get
+the same prompts, built by the LLaMA-Factory template the adapter was trained with, and the same greedy decoding.
+Writes reports/metrics/eval.json (base, tuned and delta = tuned - base, per split; the probes' pass rates, the share
+of answers fine-tuning changed, paired intervals beside each base-vs-tuned difference (`paired`, see
+src/llmft/stats.py), and a verdict that warns when the model barely moved or forgot, beyond noise only; `dvc metrics
+diff` compares runs; with the prefer stage on, `preference`: how base, SFT and tuned rank the held-out pairs) and
+reports/predictions.jsonl (one line per example or probe: split, index, prompt, label, base and tuned answers).
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__, "evaluate")
     parser.add_argument("--data-dir", default="data/processed", type=Path, help="val.json, test.json, dataset_info")
     parser.add_argument("--base", default="models/base", type=Path, help="directory with model_info.json")
-    parser.add_argument("--adapter", default="models/lora", type=Path, help="the LoRA adapter to evaluate")
+    parser.add_argument("--adapter", default="models/prefer", type=Path, help="the LoRA adapter to evaluate")
+    parser.add_argument("--pairs", default="data/pairs", type=Path, help="the prefer stage's pairs (val: held out)")
+    parser.add_argument("--sft", default="models/lora", type=Path, help="the SFT adapter, for the pairs' SFT row")
     parser.add_argument("--metrics", default="reports/metrics/eval.json", type=Path)
     parser.add_argument("--predictions", default="reports/predictions.jsonl", type=Path)
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    metrics, predictions = evaluate(params.evaluate, args.data_dir, args.base, args.adapter, params.prepare.variables)
+    metrics, predictions = evaluate(
+        params.evaluate, args.data_dir, args.base, args.adapter, params.prepare.variables, args.pairs, args.sft
+    )
     write_predictions(args.predictions, predictions)
     atomic_write_json(args.metrics, metrics)
     write_environment(args.env, "evaluate")
@@ -57,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             probes["base"]["total"],
             probes["tuned"]["passed"],
             probes["tuned"]["total"],
+        )
+    if "preference" in metrics:
+        pref = metrics["preference"]
+        log.info(
+            "held-out pairs (%d) ranked right: %s",
+            pref["n"],
+            ", ".join(f"{name} {pref[name]['accuracy']:.1f}%" for name in ("base", "sft", "tuned") if name in pref),
         )
     log.info("answers changed by fine-tuning: %s", ", ".join(f"{s} {v:g}%" for s, v in metrics["changed"].items()))
     for key in ("warning", "forgot"):

@@ -1,7 +1,7 @@
-"""Stage `export`: models/base + models/lora -> models/merged, one plain transformers checkpoint, verified.
+"""Stage `export`: models/base + models/prefer -> models/merged, one plain transformers checkpoint, verified.
 
     dvc repro export             # or: make export
-    python src/export.py --params params.yaml --base models/base --adapter models/lora --out models/merged \
+    python src/export.py --params params.yaml --base models/base --adapter models/prefer --out models/merged \
         --data-dir data/processed --eval reports/metrics/eval.json --metrics reports/metrics/export.json
 
 Reads `export:` and `train:`. Merges, checks the merged model against base + adapter before writing anything,
@@ -24,7 +24,7 @@ log = get_logger("export")
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__, "export")
     parser.add_argument("--base", default="models/base")
-    parser.add_argument("--adapter", default="models/lora")
+    parser.add_argument("--adapter", default="models/prefer")
     parser.add_argument("--out", default="models/merged")
     parser.add_argument("--data-dir", default="data/processed", help="its DVC hash goes into the model card")
     parser.add_argument("--eval", default="reports/metrics/eval.json", help="copied into the model card if present")

@@ -72,7 +72,7 @@ def test_history_carries_over_turns_and_clear_forgets_it(
 
 def test_default_is_merged_if_exported_else_base_plus_adapter(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert chat.default_paths(None, None) == ("models/base", "models/lora")
+    assert chat.default_paths(None, None) == ("models/base", "models/prefer")
     (tmp_path / "models/merged").mkdir(parents=True)
     assert chat.default_paths(None, None) == ("models/merged", None)
     assert chat.default_paths("x", None) == ("x", None)

@@ -38,7 +38,7 @@ def test_every_stage_has_one_name_for_script_module_params_target_and_test():
         found[name, "params"] = name in params
         found[name, "target"] = re.search(rf"^{name}:", makefile, re.M) is not None
         found[name, "test"] = (ROOT / "tests" / f"test_{name}.py").exists()
-    assert len(STAGES) == 9
+    assert len(STAGES) == 10
     assert {piece for piece, ok in found.items() if not ok} == set(NAMED_OTHERWISE)
     for (name, _), other in NAMED_OTHERWISE.items():
         assert other in STAGES[name]["cmd"] or other in params, (name, other)

@@ -18,8 +18,24 @@ from scripts import ROOT
 
 def eval_argv(params: Path, data: Path, base: Path, adapter: Path, metrics: Path, predictions: Path) -> list[str]:
     """The evaluate stage's arguments, as dvc.yaml passes them."""
-    return ["--params", str(params), "--data-dir", str(data), "--base", str(base), "--adapter", str(adapter),
-            "--metrics", str(metrics), "--predictions", str(predictions)]  # fmt: skip
+    return [
+        "--params",
+        str(params),
+        "--data-dir",
+        str(data),
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--metrics",
+        str(metrics),
+        "--predictions",
+        str(predictions),
+        "--pairs",
+        str(data / "no-pairs"),
+        "--sft",
+        str(adapter),
+    ]  # fmt: skip: no prefer stage here
 
 
 def test_evaluate_writes_both_models_answers_and_metrics(tiny_model_dir, adapter_dir, tmp_path, stage):
@@ -290,3 +306,48 @@ def test_per_example_losses_come_back_in_input_order(fmt):
             expected = float(model(torch.tensor([prompt + answer]), labels=labels).loss) * len(answer)
             assert tokens == len(answer) and nll == pytest.approx(expected, rel=1e-4)
     assert sum(n for n, _ in per_example) == pytest.approx(total) and sum(t for _, t in per_example) == count
+
+
+def test_held_out_pairs_are_ranked_by_base_sft_and_tuned_with_the_update_on_the_sft_model(
+    tiny_model_dir, adapter_dir, tmp_path
+):
+    """The prefer stage's output: SFT (adapter_dir) + a preference LoRA, as one adapter with the update in delta/."""
+    from conftest import make_lora
+    from llmft.data.pairs import write_pairs
+    from llmft.infer.chat_format import load_chat_format
+    from llmft.infer.loading import load_model, merge_adapter
+    from llmft.pair_scores import load_pairs, pair_logps
+    from llmft.params import EvaluateParams
+    from llmft.prefer import combine_adapters
+
+    pairs = [{"instruction": f"Question {i}?", "input": "", "chosen": f"A kind answer {i}.", "rejected": f"No {i}."}
+             for i in range(4)]  # fmt: skip
+    write_pairs({"train": pairs[:1], "val": pairs}, "pairwise", tmp_path / "pairs")
+    prefer = tmp_path / "prefer"
+    combine_adapters(adapter_dir, make_lora(tiny_model_dir, tmp_path / "update", scale=0.3), prefer)
+    shutil.copytree(tmp_path / "update", prefer / "delta")
+    p = EvaluateParams(max_new_tokens=4, batch_size=2, num_threads=1, kept={"prompts": None}, dtype="float32")
+    metrics, _ = evaluate.evaluate(
+        p, write_data(tmp_path / "data", VAL), tiny_model_dir, prefer, {}, tmp_path / "pairs", adapter_dir
+    )
+    block = metrics["preference"]
+    assert block["n"] == 4 and [k for k in block if k in ("base", "sft", "tuned")] == ["base", "sft", "tuned"]
+    assert block["paired"]["tuned_vs_sft"]["margin"]["n"] == 4
+    # each row is that model's own ranking: SFT is base + adapter_dir; tuned is base + the combined adapter
+    fmt = load_chat_format(tiny_model_dir, p.cutoff_len)
+    encoded = load_pairs(tmp_path / "pairs", fmt)
+    for name, adapter in (("sft", adapter_dir), ("tuned", prefer)):
+        logps = pair_logps(merge_adapter(load_model(fmt, "float32"), adapter), fmt, encoded, 2)
+        margin = sum(c - r for c, r in logps) / 4
+        assert block[name]["margin"] == pytest.approx(margin, abs=1e-3), name
+    assert block["sft"]["margin"] != block["tuned"]["margin"] != block["base"]["margin"]
+
+
+def test_no_pairs_or_kto_labels_add_no_preference_block(fmt, tmp_path):
+    from llmft.data.pairs import write_pairs
+    from llmft.pair_scores import load_pairs
+
+    assert load_pairs(None, fmt) == [] and load_pairs(tmp_path / "missing", fmt) == []
+    kto = [{"instruction": "Q?", "input": "", "output": "A.", "kto_tag": True}] * 2
+    write_pairs({"train": kto, "val": kto}, "kto", tmp_path / "kto")
+    assert load_pairs(tmp_path / "kto", fmt) == []

@@ -243,3 +243,22 @@ def test_benchmark_reach_names_the_tasks_that_can_and_cannot_see_a_change():
         }  # fmt: skip
     ).rows[0]
     assert row[5:7] == ["-2.0 (-3.5 to -0.5)", "beyond noise"]
+
+
+def test_preference_line_names_each_models_accuracy_and_the_change_against_sft():
+    from llmft.report import summary
+    from llmft.stats import paired_difference
+
+    assert summary.preference({}) == ""
+    correct = {"sft": [0.0] * 5 + [100.0] * 5, "tuned": [100.0] * 10}
+    block = {
+        "n": 10,
+        "base": {"accuracy": 40.0, "margin": -0.5},
+        "sft": {"accuracy": 50.0, "margin": 0.1},
+        "tuned": {"accuracy": 100.0, "margin": 2.25},
+        "paired": {"tuned_vs_sft": {"accuracy": paired_difference(correct["sft"], correct["tuned"]),
+                                    "margin": paired_difference([0.1] * 10, [2.25] * 10)}},
+    }  # fmt: skip
+    line = summary.preference({"preference": block})
+    assert "base 4/10 (40%" in line and "sft 5/10 (50%" in line and "tuned 10/10 (100%" in line
+    assert "Δ +50 points" in line and "against SFT" in line and "+2.25 nats" in line

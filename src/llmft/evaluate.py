@@ -35,6 +35,7 @@ from llmft.kept import (
 )
 from llmft.lf.encode import convert_rows, dataset_attr
 from llmft.metrics import METHOD, llamafactory_metrics, text_metrics
+from llmft.pair_scores import load_pairs, pair_logps, preference_block
 from llmft.params import EvaluateParams, Probe
 from llmft.predictions import KEPT, PROBE
 from llmft.variables import fill
@@ -209,6 +210,7 @@ class Prompts:
     splits: dict[str, list[dict]]
     probes: list[dict]
     kept: list[dict]
+    pairs: list[dict] = field(default_factory=list)  # the prefer stage's held-out pairs, scored, never answered
 
     @property
     def examples(self) -> list[dict]:
@@ -228,13 +230,21 @@ class Answers:
     speed: dict[str, float] = field(default_factory=dict)  # <model>_tokens_per_s, hf backend only
     drift: dict[str, tuple[float, int]] = field(default_factory=dict)  # the base's own everyday answers' loss
     drift_items: dict[str, list] = field(default_factory=dict)  # the same, per everyday prompt
+    pairs: dict[str, list] = field(default_factory=dict)  # model -> [(log p(chosen), log p(rejected))] per pair
 
 
 def evaluate(
-    p: EvaluateParams, data_dir: Path, base_dir: Path, adapter_dir: Path, variables: dict[str, str] | None = None
+    p: EvaluateParams,
+    data_dir: Path,
+    base_dir: Path,
+    adapter_dir: Path,
+    variables: dict[str, str] | None = None,
+    pairs_dir: Path | None = None,
+    sft_dir: Path | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate and score; return (metrics, prediction rows). `variables`: prepare.variables, for the probes and the
-    persona leak."""
+    persona leak. `pairs_dir`: the prefer stage's pairs; when it holds held-out pairs, base, the SFT model
+    (`sft_dir`, the adapter under the preference update) and the tuned model are scored on them too."""
     variables = variables or {}
     check_adapter(adapter_dir)  # the cheap checks first: a mistake is reported in a second, not after loading
     if p.backend == "vllm":
@@ -245,6 +255,7 @@ def evaluate(
     kept_items = load_kept(p, variables)
     fmt = load_chat_format(base_dir, p.cutoff_len)
     prompts = encode_prompts(data_dir, rows, probe_items(p.probes, variables), kept_items, fmt)
+    prompts.pairs = load_pairs(pairs_dir, fmt)
     threads = set_threads(p.num_threads)
     log.info(
         "%s examples, %d probes, %d everyday prompts (evaluate.kept), %d threads, backend %s",
@@ -254,7 +265,7 @@ def evaluate(
         threads,
         p.backend,
     )
-    answers = answer_both(fmt, p, adapter_dir, prompts)
+    answers = answer_both(fmt, p, adapter_dir, prompts, sft_dir if prompts.pairs else None)
     return summarise(p, fmt, prompts, answers, available, threads, variables)
 
 
@@ -284,15 +295,27 @@ def encode_prompts(
     return Prompts(splits, chat_rows(PROBE, probes, fmt), chat_rows(KEPT, kept_items, fmt))
 
 
-def answer_both(fmt: ChatFormat, p: EvaluateParams, adapter_dir: Path, prompts: Prompts) -> Answers:
+def answer_both(
+    fmt: ChatFormat, p: EvaluateParams, adapter_dir: Path, prompts: Prompts, sft_dir: Path | None = None
+) -> Answers:
     """The base model, then the same weights with the adapter merged (one load for both): each scores the references
     (loss) and, with the hf backend, answers every prompt greedily and scores the base's everyday answers (drift).
-    vLLM answers with both at once after the HF model is freed, so the drift needs the HF model loaded again."""
+    vLLM answers with both at once after the HF model is freed, so the drift needs the HF model loaded again.
+    With preference pairs and the SFT adapter, the SFT model scores the pairs between the two, and the tuned model
+    is the SFT model with the preference update (adapter_dir/delta) merged on top: the same sum, one load."""
     out = Answers()
     model = load_model(fmt, p.dtype)
     for name in NAMES:
         if name == "tuned":
-            model = merge_adapter(model, adapter_dir)
+            delta = adapter_dir / "delta"
+            if sft_dir is not None and (delta / "adapter_config.json").exists():
+                model = merge_adapter(model, sft_dir)
+                out.pairs["sft"] = pair_logps(model, fmt, prompts.pairs, p.batch_size)
+                model = merge_adapter(model, delta)
+            else:
+                model = merge_adapter(model, adapter_dir)
+        if prompts.pairs:
+            out.pairs[name] = pair_logps(model, fmt, prompts.pairs, p.batch_size)
         out.nll[name], out.per_example[name] = reference_nll(model, fmt, p, prompts.splits)
         if p.backend == "hf":
             out.tokens[name], out.speed[f"{name}_tokens_per_s"] = generate_hf(model, name, fmt, p, prompts.ids())
@@ -389,6 +412,8 @@ def summarise(
     if prompts.kept:
         metrics["changed"][KEPT] = changed_rate(prompts.kept)
         metrics["kept"] = kept_scores(prompts.kept, answers.drift, answers.drift_items)
+    if answers.pairs:
+        metrics["preference"] = preference_block(answers.pairs)
     metrics["verdict"] = verdict(metrics, p)
     for row in prompts.probes + prompts.kept:
         del row["prompt_ids"]  # token ids are for the models, not for predictions.jsonl

@@ -137,6 +137,28 @@ def verdict(evals: dict) -> str:
     return "\n\n".join(lines)
 
 
+def preference(evals: dict) -> str:
+    """ "Did preference tuning help?": how base, SFT and tuned rank the prefer stage's held-out pairs, and the tuned
+    model's change against the SFT model with its interval; "" when the stage was off (no pairs)."""
+    block = evals.get("preference")
+    if not block:
+        return ""
+    models = " → ".join(
+        f"{name} {rate(block[name]['accuracy'], block['n'])}" for name in ("base", "sft", "tuned") if name in block
+    )
+    paired = block.get("paired", {})
+    ref = "sft" if "tuned_vs_sft" in paired else "base"
+    vs = paired.get(f"tuned_vs_{ref}", {})
+    margin = block["tuned"]["margin"]
+    return (
+        f"**Did preference tuning help?** Held-out pairs ranked right (chosen more likely than rejected): {models}"
+        + (f" ({change(vs['accuracy'])} against {ref.upper() if ref == 'sft' else ref})" if vs else "")
+        + f"; log-likelihood margin of the tuned model {margin:+.2f} nats"
+        + (f" ({change(vs['margin'], ' nats', 2)})" if vs else "")
+        + ". The rows above compare the tuned model (SFT + preference tuning) with the base."
+    )
+
+
 def benchmark_reach(bench: dict) -> str:
     """Markdown: which benchmark tasks can see a change for this model (the base scores beyond chance) and which
     can't, with each task's paired base-vs-tuned difference; "" for a benchmark.json without `above_chance`."""

@@ -1,7 +1,7 @@
 """Chat with the fine-tuned model in the terminal; the answer streams in as it is generated.
 
-    make chat                                          # models/merged if exported, else models/base + models/lora
-    python -m llmft.tools.chat --model models/base --adapter models/lora
+    make chat                                          # models/merged if exported, else models/base + models/prefer
+    python -m llmft.tools.chat --model models/base --adapter models/prefer
     python -m llmft.tools.chat --model models/merged --temperature 0.7 --max-new-tokens 512
 
 Type a message and press Enter. /clear forgets the conversation, /exit or Ctrl-D quits,
@@ -22,7 +22,7 @@ from llmft.infer.chat_format import load_chat_format
 from llmft.infer.loading import load_model, merge_adapter
 from llmft.infer.text import StreamCleaner
 
-MERGED, BASE, ADAPTER = "models/merged", "models/base", "models/lora"
+MERGED, BASE, ADAPTER = "models/merged", "models/base", "models/prefer"
 HELP = "/clear forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"
 
 

@@ -1,6 +1,6 @@
 """OpenAI-compatible chat API for the fine-tuned model: LLaMA-Factory's own API app, loopback only.
 
-    make serve                                   # PORT=8000; models/merged, else models/base + models/lora
+    make serve                                   # PORT=8000; models/merged, else models/base + models/prefer
     python -m llmft.tools.serve --host 127.0.0.1 --port 8000 [--model models/merged] [--adapter DIR] [--name merged]
 
     from openai import OpenAI
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="loopback only, unless API_KEY is set")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", help="model directory; default models/merged, else models/base + --adapter")
-    parser.add_argument("--adapter", help="LoRA adapter on top of --model (default models/lora without a merge)")
+    parser.add_argument("--adapter", help="LoRA adapter on top of --model (default models/prefer without a merge)")
     parser.add_argument("--name", help="the model name clients must send; default: the model directory's name")
     parser.add_argument(
         "--max-tokens-limit",
