@@ -480,7 +480,8 @@ def prefer(
     data_kind = "kto" if "kto_tag" in json.dumps(read_json(paths.data_dir / "dataset_info.json")) else "pairwise"
     if data_kind != kind_of(p.method):
         raise UserError(
-            f"{paths.data_dir} holds {data_kind} data but prefer.method is {p.method}: rerun the step that writes it"
+            f"{paths.data_dir} holds {data_kind} data but prefer.method is {p.method}: `dvc repro prefer` "
+            "rebuilds the pairs for the method"
         )
     sections = build_sections(
         p,
