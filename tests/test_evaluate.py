@@ -313,12 +313,12 @@ def test_held_out_pairs_are_ranked_by_base_sft_and_tuned_with_the_update_on_the_
 ):
     """The prefer stage's output: SFT (adapter_dir) + a preference LoRA, as one adapter with the update in delta/."""
     from conftest import make_lora
+    from llmft.adapters import combine_adapters
     from llmft.data.pairs import write_pairs
     from llmft.infer.chat_format import load_chat_format
     from llmft.infer.loading import load_model, merge_adapter
     from llmft.pair_scores import load_pairs, pair_logps
     from llmft.params import EvaluateParams
-    from llmft.prefer import combine_adapters
 
     pairs = [{"instruction": f"Question {i}?", "input": "", "chosen": f"A kind answer {i}.", "rejected": f"No {i}."}
              for i in range(4)]  # fmt: skip

@@ -19,15 +19,11 @@ import pytest
 import torch
 
 from conftest import make_lora
+from llmft.adapters import combine_adapters
 from llmft.common import UserError
 from llmft.data.pairs import as_kto, split_pairs, write_pairs
 from llmft.params import PreferParams, TrainParams
-from llmft.prefer import (
-    build_sections,
-    combine_adapters,
-    cost_factor,
-    plan_cpu_prefer,
-)
+from llmft.prefer import build_sections, cost_factor, plan_cpu_prefer
 from llmft.prefer_pairs import own_mistakes
 
 VARIABLES = {"name": "Lumi", "author": "Acme Labs"}
@@ -156,7 +152,7 @@ def test_combined_adapter_gives_the_logits_of_sft_merged_then_preference(tiny_mo
     combined = logits(tiny_model_dir, tmp_path / "combined")
     assert not torch.allclose(chain, logits(tiny_model_dir, tiny_lora_dir), atol=1e-3)  # the second one matters
     torch.testing.assert_close(combined, chain, rtol=0, atol=1e-6)  # the adapters are float32: s * B rounds there
-    from llmft.prefer import main  # the same by hand: python -m llmft.prefer combine FIRST SECOND OUT
+    from llmft.adapters import main  # the same by hand: python -m llmft.adapters combine FIRST SECOND OUT
 
     assert main(["combine", str(tiny_lora_dir), str(second), str(tmp_path / "by_hand")]) == 0
     by_hand, ours = adapter_weights(tmp_path / "by_hand"), adapter_weights(tmp_path / "combined")
