@@ -367,6 +367,32 @@ def pass_through(paths: PreferPaths) -> dict:
     return metrics
 
 
+def check_data(p: PreferParams, t, paths: PreferPaths) -> dict:
+    """The SFT adapter's config, once the model, the pairs and the method agree; UserError naming what to run."""
+    for f, stage in ((paths.model_dir / "model_info.json", "model"), (paths.data_dir / "dataset_info.json", "prefer")):
+        if not f.exists():
+            raise UserError(f"{f} not found: run `dvc repro {stage}` first")
+    sft_config = check_inputs(t, paths.adapter)
+    data_kind = "kto" if "kto_tag" in json.dumps(read_json(paths.data_dir / "dataset_info.json")) else "pairwise"
+    if data_kind != kind_of(p.method):
+        raise UserError(
+            f"{paths.data_dir} holds {data_kind} data but prefer.method is {p.method}: `dvc repro prefer` "
+            "rebuilds the pairs for the method"
+        )
+    return sft_config
+
+
+def announce_cpu_plan(p: PreferParams, info: dict, data_dir: Path, sections: dict, trust_remote_code: bool):
+    """On a CPU: log what the run will cost, and cut it at prefer.cpu_token_budget (sections' max_steps)."""
+    tokens = example_tokens(info["path"], info["template"], data_dir, p.cutoff_len, trust_remote_code)
+    plan = plan_cpu_prefer(p, tokens, info.get("num_parameters"))
+    for note in plan.notes if plan else ():
+        log.warning("%s", note) if "over prefer.cpu_token_budget" in note else log.info("%s", note)
+    if plan and plan.max_steps:
+        sections["train"]["max_steps"] = plan.max_steps
+    return plan
+
+
 def prefer(
     p: PreferParams, t, paths: PreferPaths, trust_remote_code: bool = False, pairs: dict | None = None
 ) -> PreferOutcome:
@@ -378,19 +404,10 @@ def prefer(
     from llmft.env import git_commit
     from llmft.model import read_model_info
 
-    for f, stage in ((paths.model_dir / "model_info.json", "model"), (paths.data_dir / "dataset_info.json", "prefer")):
-        if not f.exists():
-            raise UserError(f"{f} not found: run `dvc repro {stage}` first")
-    sft_config = check_inputs(t, paths.adapter)
+    sft_config = check_data(p, t, paths)
     info = read_model_info(paths.model_dir)
     cuda = torch.cuda.is_available()
     precision = lf_config.choose_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
-    data_kind = "kto" if "kto_tag" in json.dumps(read_json(paths.data_dir / "dataset_info.json")) else "pairwise"
-    if data_kind != kind_of(p.method):
-        raise UserError(
-            f"{paths.data_dir} holds {data_kind} data but prefer.method is {p.method}: `dvc repro prefer` "
-            "rebuilds the pairs for the method"
-        )
     sections = build_sections(
         p,
         t,
@@ -402,14 +419,7 @@ def prefer(
         output_dir=str(paths.checkpoints),
         precision=precision,
     )
-    plan = None
-    if not cuda:
-        tokens = example_tokens(info["path"], info["template"], paths.data_dir, p.cutoff_len, trust_remote_code)
-        plan = plan_cpu_prefer(p, tokens, info.get("num_parameters"))
-        for note in plan.notes if plan else ():
-            log.warning("%s", note) if "over prefer.cpu_token_budget" in note else log.info("%s", note)
-        if plan and plan.max_steps:
-            sections["train"]["max_steps"] = plan.max_steps
+    plan = None if cuda else announce_cpu_plan(p, info, paths.data_dir, sections, trust_remote_code)
     fp = lf_run.fingerprint(paths.data_dir, paths.model_dir, sections, adapter_digest(paths.adapter))
     batch = sections["train"]["per_device_train_batch_size"] * sections["train"]["gradient_accumulation_steps"]
     lf_run.sync_checkpoints(paths.checkpoints, fp, 1, batch)
@@ -438,10 +448,8 @@ def prefer(
         if rc != 0:
             return PreferOutcome(sections, {}, trained_now=True, returncode=rc)
         metrics = {"enabled": True, "method": p.method, "precision": precision, "oom_retries": retries}
-        metrics |= {"examples": splits, "pairs": pairs or {}}
-        metrics |= run_metrics(paths.checkpoints, launcher.resumed_step)
-        if plan:
-            metrics["cpu_plan"] = dataclasses.asdict(plan) | {"notes": None, "eval": None}
+        metrics |= {"examples": splits, "pairs": pairs or {}} | run_metrics(paths.checkpoints, launcher.resumed_step)
+        metrics |= {"cpu_plan": dataclasses.asdict(plan) | {"notes": None, "eval": None}} if plan else {}
         atomic_write_json(paths.checkpoints / RUN_METRICS, metrics)
         outcome = PreferOutcome(sections, metrics, trained_now=True)
     collect(paths, outcome.sections, header, record, outcome.metrics)
