@@ -64,6 +64,8 @@ display(summary.learn_and_cost(evals))
 display(Markdown(summary.verdict(evals)))
 if summary.preference(evals):
     display(Markdown(summary.preference(evals)))
+if summary.against_sft(evals):
+    display(summary.against_sft(evals))
 reach = summary.benchmark_reach(read_json(BENCHMARK)) if Path(BENCHMARK).exists() else ""
 if reach:
     display(Markdown(reach))

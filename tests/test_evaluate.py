@@ -341,6 +341,12 @@ def test_held_out_pairs_are_ranked_by_base_sft_and_tuned_with_the_update_on_the_
         margin = sum(c - r for c, r in logps) / 4
         assert block[name]["margin"] == pytest.approx(margin, abs=1e-3), name
     assert block["sft"]["margin"] != block["tuned"]["margin"] != block["base"]["margin"]
+    # what preference tuning changed: the SFT model in the base's place, measured as the main comparison is
+    after = metrics["preference_tuning"]
+    assert after["compared"].startswith("base = the SFT model") and after["tuned"] == metrics["tuned"]
+    sft_alone, _ = evaluate.evaluate(p, tmp_path / "data", tiny_model_dir, adapter_dir, {})
+    assert after["base"]["val"]["loss"] == pytest.approx(sft_alone["tuned"]["val"]["loss"], abs=1e-4)
+    assert after["paired"]["val"]["loss"]["n"] == len(VAL) and "sft_tokens_per_s" in metrics["speed"]
 
 
 def test_no_pairs_or_kto_labels_add_no_preference_block(fmt, tmp_path):

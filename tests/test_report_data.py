@@ -262,3 +262,19 @@ def test_preference_line_names_each_models_accuracy_and_the_change_against_sft()
     line = summary.preference({"preference": block})
     assert "base 4/10 (40%" in line and "sft 5/10 (50%" in line and "tuned 10/10 (100%" in line
     assert "Δ +50 points" in line and "against SFT" in line and "+2.25 nats" in line
+
+
+def test_against_sft_draws_the_first_screen_again_with_sft_as_the_base():
+    from llmft.report import summary
+
+    assert summary.against_sft({}) is None
+    block = {
+        "base": {"val": {"loss": 1.2}},
+        "tuned": {"val": {"loss": 1.1}},
+        "probes": {"base": {"passed": 3, "total": 5}, "tuned": {"passed": 5, "total": 5}},
+    }
+    table = summary.against_sft({"preference_tuning": block})
+    text = table._repr_markdown_()
+    assert table.header == ["Learned: SFT → + preference tuning", "Kept: SFT → + preference tuning"]
+    assert "Probes passed: 3/5 → 5/5" in text and "Eval loss (val): 1.200 → 1.100" in text
+    assert "Not measured: evaluate.kept.prompts is null." in text

@@ -10,6 +10,7 @@ example (split, index, prompt, label, base and tuned answers, each model's loss 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -301,8 +302,9 @@ def answer_both(
     """The base model, then the same weights with the adapter merged (one load for both): each scores the references
     (loss) and, with the hf backend, answers every prompt greedily and scores the base's everyday answers (drift).
     vLLM answers with both at once after the HF model is freed, so the drift needs the HF model loaded again.
-    With preference pairs and the SFT adapter, the SFT model scores the pairs between the two, and the tuned model
-    is the SFT model with the preference update (adapter_dir/delta) merged on top: the same sum, one load."""
+    With preference pairs and the SFT adapter, the SFT model does all of that in between (what preference tuning
+    changed is tuned against it), and the tuned model is the SFT model with the preference update
+    (adapter_dir/delta) merged on top: the same sum, one load."""
     out = Answers()
     model = load_model(fmt, p.dtype)
     for name in NAMES:
@@ -310,17 +312,11 @@ def answer_both(
             delta = adapter_dir / "delta"
             if sft_dir is not None and (delta / "adapter_config.json").exists():
                 model = merge_adapter(model, sft_dir)
-                out.pairs["sft"] = pair_logps(model, fmt, prompts.pairs, p.batch_size)
+                answer_with(model, "sft", fmt, p, prompts, out)
                 model = merge_adapter(model, delta)
             else:
                 model = merge_adapter(model, adapter_dir)
-        if prompts.pairs:
-            out.pairs[name] = pair_logps(model, fmt, prompts.pairs, p.batch_size)
-        out.nll[name], out.per_example[name] = reference_nll(model, fmt, p, prompts.splits)
-        if p.backend == "hf":
-            out.tokens[name], out.speed[f"{name}_tokens_per_s"] = generate_hf(model, name, fmt, p, prompts.ids())
-            if prompts.kept:
-                out.drift[name], out.drift_items[name] = drift_nll(model, fmt, p, prompts, out.tokens["base"])
+        answer_with(model, name, fmt, p, prompts, out)
     if p.backend == "vllm":
         del model  # vLLM takes most of the GPU memory for itself
         out.tokens["base"], out.tokens["tuned"] = vllm_generate(fmt, adapter_dir, prompts.ids(), p.max_new_tokens)
@@ -330,6 +326,18 @@ def answer_both(
             tuned = merge_adapter(model, adapter_dir)
             out.drift["tuned"], out.drift_items["tuned"] = drift_nll(tuned, fmt, p, prompts, out.tokens["base"])
     return out
+
+
+def answer_with(model, name: str, fmt: ChatFormat, p: EvaluateParams, prompts: Prompts, out: Answers) -> None:
+    """One model's share of `out`: the pairs' log-likelihoods, the references' loss, and with the hf backend its
+    greedy answers and the drift on the base's everyday answers (the base answers first)."""
+    if prompts.pairs:
+        out.pairs[name] = pair_logps(model, fmt, prompts.pairs, p.batch_size)
+    out.nll[name], out.per_example[name] = reference_nll(model, fmt, p, prompts.splits)
+    if p.backend == "hf":
+        out.tokens[name], out.speed[f"{name}_tokens_per_s"] = generate_hf(model, name, fmt, p, prompts.ids())
+        if prompts.kept:
+            out.drift[name], out.drift_items[name] = drift_nll(model, fmt, p, prompts, out.tokens["base"])
 
 
 def reference_nll(model, fmt: ChatFormat, p: EvaluateParams, splits: dict[str, list[dict]]) -> tuple[dict, dict]:
@@ -394,6 +402,7 @@ def summarise(
 ) -> tuple[dict, list[dict]]:
     """(eval.json's metrics, predictions.jsonl's rows) from both models' answers. The metrics' keys keep one order,
     so that eval.json diffs line by line between runs."""
+    sft_view = copy.deepcopy(prompts) if "sft" in answers.tokens else None  # marked below: keep a clean copy
     metrics, texts = split_metrics(fmt, prompts.splits, answers)
     mark_prompts(fmt, prompts, answers, variables)
     splits = prompts.splits
@@ -414,10 +423,41 @@ def summarise(
         metrics["kept"] = kept_scores(prompts.kept, answers.drift, answers.drift_items)
     if answers.pairs:
         metrics["preference"] = preference_block(answers.pairs)
+    if "sft" in answers.tokens:
+        metrics["preference_tuning"] = against_sft(p, fmt, sft_view, answers, available, threads, variables)
     metrics["verdict"] = verdict(metrics, p)
     for row in prompts.probes + prompts.kept:
         del row["prompt_ids"]  # token ids are for the models, not for predictions.jsonl
     return metrics, predictions + prompts.probes + prompts.kept
+
+
+def against_sft(
+    p: EvaluateParams,
+    fmt: ChatFormat,
+    prompts: Prompts,
+    answers: Answers,
+    available: dict[str, int],
+    threads: int,
+    variables: dict[str, str],
+) -> dict:
+    """eval.json's `preference_tuning`: what preference tuning changed, measured as the main comparison measures
+    fine-tuning, with the SFT model in the base's place (its answers, loss and drift), so every rate and paired
+    interval reads "SFT -> SFT + preference tuning". The report draws it with the first screen's code."""
+    keep = ("base", "sft", "tuned")
+    view = Answers(
+        tokens={"base": answers.tokens["sft"], "tuned": answers.tokens["tuned"]},
+        nll={"base": answers.nll["sft"], "tuned": answers.nll["tuned"]},
+        per_example={"base": answers.per_example["sft"], "tuned": answers.per_example["tuned"]},
+        drift={k: answers.drift[k] for k in keep if k in answers.drift and k != "base"},
+        drift_items={k: answers.drift_items[k] for k in keep if k in answers.drift_items and k != "base"},
+    )
+    if "sft" in view.drift:  # the drift stays on the base model's own everyday answers: SFT's against tuned's
+        view.drift["base"], view.drift_items["base"] = view.drift.pop("sft"), view.drift_items.pop("sft")
+    compared, _ = summarise(p, fmt, prompts, view, available, threads, variables)
+    fields = ("base", "tuned", "delta", "paired", "changed", "probes", "persona", "kept")
+    return {"compared": "base = the SFT model, tuned = SFT + preference tuning"} | {
+        k: compared[k] for k in fields if k in compared
+    }
 
 
 def split_metrics(fmt: ChatFormat, splits: dict[str, list[dict]], answers: Answers) -> tuple[dict, dict]:

@@ -155,8 +155,18 @@ def preference(evals: dict) -> str:
         + (f" ({change(vs['accuracy'])} against {ref.upper() if ref == 'sft' else ref})" if vs else "")
         + f"; log-likelihood margin of the tuned model {margin:+.2f} nats"
         + (f" ({change(vs['margin'], ' nats', 2)})" if vs else "")
-        + ". The rows above compare the tuned model (SFT + preference tuning) with the base."
+        + ". The first table compares the tuned model (SFT + preference tuning) with the base; the next one with SFT."
     )
+
+
+def against_sft(evals: dict) -> Table | None:
+    """The first screen's two columns again for eval.json's `preference_tuning`: the SFT model in the base's place,
+    so each line reads "SFT → SFT + preference tuning" with its interval; None when the stage was off."""
+    block = evals.get("preference_tuning")
+    if not block:
+        return None
+    cells = ["\n".join(learned(block)), "\n".join(cost(block))]
+    return Table([cells], ["Learned: SFT → + preference tuning", "Kept: SFT → + preference tuning"], wrap=True)
 
 
 def benchmark_reach(bench: dict) -> str:
