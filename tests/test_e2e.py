@@ -39,8 +39,8 @@ def test_make_all_runs_every_stage_on_the_embedded_model_then_nothing(tmp_path: 
         save_steps=2,
         eval_steps=2,
     )
-    edit_params(repo, "eval", max_new_tokens=16)  # max_examples auto: 64 of the 70 val examples on a CPU
-    edit_params(repo, "rehearsal", num_examples=12, max_new_tokens=48)
+    edit_params(repo, "evaluate", max_new_tokens=16)  # max_examples auto: 64 of the 70 val examples on a CPU
+    edit_params(repo, "rehearse", num_examples=12, max_new_tokens=48)
     edit_params(repo, "benchmark", limit=12)
     edit_params(repo, "gguf", types=["q8_0"], check_new_tokens=4)  # one file: the conversion and its checks, halved
     run(["git", "add", "-A"], repo)

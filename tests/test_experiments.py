@@ -32,7 +32,7 @@ def sha256(path: Path) -> str:
 def baseline(tmp_path_factory, tiny_model_dir) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("exp") / "repo")
     edit_params(repo, "model", name_or_path=str(tiny_model_dir))
-    edit_params(repo, "data", val_size=4)
+    edit_params(repo, "prepare", val_size=4)
     edit_params(
         repo,
         "train",
@@ -46,8 +46,8 @@ def baseline(tmp_path_factory, tiny_model_dir) -> Path:
         eval_steps=1,
         learning_rate=1.0e-3,
     )
-    edit_params(repo, "eval", max_examples=4, max_new_tokens=8, num_threads=1)
-    edit_params(repo, "rehearsal", enabled=False)  # a random tiny model's answers never end: nothing to rehearse
+    edit_params(repo, "evaluate", max_examples=4, max_new_tokens=8, num_threads=1)
+    edit_params(repo, "rehearse", enabled=False)  # a random tiny model's answers never end: nothing to rehearse
     edit_params(repo, "benchmark", limit=8)
     edit_params(repo, "gguf", types=["q8_0"], check_new_tokens=4)
     out = run(["dvc", "repro"], repo, timeout=1800).stdout

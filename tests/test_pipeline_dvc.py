@@ -48,7 +48,7 @@ def test_train_param_edit_leaves_prepare_unchanged_but_data_edit_does_not(repo: 
     run(["dvc", "repro", "prepare"], repo)
     edit_params(repo, "train", learning_rate=1.0e-4)
     assert "prepare" not in run(["dvc", "status", "prepare"], repo).stdout
-    edit_params(repo, "data", val_size=40)
+    edit_params(repo, "prepare", val_size=40)
     status = run(["dvc", "status", "prepare"], repo).stdout
     assert "prepare" in status and "modified:" in status and "data" in status.split("modified:")[1]
 
@@ -61,7 +61,7 @@ def test_own_table_tracked_with_dvc_add_feeds_prepare(repo: Path):
     assert (repo / "data/raw/mine.csv.dvc").exists()
     assert "/mine.csv" in (repo / "data/raw/.gitignore").read_text()
     assert run(["git", "check-ignore", "-q", "data/raw/mine.csv"], repo, check=False).returncode == 0  # DVC owns it
-    edit_params(repo, "data", input="data/raw/mine.csv", sources=[], val_size=5)  # the single-table form
+    edit_params(repo, "prepare", input="data/raw/mine.csv", sources=[], val_size=5)  # the single-table form
     run(["dvc", "repro", "prepare"], repo)
     train = json.loads((repo / "data/processed/train.json").read_text())
     assert len(train) == 25 and {"instruction", "input", "output"} == set(train[0])
