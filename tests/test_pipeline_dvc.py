@@ -44,13 +44,13 @@ def test_repro_prepare_writes_versioned_splits_and_status_is_clean(repo: Path):
     assert set(outs(again)) == {"data/processed", "reports/env/prepare.json", "reports/metrics/prepare.json"}
 
 
-def test_train_param_edit_leaves_prepare_unchanged_but_data_edit_does_not(repo: Path):
+def test_train_param_edit_leaves_prepare_unchanged_but_a_prepare_edit_does_not(repo: Path):
     run(["dvc", "repro", "prepare"], repo)
     edit_params(repo, "train", learning_rate=1.0e-4)
     assert "prepare" not in run(["dvc", "status", "prepare"], repo).stdout
     edit_params(repo, "prepare", val_size=40)
     status = run(["dvc", "status", "prepare"], repo).stdout
-    assert "prepare" in status and "modified:" in status and "data" in status.split("modified:")[1]
+    assert "prepare" in status and "modified:" in status and "prepare" in status.split("modified:")[1]
 
 
 def test_own_table_tracked_with_dvc_add_feeds_prepare(repo: Path):
