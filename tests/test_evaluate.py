@@ -35,7 +35,9 @@ def eval_argv(params: Path, data: Path, base: Path, adapter: Path, metrics: Path
         str(data / "no-pairs"),
         "--sft",
         str(adapter),
-    ]  # fmt: skip: no prefer stage here
+        "--env",
+        str(metrics.parent / "env.json"),  # not the repo's reports/env/evaluate.json
+    ]  # no prefer stage here: no pairs
 
 
 def test_evaluate_writes_both_models_answers_and_metrics(tiny_model_dir, adapter_dir, tmp_path, stage):
