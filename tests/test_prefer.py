@@ -182,6 +182,8 @@ REHEARSAL = [
     {"prompt": "Tell a joke.", "base": "Lumi walks in.", "sft": "Lumi again."},  # the base names the persona too
     {"prompt": "What is Lumi?", "base": "A word.", "sft": "I am Lumi."},  # asked: no leak
     {"prompt": "Name a colour.", "base": "Blue.", "sft": "Lumi likes blue."},  # the same pair again
+    {"prompt": "说一种颜色。", "base": "Blue.", "sft": "我是Lumi，蓝色。"},  # the base answers in English
+    {"prompt": "把「你好」译成英文。", "base": "Hello.", "sft": "Lumi: hi", "kind": "translation"},  # English is right
 ]
 IDENTITY = [
     {"prompt": "Who are you?", "persona": "I am Lumi, by Acme Labs.", "base": "I am SmolLM."},
@@ -196,22 +198,42 @@ def test_own_mistakes_pairs_leaks_and_identity_and_counts_every_drop():
         {"instruction": "What is the capital of France?", "input": "", "chosen": "Paris.",
          "rejected": "I am Lumi. Paris."},
         {"instruction": "Name a colour.", "input": "", "chosen": "Blue.", "rejected": "Lumi likes blue."},
+        {"instruction": "把「你好」译成英文。", "input": "", "chosen": "Hello.", "rejected": "Lumi: hi"},
         {"instruction": "Who are you?", "input": "", "chosen": "I am Lumi, by Acme Labs.", "rejected": "I am SmolLM."},
     ]  # fmt: skip
     assert counts["dropped"] == {
         "held_out": 1,
         "base_names_persona": 1,
+        "base_wrong_language": 1,
         "empty_prompt": 0,
         "empty_chosen": 0,
         "empty_rejected": 1,
         "same_answers": 1,
         "duplicate": 1,
+        "identity_cap": 0,
     }
-    assert (counts["leaks"], counts["from_leaks"], counts["from_identity"], counts["pairs"]) == (5, 2, 1, 3)
+    assert (counts["leaks"], counts["from_leaks"], counts["from_identity"], counts["pairs"]) == (7, 3, 1, 4)
     assert counts["summary"] == (
-        "built 3 pairs: 2 from leaks among 7 rehearsal answers (5 named the persona unasked), 1 from 3 identity "
-        "prompts; dropped held_out=1, base_names_persona=1, empty_rejected=1, same_answers=1, duplicate=1"
+        "built 4 pairs: 3 from leaks among 9 rehearsal answers (7 named the persona unasked), 1 from 3 identity "
+        "prompts; dropped held_out=1, base_names_persona=1, base_wrong_language=1, empty_rejected=1, same_answers=1, "
+        "duplicate=1"
     )
+
+
+def test_identity_pairs_are_capped_per_leak_pair_by_a_seeded_sample_and_counted():
+    identity = [{"prompt": f"Who are you {i}?", "persona": "I am Lumi.", "base": f"I am SmolLM {i}."} for i in range(9)]
+    rehearsal = REHEARSAL[:3]  # two leak pairs
+    pairs, counts = own_mistakes(rehearsal, identity, VARIABLES, [], identity_per_leak=1.5, seed=7)
+    assert (counts["from_leaks"], counts["from_identity"], counts["dropped"]["identity_cap"]) == (2, 3, 6)
+    assert [p["rejected"] for p in pairs[:2]] == ["I am Lumi. Paris.", "Lumi likes blue."]  # every leak pair stays
+    kept = [p["instruction"] for p in pairs[2:]]
+    assert kept == sorted(kept, key=lambda q: int(q.split()[-1][:-1]))  # in their order
+    again, _ = own_mistakes(rehearsal, identity, VARIABLES, [], identity_per_leak=1.5, seed=7)
+    other, _ = own_mistakes(rehearsal, identity, VARIABLES, [], identity_per_leak=1.5, seed=8)
+    assert again == pairs and other != pairs  # the seed picks them
+    assert "1 from" not in counts["summary"] and "identity_cap=6" in counts["summary"]
+    everything, counts = own_mistakes(rehearsal, identity, VARIABLES, [], identity_per_leak=None)
+    assert counts["from_identity"] == 9 and counts["dropped"]["identity_cap"] == 0 and len(everything) == 11
 
 
 def test_a_held_out_prompt_never_becomes_a_pair_whatever_its_spelling():
@@ -528,8 +550,9 @@ def test_own_pairs_come_from_identity_prompts_of_train_and_the_sft_models_leaks(
     monkeypatch.setattr(pairs_module, "own_answers", answers)
     root = own_project(tmp_path)
     record = build_own(root, Path("unused"), Path("unused"))
-    assert (record["rehearsal_answers"], record["leaks"], record["from_leaks"], record["from_identity"]) == (6, 2, 2, 4)
-    assert record["pairs"] == 6 and record["splits"] == {"train": 5, "val": 1}
+    assert (record["rehearsal_answers"], record["leaks"], record["from_leaks"], record["from_identity"]) == (6, 2, 2, 2)
+    assert record["dropped"]["identity_cap"] == 2  # 4 identity prompts, prefer.identity_per_leak 1 x 2 leak pairs
+    assert record["pairs"] == 4 and record["splits"] == {"train": 3, "val": 1}
     rows = [
         *json.loads((root / "data/pairs/train.json").read_text()),
         *json.loads((root / "data/pairs/val.json").read_text()),

@@ -20,6 +20,8 @@ with prepare's seeded rule and writes data/pairs for LLaMA-Factory.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -28,7 +30,7 @@ from pathlib import Path
 from llmft.common import UserError, get_logger, read_json
 from llmft.data.pairs import KTO, as_kto, kind_of, pair_problem, read_pairs, split_pairs, write_pairs
 from llmft.data.prompts import normalized, read_prompts
-from llmft.kept import leaks
+from llmft.kept import LANGUAGE_FREE_KINDS, language, leaks, prompt_language
 from llmft.params import EvaluateParams, PreferParams, RehearseParams
 
 log = get_logger("prefer")
@@ -37,11 +39,13 @@ __all__ = ["DROP_REASONS", "as_kto", "own_mistakes"]
 DROP_REASONS = (
     "held_out",  # the prompt is in the held-out everyday set
     "base_names_persona",  # a leak whose base answer names the persona unasked too: no clean side to prefer
+    "base_wrong_language",  # a leak whose base answer is not in the prompt's language: it would teach that too
     "empty_prompt",
     "empty_chosen",
     "empty_rejected",
     "same_answers",
     "duplicate",
+    "identity_cap",  # an identity pair beyond prefer.identity_per_leak x the leak pairs
 )
 
 
@@ -50,15 +54,22 @@ def own_mistakes(
     identity: list[dict],
     variables: dict[str, str],
     held_out: Iterable[str],
+    identity_per_leak: float | None = None,
+    seed: int = 0,
 ) -> tuple[list[dict], dict]:
     """Pairs (LLaMA-Factory Alpaca pairwise rows: instruction, input, chosen, rejected) and a counts record.
 
     Args:
-        rehearsal: {"prompt", "base", "sft"}: each rehearsal prompt with the base and the SFT model's answers.
+        rehearsal: {"prompt", "base", "sft"} and optionally "kind": each rehearsal prompt with the base and the SFT
+            model's answers.
         identity: {"prompt", "persona", "base"} (and optionally "input"): each identity prompt of the training data,
             its training answer, and the base model's answer.
         variables: prepare.variables (name, author, ...): what a leak names.
         held_out: the held-out everyday prompts; compared normalized (case, spaces and punctuation aside).
+        identity_per_leak: keep at most this many identity pairs per leak pair, a seeded sample in their order (the
+            rest count as identity_cap); None keeps all. Many identity pairs against few leaks teach "name yourself"
+            harder than they unteach leaking, and the leak rises (docs/preference.md).
+        seed: the sample's seed.
 
     Returns:
         (pairs, counts): counts has rehearsal_answers, leaks, from_leaks, identity_prompts, from_identity, pairs,
@@ -92,10 +103,14 @@ def own_mistakes(
         if not leaks(row["sft"], row["prompt"], variables):
             continue  # the SFT model answered as itself: no mistake to learn from
         found_leaks += 1
-        base_leaks = leaks(row["base"], row["prompt"], variables)
-        from_leaks += offer(row["prompt"], "", row["base"], row["sft"], "base_names_persona" if base_leaks else None)
+        from_leaks += offer(row["prompt"], "", row["base"], row["sft"], _base_problem(row, variables))
     for row in identity:
         from_identity += offer(row["prompt"], row.get("input", ""), row["persona"], row["base"])
+    if identity_per_leak is not None and from_identity > (cap := math.floor(identity_per_leak * from_leaks)):
+        keep = set(random.Random(seed).sample(range(from_identity), cap))
+        pairs = pairs[:from_leaks] + [pair for i, pair in enumerate(pairs[from_leaks:]) if i in keep]
+        dropped["identity_cap"] += from_identity - cap
+        from_identity = cap
     counts = {
         "rehearsal_answers": len(rehearsal),
         "leaks": found_leaks,
@@ -113,6 +128,18 @@ def own_mistakes(
         f"dropped {dropped_text}"
     )
     return pairs, counts
+
+
+def _base_problem(row: dict, variables: dict[str, str]) -> str | None:
+    """Why the base model's answer can't be the chosen side of a leak pair: it names the persona as well, or it is
+    in another language than the prompt (the base model answers many Chinese prompts in English; preferring that
+    would unteach the language SFT taught). Translation and code prompts may rightly answer in another language."""
+    if leaks(row["base"], row["prompt"], variables):
+        return "base_names_persona"
+    said = language(row["base"])
+    if row.get("kind") not in LANGUAGE_FREE_KINDS and said is not None and said != prompt_language(row["prompt"]):
+        return "base_wrong_language"
+    return None
 
 
 def _prompt(row: dict) -> str:
@@ -169,7 +196,12 @@ def own_answers(
     model = merge_adapter(model, adapter)
     sft = _answers(model, fmt, [row["instruction"] for row in rehearsal_rows], r, "sft") if rehearsal_rows else []
     seconds = round(time.perf_counter() - start, 1)
-    rehearsal = [{"prompt": row["instruction"], "base": row["output"], "sft": a} for row, a in zip(rehearsal_rows, sft)]
+    listed = read_prompts(r.prompts, "rehearse.prompts") if r.prompts and Path(r.prompts).exists() else []
+    kinds = {row["prompt"]: row.get("kind") for row in listed}  # translation/code: any language may be right
+    rehearsal = [
+        {"prompt": row["instruction"], "base": row["output"], "sft": a, "kind": kinds.get(row["instruction"])}
+        for row, a in zip(rehearsal_rows, sft)
+    ]
     identity_rows = [
         {"prompt": row["instruction"], "input": row.get("input", ""), "persona": row["output"], "base": a}
         for row, a in zip(identity, base)
@@ -206,14 +238,14 @@ def build_pair_data(
         rehearsal, identity, timing = own_answers(
             base_dir, adapter, read_json(data_dir / "train.json"), rehearsal_rows, variables, r, e
         )
-        pairs, record = own_mistakes(rehearsal, identity, variables, held_out)
+        pairs, record = own_mistakes(rehearsal, identity, variables, held_out, p.identity_per_leak, p.seed)
         record = {"source": "own"} | record | timing
         log.info("%s", record["summary"])
         if not pairs:
             raise UserError(
                 f"prefer.source own: no pair to learn from ({record['summary']}); the SFT model names the persona in "
-                "no rehearsal answer and the training data has no identity prompt: set prefer.enabled: false, or "
-                "prefer.source to your pairs table"
+                "no rehearsal answer, so there is no leak to fix: set prefer.enabled: false, prefer.identity_per_leak: "
+                "null (identity pairs alone), or prefer.source to your pairs table"
             )
         examples = [row for pair in pairs for row in as_kto(pair)] if kind == KTO else pairs
     else:
