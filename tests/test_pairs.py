@@ -237,3 +237,16 @@ def test_a_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path, monkeyp
         P.write_pairs({"train": EXPECTED, "val": EXPECTED[:1]}, "pairwise", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["pairs"]
+
+
+def test_the_shipped_chinese_pairs_table_reads_whole_through_its_columns():
+    """data/raw/prefs_zh.csv, measured in docs/preference.md: every pair kept, Chinese chosen, English rejected."""
+    from pathlib import Path
+
+    from llmft.kept import language
+
+    table = Path(__file__).resolve().parents[1] / "data/raw/prefs_zh.csv"
+    read = P.read_pairs(str(table), "dpo", {"prompt": "问题", "chosen": "好回答", "rejected": "差回答"}, None)
+    assert len(read.examples) == 64 and not any(read.stats()["dropped"].values())
+    assert {language(row["chosen"]) for row in read.examples} == {"zh"}
+    assert {language(row["rejected"]) for row in read.examples} == {"en"}
