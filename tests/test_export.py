@@ -42,6 +42,8 @@ def run_export(tmp: Path, base: Path, adapter: Path, **export_params) -> tuple[i
         str(tmp / "eval.json"),
         "--metrics",
         str(tmp / "export.json"),
+        "--env",
+        str(tmp / "env.json"),  # not the repo's reports/env/export.json, a DVC output
     ]
     return run_main(load_script("src/export.py").main, argv), tmp / "merged"
 

@@ -27,7 +27,8 @@ def write_params(tmp_path: Path, **model) -> Path:
 
 def run_stage(tmp_path: Path, **model) -> tuple[Path, dict]:
     out = tmp_path / "models" / "base"
-    assert load_script("src/model.py").main(["--params", str(write_params(tmp_path, **model)), "--out", str(out)]) == 0
+    argv = ["--params", str(write_params(tmp_path, **model)), "--out", str(out), "--env", str(tmp_path / "env.json")]
+    assert load_script("src/model.py").main(argv) == 0  # --env: not the repo's reports/env/model.json
     return out, json.loads((out / "model_info.json").read_text(encoding="utf-8"))
 
 
