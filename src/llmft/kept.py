@@ -116,15 +116,20 @@ def paired_loss(items: dict[str, list[tuple[float, int]]]) -> dict | None:
     return paired_difference(*([s / mean for s, _ in items[name]] for name in ("base", "tuned")))
 
 
+def in_prompt_language(answer: str, prompt: str, kind: str | None) -> bool | None:
+    """Whether the answer is in the prompt's language; None for a kind whose answer may rightly be in another
+    (translation, code)."""
+    return None if kind in LANGUAGE_FREE_KINDS else language(answer) == prompt_language(prompt)
+
+
 def mark(row: dict, variables: dict[str, str]) -> dict:
     """Add each model's per-answer marks to a row: <model>_pass (fact right), <model>_leak (values named),
     <model>_lang (answer in the prompt's language; None when not scored)."""
-    scored = row.get("kind") not in LANGUAGE_FREE_KINDS
     for name in ("base", "tuned"):
         answer = row[name]
         row[f"{name}_pass"] = passes(answer, row["expect"])
         row[f"{name}_leak"] = leaks(answer, row["prompt"], variables)
-        row[f"{name}_lang"] = language(answer) == prompt_language(row["prompt"]) if scored else None
+        row[f"{name}_lang"] = in_prompt_language(answer, row["prompt"], row.get("kind"))
     return row
 
 

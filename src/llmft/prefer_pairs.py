@@ -30,7 +30,7 @@ from pathlib import Path
 from llmft.common import UserError, get_logger, read_json
 from llmft.data.pairs import KTO, as_kto, kind_of, pair_problem, read_pairs, split_pairs, write_pairs
 from llmft.data.prompts import normalized, read_prompts
-from llmft.kept import LANGUAGE_FREE_KINDS, language, leaks, prompt_language
+from llmft.kept import in_prompt_language, language, leaks
 from llmft.params import EvaluateParams, PreferParams, RehearseParams
 
 log = get_logger("prefer")
@@ -136,9 +136,8 @@ def _base_problem(row: dict, variables: dict[str, str]) -> str | None:
     would unteach the language SFT taught). Translation and code prompts may rightly answer in another language."""
     if leaks(row["base"], row["prompt"], variables):
         return "base_names_persona"
-    said = language(row["base"])
-    if row.get("kind") not in LANGUAGE_FREE_KINDS and said is not None and said != prompt_language(row["prompt"]):
-        return "base_wrong_language"
+    if language(row["base"]) is not None and in_prompt_language(row["base"], row["prompt"], row.get("kind")) is False:
+        return "base_wrong_language"  # an empty or numbers-only answer has no language to be wrong in
     return None
 
 
